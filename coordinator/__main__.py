@@ -1,0 +1,39 @@
+"""``python -m coordinator --data-dir D [--port P] [--config JSON]``: run a coordinator."""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+
+from shoal.config import ShoalConfig
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.serving import make_server, serve_until_signalled, write_ready
+
+from coordinator.service import CoordinatorService
+from coordinator.store import SqliteStateStore
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m coordinator")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--replication", type=int, default=0)
+    ap.add_argument("--config", default="")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(message)s")
+    cfg = ShoalConfig.from_json(args.config)
+    data = pathlib.Path(args.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    store = SqliteStateStore(data / "state.db")
+    service = CoordinatorService(store, cfg.coordinator, default_replication=args.replication)
+    server, address = make_server(16, args.host, args.port)
+    pbg.add_CoordinatorServicer_to_server(service, server)
+    server.start()
+    write_ready(data / "ready.json", address=address)
+    logging.info("serving on %s", address)
+    serve_until_signalled(server, on_stop=store.close)
+
+
+if __name__ == "__main__":
+    main()

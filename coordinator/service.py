@@ -1,0 +1,103 @@
+"""The coordinator's gRPC service: membership, the model registry, the versioned shard map.
+
+It is not on the request path: routers and servers cache the map and poll for new versions.
+Every change is applied to a copy of the state, saved durably, then published.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from shoal.config import CoordinatorConfig
+from shoal.errors import NotFound, ShoalError, abort_with
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+
+from coordinator.state import ClusterState
+from coordinator.store import StateStore
+
+
+class CoordinatorService(pbg.CoordinatorServicer):
+    def __init__(self, store: StateStore, config: CoordinatorConfig,
+                 default_replication: int = 0, clock: Callable[[], float] = time.monotonic):
+        self._store = store
+        self._cfg = config
+        self._default_replication = default_replication or config.default_replication
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = store.load() or ClusterState()
+        self._last_seen: dict[str, float] = {}        # soft: server -> clock of last heartbeat
+        self._stats: dict[str, pb.ServerStats] = {}   # soft: latest stats per server
+
+    # ------------------------------------------------------------ helpers
+    def _commit(self, new: ClusterState) -> None:
+        if new is not self._state:
+            self._store.save(new)
+            self._state = new
+
+    def alive(self) -> list[str]:
+        now = self._clock()
+        return sorted(s for s in self._state.servers
+                      if now - self._last_seen.get(s, -1e18) <= self._cfg.lease_s)
+
+    def shard_map(self) -> pb.ShardMap:
+        with self._lock:
+            m = self._state.to_map()
+            alive = set(self.alive())
+            now = self._clock()
+            m.default_replication = self._default_replication
+            for s in m.servers:
+                s.state = "alive" if s.server_id in alive else "dead"
+                s.last_heartbeat_age_s = now - self._last_seen.get(s.server_id, now)
+                if s.server_id in self._stats:
+                    s.stats.CopyFrom(self._stats[s.server_id])
+            return m
+
+    # ------------------------------------------------------------ RPCs
+    def Register(self, request, context):
+        with self._lock:
+            self._commit(self._state.with_server(request.server_id, request.address,
+                                                 request.memory_budget_bytes))
+            self._last_seen[request.server_id] = self._clock()
+            return pb.RegisterReply(map_version=self._state.version)
+
+    def Heartbeat(self, request, context):
+        with self._lock:
+            if request.server_id not in self._state.servers:
+                abort_with(context, NotFound(f"server_id {request.server_id!r} is not registered;"
+                                             " register first"))
+            self._last_seen[request.server_id] = self._clock()
+            self._stats[request.server_id] = request.stats
+            return pb.HeartbeatReply(map_version=self._state.version)
+
+    def GetShardMap(self, request, context):
+        if request.known_version and request.known_version == self._state.version:
+            return pb.GetShardMapReply(unchanged=True)
+        return pb.GetShardMapReply(map=self.shard_map())
+
+    def CreateModel(self, request, context):
+        try:
+            with self._lock:
+                new, model = self._state.with_model(request.spec, self.alive(), self._cfg,
+                                                    self._default_replication)
+                self._commit(new)
+        except ShoalError as e:
+            abort_with(context, e)
+        return pb.CreateModelReply(map=self.shard_map(), model=model)
+
+    def SetReplicas(self, request, context):
+        try:
+            with self._lock:
+                self._commit(self._state.with_replicas(request.table_uid, request.partition,
+                                                       list(request.replicas)))
+                rec = self._state.partitions[(request.table_uid, request.partition)]
+                version = self._state.version
+        except ShoalError as e:
+            abort_with(context, e)
+        return pb.SetReplicasReply(
+            partition=pb.ReplicaSet(table_uid=request.table_uid, partition=request.partition,
+                                    replicas=list(rec.replicas), epoch=rec.epoch),
+            map_version=version)

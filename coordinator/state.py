@@ -1,0 +1,146 @@
+"""The coordinator's durable state and the pure steps that change it.
+
+Durable (survives a coordinator restart, through a StateStore): the members, the models, the
+replica set and epoch of every partition, the map version. Soft (rebuilt from heartbeats after a
+restart): liveness and per-server stats. Every change raises ``version`` by one.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from embeddings.partition import choose_num_partitions
+from embeddings.specs import TableSpec
+from shoal.config import CoordinatorConfig
+from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.proto import shoal_pb2 as pb
+
+import grpc
+
+from coordinator.placement import PartitionLoad, ServerLoad, place
+
+
+@dataclass
+class PartitionRecord:
+    replicas: tuple[str, ...]
+    epoch: int = 1
+
+
+@dataclass
+class ClusterState:
+    version: int = 0
+    next_table_uid: int = 1
+    servers: dict[str, pb.ServerInfo] = field(default_factory=dict)     # durable part: id, address
+    models: dict[str, pb.ModelSpec] = field(default_factory=dict)
+    partitions: dict[tuple[int, int], PartitionRecord] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ serialisation
+    def to_map(self) -> pb.ShardMap:
+        return pb.ShardMap(
+            version=self.version,
+            models=list(self.models.values()),
+            servers=[pb.ServerInfo(server_id=s.server_id, address=s.address,
+                                   memory_budget_bytes=s.memory_budget_bytes)
+                     for s in self.servers.values()],
+            partitions=[pb.ReplicaSet(table_uid=uid, partition=p, replicas=list(r.replicas),
+                                      epoch=r.epoch)
+                        for (uid, p), r in sorted(self.partitions.items())])
+
+    @classmethod
+    def from_map(cls, m: pb.ShardMap, next_table_uid: int) -> "ClusterState":
+        return cls(version=m.version, next_table_uid=next_table_uid,
+                   servers={s.server_id: s for s in m.servers},
+                   models={md.name: md for md in m.models},
+                   partitions={(r.table_uid, r.partition): PartitionRecord(tuple(r.replicas),
+                                                                           r.epoch)
+                               for r in m.partitions})
+
+    def copy(self) -> "ClusterState":
+        return copy.deepcopy(self)
+
+    # ------------------------------------------------------------ steps (each returns a new state)
+    def with_server(self, server_id: str, address: str, memory_budget: int) -> "ClusterState":
+        old = self.servers.get(server_id)
+        if old is not None and old.address == address and old.memory_budget_bytes == memory_budget:
+            return self
+        new = self.copy()
+        new.servers[server_id] = pb.ServerInfo(server_id=server_id, address=address,
+                                               memory_budget_bytes=memory_budget)
+        new.version += 1
+        return new
+
+    def with_model(self, spec: pb.ModelSpec, alive: list[str], cfg: CoordinatorConfig,
+                   default_replication: int) -> tuple["ClusterState", pb.ModelSpec]:
+        if not spec.name:
+            raise InvalidArgument("model.name: must not be empty")
+        if spec.name in self.models:
+            raise ShoalError(grpc.StatusCode.ALREADY_EXISTS,
+                             f"model {spec.name!r} already exists (version "
+                             f"{self.models[spec.name].version})")
+        if not spec.tables:
+            raise InvalidArgument(f"model {spec.name!r}: tables must not be empty")
+        tables = [TableSpec.from_proto(t).validate() for t in spec.tables]
+        _check_unique([t.name for t in tables], f"model {spec.name!r}: table name")
+        _check_unique([f for t in tables for f in (t.feature_names or (t.name,))],
+                      f"model {spec.name!r}: feature name")
+        replication = spec.replication or default_replication or (2 if len(alive) >= 2 else 1)
+        new = self.copy()
+        placed_tables = []
+        for t in tables:
+            parts = t.num_partitions or choose_num_partitions(
+                t.num_embeddings, t.row_bytes, cfg.target_partition_bytes,
+                cfg.min_partitions, cfg.max_partitions)
+            placed_tables.append(TableSpec(
+                name=t.name, num_embeddings=t.num_embeddings, dim=t.dim, dtype=t.dtype,
+                pooling=t.pooling, feature_names=t.feature_names or (t.name,),
+                num_partitions=parts, table_uid=new.next_table_uid))
+            new.next_table_uid += 1
+        loads = [PartitionLoad(t.table_uid, p, -(-t.num_embeddings // t.num_partitions)
+                               * t.row_bytes)
+                 for t in placed_tables for p in range(t.num_partitions)]
+        plan = place(loads, new.server_loads(alive), replication)
+        for key, replicas in plan.items():
+            new.partitions[key] = PartitionRecord(replicas, 1)
+        model = pb.ModelSpec(name=spec.name, version=1, replication=replication,
+                             tables=[t.to_proto() for t in placed_tables])
+        new.models[spec.name] = model
+        new.version += 1
+        return new, model
+
+    def with_replicas(self, table_uid: int, partition: int,
+                      replicas: list[str]) -> "ClusterState":
+        key = (table_uid, partition)
+        if key not in self.partitions:
+            raise NotFound(f"partition {partition} of table_uid {table_uid} does not exist")
+        rec = self.partitions[key]
+        if sorted(replicas) != sorted(rec.replicas) or len(set(replicas)) != len(replicas):
+            raise InvalidArgument(
+                f"replicas {list(replicas)} must be a reordering of the current set "
+                f"{list(rec.replicas)}; moving data to other servers is the rebalancer's job")
+        new = self.copy()
+        new.partitions[key] = PartitionRecord(tuple(replicas), rec.epoch + 1)
+        new.version += 1
+        return new
+
+    def server_loads(self, alive: list[str]) -> list[ServerLoad]:
+        row_bytes = {t.table_uid: (-(-t.num_embeddings // t.num_partitions)) * t.dim *
+                     (2 if t.dtype == "float16" else 4)
+                     for m in self.models.values() for t in m.tables}
+        load = {s: 0 for s in alive}
+        leaders = {s: 0 for s in alive}
+        for (uid, _), rec in self.partitions.items():
+            for i, s in enumerate(rec.replicas):
+                if s in load:
+                    load[s] += row_bytes.get(uid, 0)
+                    leaders[s] += i == 0
+        return [ServerLoad(s, load[s], leaders[s]) for s in alive]
+
+
+def _check_unique(names: list[str], what: str) -> None:
+    seen = set()
+    for n in names:
+        if not n:
+            raise InvalidArgument(f"{what}: must not be empty")
+        if n in seen:
+            raise InvalidArgument(f"{what} {n!r} appears twice; names must be unique")
+        seen.add(n)

@@ -1,0 +1,48 @@
+"""The router's cached shard map: a RoutingTable replaced whole when the coordinator has a newer
+version. Refreshed on a redirect (at least to the version the server named) and polled with
+jitter in the background, so routers never all ask at once."""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Callable
+
+from shoal.proto import shoal_pb2 as pb
+
+from router.routing import RoutingTable
+
+log = logging.getLogger("router.map")
+
+
+class MapCache:
+    def __init__(self, fetch: Callable[[int], pb.ShardMap | None]):
+        """``fetch(known_version)`` returns the coordinator's map, or None if unchanged."""
+        self._fetch = fetch
+        self._table = RoutingTable.empty()
+        self._lock = threading.Lock()
+        self.refreshes = 0
+
+    def current(self) -> RoutingTable:
+        return self._table
+
+    def install(self, m: pb.ShardMap) -> None:
+        with self._lock:
+            if m.version > self._table.version:
+                self._table = RoutingTable.build(m)
+
+    def refresh(self, at_least: int = 0) -> RoutingTable:
+        with self._lock:
+            if not at_least or self._table.version < at_least:
+                m = self._fetch(self._table.version)
+                self.refreshes += 1
+                if m is not None and m.version > self._table.version:
+                    self._table = RoutingTable.build(m)
+            return self._table
+
+    def poll_forever(self, interval: float, stop: threading.Event) -> None:
+        while not stop.wait(interval * random.uniform(0.8, 1.2)):
+            try:
+                self.refresh()
+            except Exception as e:          # the coordinator may be down; keep serving
+                log.warning("map poll failed: %s", e)

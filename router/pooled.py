@@ -1,0 +1,202 @@
+"""The pooled lookup path, top to bottom: merge → route → fan out → gather → pool → split.
+
+``pooled_lookup`` takes validated queries (possibly several clients' requests merged by the
+batcher) and returns one ``[batch_size, sum(dims)]`` float32 array per query. Partial sums from
+different servers add up, so any split of a table's occurrences across servers (and any retry of
+a part of them on another replica) gives the same answer.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from embeddings.partition import partition_of
+from shoal.errors import ShoalError, StaleMap, Unavailable
+from shoal.proto import shoal_pb2 as pb
+from shoal.wire import pack
+
+from router.mapcache import MapCache
+from router.routing import ModelRoute, TableRoute, routed
+from router.transport import ShardTransport
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+MAX_ATTEMPTS = 4
+
+
+@dataclass
+class Query:
+    """One validated client request."""
+    model: ModelRoute
+    keys: list[str]
+    values: np.ndarray           # int64 ids, all keys concatenated
+    lengths: np.ndarray          # int64 [len(keys) * batch_size]
+    weights: np.ndarray | None   # float32 [len(values)]
+    batch_size: int
+
+    @property
+    def num_ids(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class TableWork:
+    """One table's bags over a merged batch, and their running partial sums."""
+    name: str
+    ids: np.ndarray
+    lengths: np.ndarray          # per bag
+    weights: np.ndarray | None
+    bags: np.ndarray = field(init=False)   # bag of each occurrence
+    sums: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.bags = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    redirects: int = 0
+    replica_retries: int = 0
+    rotation: itertools.count = field(default_factory=itertools.count)
+
+
+def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
+                  timeout: float, dedup: bool, stats: Stats) -> list[np.ndarray]:
+    model = queries[0].model
+    works, slots = merge(queries)
+    for w in works.values():
+        w.sums = np.zeros((len(w.lengths), model.tables[w.name].spec.dim), dtype=np.float32)
+    fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats)
+    for w in works.values():
+        if model.tables[w.name].spec.pooling == "mean":
+            w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
+    stats.batches += 1
+    return [split(q, works, slots[i]) for i, q in enumerate(queries)]
+
+
+def merge(queries: list[Query]):
+    """Concatenate every query's bags per table. Returns the works and, per query, where each
+    of its keys' bags start inside its table's work."""
+    parts: dict[str, dict[str, list]] = {}
+    slots: list[dict[str, int]] = []
+    for q in queries:
+        offsets = np.concatenate([[0], np.cumsum(q.lengths.reshape(len(q.keys), q.batch_size)
+                                                 .sum(axis=1))])
+        slot = {}
+        for i, key in enumerate(q.keys):
+            table = q.model.features[key][0]
+            acc = parts.setdefault(table, {"ids": [], "lengths": [], "weights": [], "bags": 0})
+            slot[key] = acc["bags"]
+            lo, hi = offsets[i], offsets[i + 1]
+            acc["ids"].append(q.values[lo:hi])
+            acc["lengths"].append(q.lengths[i * q.batch_size:(i + 1) * q.batch_size])
+            acc["weights"].append(q.weights[lo:hi] if q.weights is not None else None)
+            acc["bags"] += q.batch_size
+        slots.append(slot)
+    works = {}
+    for table, acc in parts.items():
+        weights = None
+        if any(w is not None for w in acc["weights"]):
+            weights = np.concatenate([w if w is not None else np.ones(len(i), np.float32)
+                                      for w, i in zip(acc["weights"], acc["ids"])])
+        works[table] = TableWork(table, np.concatenate(acc["ids"]),
+                                 np.concatenate(acc["lengths"]), weights)
+    return works, slots
+
+
+def fan_out(model_name: str, works: list[TableWork], maps: MapCache, transport: ShardTransport,
+            timeout: float, dedup: bool, stats: Stats) -> None:
+    """Send each server one RPC with every table's occurrences it holds; add the partial sums.
+    A redirected part is re-routed on a refreshed map; a part whose server failed is re-routed
+    to another replica."""
+    pending = [(w, None) for w in works]     # (work, occurrence indices or None for all)
+    exclude: set[int] = set()
+    for _ in range(MAX_ATTEMPTS):
+        table = maps.current()
+        model = table.model(model_name)
+        per_server = route(pending, model, next(stats.rotation), frozenset(exclude))
+        futures = {s: transport.lookup_pooled(
+                       table.addresses[s],
+                       pb.LookupPooledRequest(map_version=table.version, segments=[
+                           segment(model.tables[w.name], w, occ, dedup) for w, occ in items]),
+                       timeout)
+                   for s, items in per_server.items()}
+        pending = []
+        for s, fut in futures.items():
+            try:
+                reply = fut.result()
+            except StaleMap as e:
+                stats.redirects += 1
+                maps.refresh(at_least=e.map_version)
+                pending += per_server[s]
+                continue
+            except ShoalError as e:
+                if e.code not in RETRYABLE:
+                    raise
+                stats.replica_retries += 1
+                exclude.add(s)
+                pending += per_server[s]
+                continue
+            for (w, _), sums in zip(per_server[s], reply.sums):
+                np.add(w.sums, np.frombuffer(sums.data, np.float32).reshape(w.sums.shape),
+                       out=w.sums)
+        if not pending:
+            return
+    raise Unavailable(f"lookup on model {model_name!r}: no replica answered after "
+                      f"{MAX_ATTEMPTS} attempts (servers that failed: "
+                      f"{sorted(maps.current().server_ids[s] for s in exclude)})")
+
+
+def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int]):
+    """Group occurrences by the server chosen for their partition."""
+    per_server: dict[int, list] = {}
+    for w, occ in pending:
+        tr = model.tables[w.name]
+        ids = w.ids if occ is None else w.ids[occ]
+        parts = partition_of(ids, tr.spec.num_partitions)
+        servers = tr.choose(rotation, exclude)[parts]
+        if servers.size and servers.min() < 0:
+            p = int(parts[np.flatnonzero(servers < 0)[0]])
+            raise Unavailable(f"partition {p} of table {w.name!r} has no live replica")
+        for s in np.unique(servers):
+            mine = np.flatnonzero(servers == s)
+            per_server.setdefault(int(s), []).append((w, mine if occ is None else occ[mine]))
+    return per_server
+
+
+def segment(tr: TableRoute, w: TableWork, occ: np.ndarray, dedup: bool) -> pb.PooledSegment:
+    ids = w.ids[occ]
+    seg = pb.PooledSegment(table_uid=tr.spec.table_uid,
+                           lengths=pack(np.bincount(w.bags[occ], minlength=len(w.lengths))
+                                        .astype(np.int32)),
+                           routed=routed(tr, partition_of(ids, tr.spec.num_partitions)))
+    if dedup:
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        seg.ids.CopyFrom(pack(uniq))
+        seg.inverse.CopyFrom(pack(inverse.astype(np.int32)))
+    else:
+        seg.ids.CopyFrom(pack(ids))
+    if w.weights is not None:
+        seg.weights.CopyFrom(pack(w.weights[occ]))
+    return seg
+
+
+def split(q: Query, works: dict[str, TableWork], slot: dict[str, int]) -> np.ndarray:
+    """This query's pooled embeddings, features in the model's order."""
+    keys, dims = output_keys(q)
+    out = np.empty((q.batch_size, sum(dims)), dtype=np.float32)
+    col = 0
+    for key, dim in zip(keys, dims):
+        w = works[q.model.features[key][0]]
+        out[:, col:col + dim] = w.sums[slot[key]:slot[key] + q.batch_size]
+        col += dim
+    return out
+
+
+def output_keys(q: Query) -> tuple[list[str], list[int]]:
+    keys = sorted(q.keys, key=lambda k: q.model.features[k][1])
+    return keys, [q.model.feature(k).spec.dim for k in keys]

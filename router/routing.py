@@ -1,0 +1,121 @@
+"""The router's view of one shard-map version: models, tables, features, replica sets.
+
+Built once per map version (``RoutingTable.build``) and never mutated, so request threads read
+it without locks; a new map replaces the whole object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embeddings.specs import TableSpec
+from shoal.errors import InvalidArgument, NotFound
+from shoal.proto import shoal_pb2 as pb
+from shoal.wire import pack
+
+
+@dataclass(frozen=True)
+class TableRoute:
+    spec: TableSpec
+    replicas: np.ndarray     # int32 [P, R]: server index per replica slot, -1 = none
+    epochs: np.ndarray       # int64 [P]
+
+    def choose(self, rotation: int, exclude: frozenset[int] = frozenset()) -> np.ndarray:
+        """One server index per partition: replicas taken in turn (``rotation``) so reads
+        spread over every replica; ``exclude``d servers are skipped (-1 when none is left)."""
+        P, R = self.replicas.shape
+        counts = (self.replicas >= 0).sum(axis=1)
+        start = (np.arange(P) + rotation) % np.maximum(counts, 1)
+        if not exclude:
+            return self.replicas[np.arange(P), start]
+        out = np.full(P, -1, dtype=np.int32)
+        for p in range(P):                       # failure path only: per partition, not per id
+            for j in range(R):
+                s = self.replicas[p, (start[p] + j) % R]
+                if s >= 0 and int(s) not in exclude:
+                    out[p] = s
+                    break
+        return out
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    name: str
+    version: int
+    tables: dict[str, TableRoute]            # by table name, in model order
+    features: dict[str, tuple[str, int]]     # feature -> (table name, position in output order)
+
+    def table(self, name: str) -> TableRoute:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise NotFound(f"table {name!r} is not in model {self.name!r} (tables: "
+                           f"{', '.join(self.tables)})") from None
+
+    def feature(self, name: str) -> TableRoute:
+        if name not in self.features:
+            raise NotFound(f"feature {name!r} is not in model {self.name!r} (features: "
+                           f"{', '.join(self.features)})")
+        return self.tables[self.features[name][0]]
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    version: int
+    models: dict[str, ModelRoute]
+    server_ids: tuple[str, ...]
+    addresses: tuple[str, ...]
+
+    @classmethod
+    def empty(cls) -> "RoutingTable":
+        return cls(0, {}, (), ())
+
+    @classmethod
+    def build(cls, m: pb.ShardMap) -> "RoutingTable":
+        server_ids = tuple(s.server_id for s in m.servers)
+        index = {s: i for i, s in enumerate(server_ids)}
+        by_uid: dict[int, list[pb.ReplicaSet]] = {}
+        for rs in m.partitions:
+            by_uid.setdefault(rs.table_uid, []).append(rs)
+        models = {}
+        for md in m.models:
+            tables, features = {}, {}
+            for t in md.tables:
+                spec = TableSpec.from_proto(t)
+                sets = by_uid.get(spec.table_uid, [])
+                R = max((len(rs.replicas) for rs in sets), default=0)
+                replicas = np.full((spec.num_partitions, max(R, 1)), -1, dtype=np.int32)
+                epochs = np.zeros(spec.num_partitions, dtype=np.int64)
+                for rs in sets:
+                    replicas[rs.partition, :len(rs.replicas)] = [index[s] for s in rs.replicas]
+                    epochs[rs.partition] = rs.epoch
+                tables[spec.name] = TableRoute(spec, replicas, epochs)
+                for f in spec.feature_names:
+                    features[f] = (spec.name, len(features))
+            models[md.name] = ModelRoute(md.name, md.version, tables, features)
+        return cls(m.version, models, server_ids, tuple(s.address for s in m.servers))
+
+    def model(self, name: str, version: int = 0) -> ModelRoute:
+        if name not in self.models:
+            raise NotFound(f"model {name!r} does not exist (models: "
+                           f"{', '.join(self.models) or 'none'})")
+        route = self.models[name]
+        if version and version != route.version:
+            raise NotFound(f"model {name!r} has no version {version} (current: {route.version})")
+        return route
+
+
+def routed(table: TableRoute, partitions: np.ndarray) -> pb.PartitionEpochs:
+    """The PartitionEpochs message for the partitions of ``table`` a request sends a server."""
+    parts = np.unique(partitions).astype(np.int32)
+    return pb.PartitionEpochs(partitions=pack(parts), epochs=pack(table.epochs[parts]))
+
+
+def check_ids(ids: np.ndarray, spec: TableSpec, field: str) -> None:
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= spec.num_embeddings:
+            bad = lo if lo < 0 else hi
+            raise InvalidArgument(f"{field}: id {bad} is out of range [0, {spec.num_embeddings}) "
+                                  f"of table {spec.name!r}")

@@ -1,0 +1,101 @@
+"""Unpooled paths: write rows to every replica, read rows from one replica per partition.
+
+Writes: the router sends each replica of a partition the rows it holds, all in parallel, and
+acknowledges when every replica has them durable. (Leader-driven replication with sequence
+numbers replaces this in the Failover work.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from embeddings.partition import partition_of
+from shoal.errors import ShoalError, StaleMap, Unavailable
+from shoal.proto import shoal_pb2 as pb
+from shoal.wire import pack
+
+from router.mapcache import MapCache
+from router.pooled import MAX_ATTEMPTS, RETRYABLE, Stats
+from router.routing import routed
+from router.transport import ShardTransport
+
+WRITE_CHUNK_BYTES = 32 << 20
+
+
+def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray, maps: MapCache,
+               transport: ShardTransport, timeout: float, stats: Stats) -> int:
+    """ids unique and validated. Returns the number of rows written."""
+    for _ in range(MAX_ATTEMPTS):
+        rt = maps.current()
+        tr = rt.model(model).table(table)
+        parts = partition_of(ids, tr.spec.num_partitions)
+        order = np.argsort(parts, kind="stable")
+        chunk = max(1, WRITE_CHUNK_BYTES // max(1, tr.spec.row_bytes))
+        calls = []
+        for slot in range(tr.replicas.shape[1]):
+            servers = tr.replicas[parts[order], slot]
+            for s in np.unique(servers[servers >= 0]):
+                sel = order[servers == s]
+                for lo in range(0, len(sel), chunk):
+                    c = np.sort(sel[lo:lo + chunk])
+                    req = pb.WriteRowsRequest(map_version=rt.version,
+                                              table_uid=tr.spec.table_uid, ids=pack(ids[c]),
+                                              rows=pack(rows[c]), routed=routed(tr, parts[c]))
+                    calls.append(transport.write_rows(rt.addresses[s], req, timeout))
+        stale = None
+        for call in calls:
+            try:
+                call.result()
+            except StaleMap as e:
+                stale = e
+        if stale is None:
+            return len(ids)
+        stats.redirects += 1
+        maps.refresh(at_least=stale.map_version)   # writes are idempotent: resend all
+    raise Unavailable(f"write to table {table!r}: the shard map kept changing; retry")
+
+
+def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
+                transport: ShardTransport, timeout: float, stats: Stats) -> np.ndarray:
+    """Rows of ``ids`` (validated) in the table's dtype; duplicate ids are fetched once."""
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    tr0 = maps.current().model(model).table(table)
+    out = np.empty((len(uniq), tr0.spec.dim), dtype=tr0.spec.np_dtype)
+    pending = np.arange(len(uniq))
+    exclude: set[int] = set()
+    for _ in range(MAX_ATTEMPTS):
+        rt = maps.current()
+        tr = rt.model(model).table(table)
+        parts = partition_of(uniq[pending], tr.spec.num_partitions)
+        servers = tr.choose(next(stats.rotation), frozenset(exclude))[parts]
+        if servers.size and servers.min() < 0:
+            p = int(parts[np.flatnonzero(servers < 0)[0]])
+            raise Unavailable(f"partition {p} of table {table!r} has no live replica")
+        calls = []
+        for s in np.unique(servers):
+            sel = pending[servers == s]
+            req = pb.LookupRowsRequest(map_version=rt.version, segments=[pb.RowsSegment(
+                table_uid=tr.spec.table_uid, ids=pack(uniq[sel]),
+                routed=routed(tr, partition_of(uniq[sel], tr.spec.num_partitions)))])
+            calls.append((int(s), sel, transport.lookup_rows(rt.addresses[s], req, timeout)))
+        retry = []
+        for s, sel, call in calls:
+            try:
+                reply = call.result()
+            except StaleMap as e:
+                stats.redirects += 1
+                maps.refresh(at_least=e.map_version)
+                retry.append(sel)
+                continue
+            except ShoalError as e:
+                if e.code not in RETRYABLE:
+                    raise
+                stats.replica_retries += 1
+                exclude.add(s)
+                retry.append(sel)
+                continue
+            out[sel] = np.frombuffer(reply.rows[0].data, out.dtype).reshape(len(sel), -1)
+        if not retry:
+            return out[inverse]
+        pending = np.concatenate(retry)
+    raise Unavailable(f"lookup_rows on table {table!r}: no replica answered after "
+                      f"{MAX_ATTEMPTS} attempts")

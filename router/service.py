@@ -1,0 +1,161 @@
+"""The client-facing router: validates requests, merges concurrent lookups, and runs the
+lookup / write paths against the shard servers."""
+from __future__ import annotations
+
+import os
+import resource
+
+import numpy as np
+
+from shoal.config import RouterConfig
+from shoal.errors import InvalidArgument, ShoalError, abort_with, from_rpc_error
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.wire import is_set, pack, unpack
+
+import grpc
+
+from router.batcher import Batcher
+from router.mapcache import MapCache
+from router.pooled import Query, Stats, output_keys, pooled_lookup
+from router.routing import check_ids
+from router.rows import lookup_rows, write_rows
+from router.transport import ShardTransport
+
+
+class RouterService(pbg.RouterServicer):
+    def __init__(self, config: RouterConfig, maps: MapCache, transport: ShardTransport,
+                 coordinator: pbg.CoordinatorStub):
+        self._cfg = config
+        self._maps = maps
+        self._transport = transport
+        self._coord = coordinator
+        self.stats = Stats()
+        self._requests = 0
+        self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
+                                config.max_batch_ids, config.executors)
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    # ------------------------------------------------------------ pooled lookup
+    def Lookup(self, request, context):
+        try:
+            self._requests += 1
+            q = self._parse(request)
+            values = self._batcher.submit(q, (q.model.name, q.model.version),
+                                          q.num_ids).result()
+            keys, dims = output_keys(q)
+            return pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
+        except ShoalError as e:
+            abort_with(context, e)
+
+    def _execute(self, queries: list[Query]) -> list[np.ndarray]:
+        return pooled_lookup(queries, self._maps, self._transport, self._cfg.rpc_timeout_s,
+                             self._cfg.dedup_pooled, self.stats)
+
+    def _parse(self, r: pb.FeatureBatch) -> Query:
+        model = self._maps.current().model(r.model, r.version)
+        keys = list(r.keys)
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument(f"keys: feature names must be unique, got {keys}")
+        for k in keys:
+            if model.feature(k).spec.pooling == "none":
+                raise InvalidArgument(f"keys: feature {k!r} reads table "
+                                      f"{model.features[k][0]!r}, which has pooling 'none'; "
+                                      "use lookup_rows for unpooled rows")
+        values = unpack(r.values, "values", ("int64", "int32"), 1).astype(np.int64, copy=False)
+        lengths = unpack(r.lengths, "lengths", ("int32", "int64"), 1).astype(np.int64)
+        B = r.batch_size
+        if B < 0 or len(lengths) != len(keys) * B:
+            raise InvalidArgument(f"lengths: {len(lengths)} lengths for {len(keys)} keys x "
+                                  f"batch_size {B} (expected {len(keys) * B})")
+        if lengths.size and lengths.min() < 0:
+            raise InvalidArgument(f"lengths: must be >= 0, got {int(lengths.min())}")
+        total = int(lengths.sum())
+        if total != len(values):
+            raise InvalidArgument(f"lengths: sum to {total} but there are {len(values)} values")
+        if len(values) > self._cfg.max_ids_per_request:
+            raise InvalidArgument(f"values: {len(values)} ids exceed max_ids_per_request "
+                                  f"{self._cfg.max_ids_per_request}; split the batch")
+        weights = None
+        if is_set(r.weights):
+            weights = unpack(r.weights, "weights", "float32", 1)
+            if len(weights) != len(values):
+                raise InvalidArgument(f"weights: {len(weights)} weights for {len(values)} "
+                                      "values; must be one per value")
+            if not np.isfinite(weights).all():
+                i = int(np.flatnonzero(~np.isfinite(weights))[0])
+                raise InvalidArgument(f"weights: weights[{i}] is {weights[i]}; weights must be "
+                                      "finite")
+        ends = np.cumsum(lengths.reshape(len(keys), B).sum(axis=1)) if keys else []
+        start = 0
+        for k, end in zip(keys, ends):
+            check_ids(values[start:end], model.feature(k).spec, f"values of feature {k!r}")
+            start = int(end)
+        return Query(model, keys, values, lengths, weights, B)
+
+    # ------------------------------------------------------------ rows
+    def WriteRows(self, request, context):
+        try:
+            self._requests += 1
+            model = self._maps.current().model(request.model, request.version)
+            spec = model.table(request.table).spec
+            ids = unpack(request.ids, "ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
+            if request.rows.dtype != spec.dtype:
+                raise InvalidArgument(f"rows: dtype {request.rows.dtype} does not match table "
+                                      f"{spec.name!r} dtype {spec.dtype}")
+            rows = unpack(request.rows, "rows", spec.dtype, 2)
+            if rows.shape != (len(ids), spec.dim):
+                raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
+                                      f"{spec.dim}] (one row of table {spec.name!r}'s dim "
+                                      f"{spec.dim} per id)")
+            check_ids(ids, spec, "ids")
+            # Duplicate ids: the last row wins, as if written in order.
+            uniq, last = np.unique(ids[::-1], return_index=True)
+            if len(uniq) != len(ids):
+                keep = len(ids) - 1 - last
+                ids, rows = ids[keep], rows[keep]
+            n = write_rows(request.model, request.table, ids, rows, self._maps, self._transport,
+                           self._cfg.rpc_timeout_s, self.stats)
+            return pb.WriteRowsReply(written=n)
+        except ShoalError as e:
+            abort_with(context, e)
+
+    def LookupRows(self, request, context):
+        try:
+            self._requests += 1
+            model = self._maps.current().model(request.model, request.version)
+            spec = model.table(request.table).spec
+            ids = unpack(request.ids, "ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
+            if len(ids) > self._cfg.max_ids_per_request:
+                raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+                                      f"{self._cfg.max_ids_per_request}; split the request")
+            check_ids(ids, spec, "ids")
+            rows = lookup_rows(request.model, request.table, ids, self._maps, self._transport,
+                               self._cfg.rpc_timeout_s, self.stats)
+            return pb.RouterLookupRowsReply(rows=pack(rows))
+        except ShoalError as e:
+            abort_with(context, e)
+
+    # ------------------------------------------------------------ control
+    def CreateModel(self, request, context):
+        try:
+            reply = self._coord.CreateModel(request, timeout=30)
+        except grpc.RpcError as e:
+            abort_with(context, from_rpc_error(e))
+        self._maps.install(reply.map)
+        return reply
+
+    def Status(self, request, context):
+        try:
+            m = self._coord.GetShardMap(pb.GetShardMapRequest(), timeout=10).map
+        except grpc.RpcError as e:
+            abort_with(context, from_rpc_error(e))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        s = self.stats
+        return pb.StatusReply(map=m, router=pb.RouterStats(
+            requests=self._requests, batches=s.batches, redirects=s.redirects,
+            map_refreshes=self._maps.refreshes, replica_retries=s.replica_retries,
+            map_version=self._maps.current().version,
+            cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid()))

@@ -1,0 +1,95 @@
+"""``python -m shards --server-id ID --data-dir D --coordinator ADDR``: run a shard server.
+
+Start-up: bind the port, open RocksDB, register with the coordinator (retrying until it
+answers), load the partitions the map gives this server, then answer requests. A heartbeat
+thread reports stats and pulls newer maps.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import threading
+import time
+
+import grpc
+import torch
+
+from shoal.config import ShoalConfig
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.serving import channel, make_server, serve_until_signalled, write_ready
+
+from shards.service import ShardService
+from shards.storage import RocksRowStore
+
+log = logging.getLogger("shard")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m shards")
+    ap.add_argument("--server-id", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--config", default="")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s shard {args.server_id} %(message)s")
+    torch.set_num_threads(1)   # two OpenMP threads per process collapse under load here
+    cfg = ShoalConfig.from_json(args.config).server
+    data = pathlib.Path(args.data_dir)
+    store = RocksRowStore(data, cfg.block_cache_bytes, cfg.sst_threshold_rows)
+    coord = pbg.CoordinatorStub(channel(args.coordinator))
+
+    def fetch_map(known: int):
+        reply = coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
+        return None if reply.unchanged else reply.map
+
+    service = ShardService(args.server_id, store, cfg, fetch_map)
+    server, address = make_server(cfg.threads, args.host, args.port)
+    pbg.add_ShardServerServicer_to_server(service, server)
+    server.start()
+    register = pb.RegisterRequest(server_id=args.server_id, address=address,
+                                  memory_budget_bytes=cfg.memory_budget_bytes)
+    _call_until_up(lambda: coord.Register(register, timeout=5))
+    service.refresh_map()
+    write_ready(data / "ready.json", address=address, server_id=args.server_id)
+    log.info("serving on %s at map version %d", address, service.map_version)
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,
+                                              stop), daemon=True).start()
+    serve_until_signalled(server, on_stop=lambda: (stop.set(), store.close()))
+
+
+def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, interval: float,
+               stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            reply = coord.Heartbeat(pb.HeartbeatRequest(server_id=service.server_id,
+                                                        stats=service.stats()), timeout=5)
+            if reply.map_version > service.map_version:
+                service.refresh_map(at_least=reply.map_version)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:       # a coordinator that lost us
+                _call_until_up(lambda: coord.Register(register, timeout=5))
+            else:
+                log.warning("heartbeat failed: %s", e.code().name)
+        except Exception:                                   # keep heartbeating whatever happens
+            log.exception("heartbeat loop error")
+
+
+def _call_until_up(call, deadline_s: float = 60.0):
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main()

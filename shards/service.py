@@ -1,0 +1,301 @@
+"""The shard server's RPCs: write rows, look up rows, look up with pooling.
+
+Durability: rows are durable in RocksDB (``RowStore``) before a write returns; the memory tier
+and the held-partition table are soft state rebuilt from RocksDB and the coordinator's map on
+restart. Lookups and writes are idempotent.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embeddings.partition import partition_of, rows_in_partition
+from embeddings.specs import TableSpec
+from shoal.config import ShardServerConfig
+from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable, abort_with
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.wire import is_set, pack, unpack
+
+from shards.memory import RWLock, TableArena
+from shards.storage import RowStore
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class HeldTable:
+    spec: TableSpec
+    epochs: np.ndarray                  # int64 [P]: epoch of each partition held here, 0 = not held
+    arena: TableArena
+    lock: RWLock = field(default_factory=RWLock)
+
+
+class ShardService(pbg.ShardServerServicer):
+    def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
+                 fetch_map: Callable[[int], pb.ShardMap | None]):
+        """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged."""
+        self.server_id = server_id
+        self._store = store
+        self._cfg = config
+        self._fetch_map = fetch_map
+        self._tables: dict[int, HeldTable] = {}
+        self._map_version = 0
+        self._map_lock = threading.Lock()
+        self._ready = False
+        self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0}
+
+    # ------------------------------------------------------------ shard map
+    @property
+    def map_version(self) -> int:
+        return self._map_version
+
+    def refresh_map(self, at_least: int = 0) -> None:
+        """Fetch and apply the coordinator's map unless ours is already at ``at_least``."""
+        with self._map_lock:
+            if at_least and self._map_version >= at_least:
+                return
+            m = self._fetch_map(self._map_version)
+            if m is not None:
+                self._apply(m)
+        self._ready = True
+
+    def _apply(self, m: pb.ShardMap) -> None:
+        specs = {t.table_uid: TableSpec.from_proto(t) for md in m.models for t in md.tables}
+        held: dict[int, dict[int, int]] = {}
+        for rs in m.partitions:
+            if self.server_id in rs.replicas:
+                held.setdefault(rs.table_uid, {})[rs.partition] = rs.epoch
+        budget = self._cfg.memory_budget_bytes
+        for uid in sorted(held):
+            spec = specs[uid]
+            table = self._tables.get(uid)
+            if table is None:
+                arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
+                                   spec.num_partitions)
+                table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena)
+            resident = []
+            for p in sorted(held[uid]):
+                size = table.arena.rows_per_partition * spec.row_bytes
+                if size <= budget:
+                    resident.append(p)
+                    budget -= size
+            epochs = np.zeros(spec.num_partitions, np.int64)
+            for p, e in held[uid].items():
+                epochs[p] = e
+            with table.lock.write():
+                for p in table.arena.set_partitions(resident):
+                    ids, raw = self._store.scan_partition(uid, p)
+                    rows = torch.frombuffer(bytearray(raw), dtype=table.arena.dtype) if raw else None
+                    if rows is not None:
+                        table.arena.fill(p, ids, rows.view(-1, spec.dim))
+                table.epochs = epochs
+            self._tables[uid] = table
+        for uid in set(self._tables) - set(held):
+            del self._tables[uid]
+        self._map_version = m.version
+
+    def _enter(self, map_version: int) -> None:
+        if not self._ready:
+            raise Unavailable(f"server {self.server_id} is starting; retry shortly")
+        if map_version > self._map_version:
+            self.refresh_map(at_least=map_version)
+
+    def _table(self, uid: int) -> HeldTable:
+        table = self._tables.get(uid)
+        if table is None:
+            raise StaleMap(f"server {self.server_id} holds no partition of table_uid {uid} at "
+                           f"map version {self._map_version}", self._map_version)
+        return table
+
+    def _check(self, table: HeldTable, ids: np.ndarray, routed: pb.PartitionEpochs) -> np.ndarray:
+        """Validate ids and the routing; return each id's partition."""
+        spec = table.spec
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= spec.num_embeddings:
+                bad = lo if lo < 0 else hi
+                raise InvalidArgument(f"ids: id {bad} of table {spec.name!r} is out of range "
+                                      f"[0, {spec.num_embeddings})")
+        rp = unpack(routed.partitions, "routed.partitions", "int32", 1)
+        re = unpack(routed.epochs, "routed.epochs", "int64", 1)
+        if rp.shape != re.shape:
+            raise InvalidArgument(f"routed: {rp.size} partitions but {re.size} epochs")
+        if rp.size and (rp.min() < 0 or rp.max() >= spec.num_partitions):
+            raise InvalidArgument(f"routed.partitions: must be in [0, {spec.num_partitions})")
+        held = table.epochs[rp]
+        stale = np.flatnonzero(held != re)
+        if stale.size:
+            i = int(stale[0])
+            self._counters["redirects"] += 1
+            raise StaleMap(f"partition {int(rp[i])} of table {spec.name!r} was routed to "
+                           f"{self.server_id} at epoch {int(re[i])}; this server holds it at "
+                           f"epoch {int(held[i])} (0 = not held), map version "
+                           f"{self._map_version}", self._map_version)
+        parts = partition_of(ids, spec.num_partitions)
+        declared = np.zeros(spec.num_partitions, bool)
+        declared[rp] = True
+        if ids.size and not declared[parts].all():
+            i = int(np.flatnonzero(~declared[parts])[0])
+            raise InvalidArgument(f"ids: id {int(ids[i])} is in partition {int(parts[i])} of "
+                                  f"table {spec.name!r}, which the request did not route here")
+        return parts
+
+    def _gather(self, table: HeldTable, ids: np.ndarray, parts: np.ndarray):
+        """(weight, idx): rows ``weight[idx]`` are the rows of ``ids``. Hot rows index the arena
+        in place; if any row is cold, the rows are copied into a buffer."""
+        idx = table.arena.rows_index(ids, parts)
+        cold = idx < 0
+        n_cold = int(cold.sum())
+        if not n_cold:
+            return table.arena.weight, idx
+        self._counters["cold_ids"] += n_cold
+        spec = table.spec
+        buf = torch.empty((len(ids), spec.dim), dtype=table.arena.dtype)
+        hot = np.flatnonzero(~cold)
+        if hot.size:
+            buf[torch.from_numpy(hot)] = table.arena.weight.index_select(
+                0, torch.from_numpy(idx[hot]))
+        cold_i = np.flatnonzero(cold)
+        raw = self._store.read_rows(spec.table_uid, parts[cold_i], ids[cold_i], spec.row_bytes)
+        buf[torch.from_numpy(cold_i)] = torch.frombuffer(
+            bytearray(raw), dtype=table.arena.dtype).view(-1, spec.dim)
+        return buf, np.arange(len(ids), dtype=np.int64)
+
+    # ------------------------------------------------------------ RPCs
+    def WriteRows(self, request, context):
+        try:
+            self._enter(request.map_version)
+            table = self._table(request.table_uid)
+            spec = table.spec
+            ids = unpack(request.ids, "ids", "int64", 1)
+            rows = unpack(request.rows, "rows", spec.dtype, 2)
+            if rows.shape != (len(ids), spec.dim):
+                raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
+                                      f"{spec.dim}] (one row of dim {spec.dim} per id)")
+            if len(ids) > self._cfg.max_ids_per_request:
+                raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+                                      f"{self._cfg.max_ids_per_request}")
+            if len(np.unique(ids)) != len(ids):
+                raise InvalidArgument("ids: must be unique within one write")
+            parts = self._check(table, ids, request.routed)
+            self._store.write_rows(spec.table_uid, parts, ids, rows)
+            idx = table.arena.rows_index(ids, parts)
+            hot = np.flatnonzero(idx >= 0)
+            if hot.size:
+                with table.lock.write():
+                    table.arena.weight.index_copy_(
+                        0, torch.from_numpy(idx[hot]),
+                        torch.from_numpy(np.ascontiguousarray(rows[hot])))
+            return pb.WriteRowsReply(written=len(ids))
+        except ShoalError as e:
+            abort_with(context, e)
+
+    def LookupRows(self, request, context):
+        try:
+            self._enter(request.map_version)
+            out = []
+            for i, seg in enumerate(request.segments):
+                table = self._table(seg.table_uid)
+                ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
+                self._limit(len(ids))
+                parts = self._check(table, ids, seg.routed)
+                with table.lock.read():
+                    weight, idx = self._gather(table, ids, parts)
+                    rows = weight.index_select(0, torch.from_numpy(idx))
+                out.append(pack(rows.numpy()))
+                self._count(len(ids))
+            return pb.LookupRowsReply(rows=out)
+        except ShoalError as e:
+            abort_with(context, e)
+
+    def LookupPooled(self, request, context):
+        try:
+            self._enter(request.map_version)
+            sums = []
+            for i, seg in enumerate(request.segments):
+                table = self._table(seg.table_uid)
+                sums.append(pack(self._pool(table, seg, f"segments[{i}]")))
+            return pb.LookupPooledReply(sums=sums)
+        except ShoalError as e:
+            abort_with(context, e)
+
+    def _pool(self, table: HeldTable, seg: pb.PooledSegment, where: str) -> np.ndarray:
+        ids = unpack(seg.ids, f"{where}.ids", "int64", 1)
+        lengths = unpack(seg.lengths, f"{where}.lengths", "int32", 1)
+        inverse = unpack(seg.inverse, f"{where}.inverse", "int32", 1) if is_set(seg.inverse) \
+            else None
+        n_occ = len(inverse) if inverse is not None else len(ids)
+        self._limit(n_occ)
+        if lengths.size and lengths.min() < 0:
+            raise InvalidArgument(f"{where}.lengths: must be >= 0, got {int(lengths.min())}")
+        if int(lengths.sum(dtype=np.int64)) != n_occ:
+            raise InvalidArgument(f"{where}.lengths: sum {int(lengths.sum())} != {n_occ} ids")
+        if inverse is not None and inverse.size and (inverse.min() < 0
+                                                      or inverse.max() >= len(ids)):
+            raise InvalidArgument(f"{where}.inverse: must index [0, {len(ids)})")
+        weights = None
+        if is_set(seg.weights):
+            w = unpack(seg.weights, f"{where}.weights", "float32", 1)
+            if len(w) != n_occ:
+                raise InvalidArgument(f"{where}.weights: {len(w)} weights for {n_occ} ids")
+            weights = torch.from_numpy(w.copy())
+        parts = self._check(table, ids, seg.routed)
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        with table.lock.read():
+            weight, idx = self._gather(table, ids, parts)
+            if inverse is not None:
+                idx = idx[inverse]
+            if weights is not None and weight.dtype != torch.float32:
+                weights = weights.to(weight.dtype)
+            out = F.embedding_bag(torch.from_numpy(idx), weight, torch.from_numpy(offsets),
+                                  mode="sum", per_sample_weights=weights)
+        self._count(n_occ)
+        return out.float().numpy()
+
+    def _limit(self, n: int) -> None:
+        if n > self._cfg.max_ids_per_request:
+            raise InvalidArgument(f"ids: {n} ids exceed max_ids_per_request "
+                                  f"{self._cfg.max_ids_per_request}")
+
+    def _count(self, n: int) -> None:
+        self._counters["lookups"] += 1
+        self._counters["ids_looked_up"] += n
+
+    def Stats(self, request, context):
+        return self.stats()
+
+    def stats(self) -> pb.ServerStats:
+        rows = raw = resident = parts = resident_parts = 0
+        for t in list(self._tables.values()):
+            held = np.flatnonzero(t.epochs)
+            parts += held.size
+            resident_parts += int((t.arena.slot[held] >= 0).sum())
+            n = sum(rows_in_partition(t.spec.num_embeddings, t.spec.num_partitions, int(p))
+                    for p in held)
+            rows += n
+            raw += n * t.spec.row_bytes
+            resident += t.arena.nbytes
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return pb.ServerStats(rows=rows, raw_bytes=raw, resident_bytes=resident,
+                              rss_bytes=_rss_bytes(), partitions=parts,
+                              resident_partitions=resident_parts, map_version=self._map_version,
+                              cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid(),
+                              **self._counters)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -1,0 +1,109 @@
+"""The Python client: ``shoal.connect(address)``.
+
+Tensors go over the wire as packed bytes; results come back as torch tensors (torchrec
+``KeyedTensor`` for pooled lookups). Every error is raised as ``shoal.ShoalError`` with a
+``grpc.StatusCode`` in ``.code``.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import grpc
+import numpy as np
+import torch
+
+from embeddings.specs import TableSpec, to_spec
+from shoal.errors import InvalidArgument, from_rpc_error
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.serving import channel
+from shoal.wire import pack
+
+WRITE_CHUNK_BYTES = 64 << 20
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class Client:
+    def __init__(self, address: str, timeout: float = 120.0):
+        self.address = address
+        self._timeout = timeout
+        self._channel = channel(address)
+        self._stub = pbg.RouterStub(self._channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ models
+    def create_model(self, name: str, tables: Iterable, replication: int = 0) -> list[TableSpec]:
+        """Register a model from TableSpecs or torchrec EmbeddingBagConfig / EmbeddingConfig.
+        Returns the tables as placed (with partition counts and uids)."""
+        spec = pb.ModelSpec(name=name, replication=replication,
+                            tables=[to_spec(t).to_proto() for t in tables])
+        reply = self._call(self._stub.CreateModel, pb.CreateModelRequest(spec=spec))
+        return [TableSpec.from_proto(t) for t in reply.model.tables]
+
+    def models(self) -> list[pb.ModelSpec]:
+        return list(self.status().map.models)
+
+    def status(self) -> pb.StatusReply:
+        return self._call(self._stub.Status, pb.StatusRequest())
+
+    # ------------------------------------------------------------ rows
+    def write_rows(self, model: str, table: str, ids, rows, version: int = 0) -> int:
+        """Write ``rows[i]`` as row ``ids[i]``; rows must be in the table's dtype. Large writes
+        are sent in chunks; each chunk is durable on every replica when it returns."""
+        ids, rows = _np(ids), _np(rows)
+        if rows.ndim != 2 or len(rows) != len(ids):
+            raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, dim]")
+        step = max(1, WRITE_CHUNK_BYTES // max(1, rows[:1].nbytes))
+        written = 0
+        for lo in range(0, max(len(ids), 1), step):
+            req = pb.RouterWriteRowsRequest(model=model, version=version, table=table,
+                                            ids=pack(ids[lo:lo + step]),
+                                            rows=pack(rows[lo:lo + step]))
+            written += self._call(self._stub.WriteRows, req).written
+        return written
+
+    def lookup_rows(self, model: str, table: str, ids, version: int = 0) -> torch.Tensor:
+        """Unpooled rows ``[len(ids), dim]`` in the table's dtype."""
+        req = pb.RouterLookupRowsRequest(model=model, version=version, table=table,
+                                         ids=pack(_np(ids)))
+        t = self._call(self._stub.LookupRows, req).rows
+        return torch.from_numpy(np.frombuffer(t.data, t.dtype).reshape(tuple(t.shape)).copy())
+
+    def lookup(self, model: str, kjt, version: int = 0):
+        """Pooled embeddings of a torchrec ``KeyedJaggedTensor``, as a ``KeyedTensor`` equal to
+        what a local ``EmbeddingBagCollection`` with the same weights returns."""
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        req = pb.FeatureBatch(model=model, version=version, keys=kjt.keys(),
+                              values=pack(kjt.values()), lengths=pack(kjt.lengths()),
+                              batch_size=kjt.stride())
+        weights = kjt.weights_or_none()
+        if weights is not None:
+            req.weights.CopyFrom(pack(weights, "float32"))
+        reply = self._call(self._stub.Lookup, req)
+        values = np.frombuffer(reply.values.data, np.float32).reshape(tuple(reply.values.shape))
+        return KeyedTensor(keys=list(reply.keys), length_per_key=list(reply.length_per_key),
+                           values=torch.from_numpy(values.copy()))
+
+
+def connect(address: str, timeout: float = 120.0) -> Client:
+    return Client(address, timeout)

@@ -1,0 +1,89 @@
+"""Shoal's one typed config tree. Processes get it as JSON on their command line; the
+environment is read in exactly one place (``shoal_home``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from dataclasses import dataclass, field
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShardServerConfig:
+    memory_budget_bytes: int = 8 << 30      # dense memory tier; partitions past it stay cold
+    block_cache_bytes: int = 64 << 20       # RocksDB block cache for cold reads
+    heartbeat_interval_s: float = 0.5
+    sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
+    max_ids_per_request: int = 4_000_000
+    threads: int = 8                        # gRPC handler threads
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    batch_window_ms: float = 0.5            # merge concurrent lookups arriving within this window
+    max_batch_ids: int = 400_000            # stop merging once a batch has this many ids
+    max_ids_per_request: int = 1_000_000    # per client request; more is INVALID_ARGUMENT
+    dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
+    map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
+    rpc_timeout_s: float = 30.0
+    threads: int = 16
+    executors: int = 4                      # merged batches in flight at once
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    lease_s: float = 5.0                    # a server silent this long is reported dead
+    target_partition_bytes: int = 64 << 20  # partitions are sized near this
+    min_partitions: int = 4
+    max_partitions: int = 1024
+    default_replication: int = 0            # 0 = 2 when there are >= 2 servers, else 1
+
+
+@dataclass(frozen=True)
+class ShoalConfig:
+    server: ShardServerConfig = field(default_factory=ShardServerConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShoalConfig":
+        raw = json.loads(text) if text else {}
+        unknown = set(raw) - {"server", "router", "coordinator"}
+        if unknown:
+            raise ValueError(f"config: unknown sections {sorted(unknown)} "
+                             "(allowed: server, router, coordinator)")
+        return cls(server=_build(ShardServerConfig, raw.get("server", {}), "server"),
+                   router=_build(RouterConfig, raw.get("router", {}), "router"),
+                   coordinator=_build(CoordinatorConfig, raw.get("coordinator", {}), "coordinator"))
+
+    def replace(self, **sections) -> "ShoalConfig":
+        """Return a copy with whole sections or ``section__field`` values replaced."""
+        cfg = self
+        for key, value in sections.items():
+            if "__" in key:
+                section, name = key.split("__", 1)
+                cfg = dataclasses.replace(
+                    cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+            else:
+                cfg = dataclasses.replace(cfg, **{key: value})
+        return cfg
+
+
+def _build(cls, raw: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"config.{section}: unknown keys {sorted(unknown)} "
+                         f"(allowed: {sorted(names)})")
+    return cls(**raw)
+
+
+def shoal_home() -> pathlib.Path:
+    """Where the CLI remembers running clusters: $SHOAL_HOME, else ~/.shoal."""
+    return pathlib.Path(os.environ.get("SHOAL_HOME", pathlib.Path.home() / ".shoal"))

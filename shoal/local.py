@@ -1,0 +1,235 @@
+"""The local deployment: a coordinator, N shard servers and a router as processes on this
+machine, each server with its own RocksDB directory under one data folder.
+
+``LocalCluster`` is what the CLI (``shoal up``), the demo and the tests use. It is also how tests
+inject faults: ``kill`` (SIGKILL / SIGSTOP / SIGCONT) and ``restart``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from shoal.config import ShoalConfig
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class ProcessHandle:
+    role: str              # "coordinator" | "server" | "router"
+    name: str              # server_id for servers
+    data_dir: str
+    address: str = ""
+    pid: int = 0
+    port: int = 0
+
+    @property
+    def server_id(self) -> str:
+        return self.name
+
+
+class LocalCluster:
+    def __init__(self, servers: int = 3, replication: int = 0, data_dir: str | None = None,
+                 config: ShoalConfig | None = None, start: bool = True, detach: bool = False):
+        """``replication`` 0 means the default: 2 when there are >= 2 servers, else 1.
+        ``detach``: processes outlive this object (the CLI's ``shoal up``)."""
+        self._owns_dir = data_dir is None
+        self.data_dir = pathlib.Path(data_dir or tempfile.mkdtemp(prefix="shoal-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config or ShoalConfig()
+        self.num_servers = servers
+        self.replication = replication or (2 if servers >= 2 else 1)
+        self.detach = detach
+        self.coordinator: ProcessHandle | None = None
+        self.router: ProcessHandle | None = None
+        self.servers: list[ProcessHandle] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "LocalCluster":
+        try:
+            self.coordinator = self._spawn("coordinator", "coordinator", [
+                "--replication", str(self.replication)])
+            self._wait_ready(self.coordinator)
+            for i in range(self.num_servers):
+                self.servers.append(self._spawn("server", f"s{i}", []))
+            for h in self.servers:
+                self._wait_ready(h)
+            self.router = self._spawn("router", "router", [])
+            self._wait_ready(self.router)
+            self._save()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL) and remove a data folder we created."""
+        handles = [h for h in [self.router, *self.servers, self.coordinator] if h and h.pid]
+        for h in handles:
+            _signal(h.pid, signal.SIGCONT)
+            _signal(h.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for h in handles:
+            while _alive(h.pid, self._procs.get(h.name)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(h.pid, self._procs.get(h.name)):
+                _signal(h.pid, signal.SIGKILL)
+                _wait(h.pid, self._procs.get(h.name))
+        state = self.data_dir / "cluster.json"
+        if state.exists():
+            state.unlink()
+        if self._owns_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------ addresses and clients
+    @property
+    def router_address(self) -> str:
+        return self.router.address
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.coordinator.address
+
+    def client(self, timeout: float = 120.0):
+        from shoal.client import Client
+        return Client(self.router_address, timeout)
+
+    def server(self, server_id: str) -> ProcessHandle:
+        for h in self.servers:
+            if h.name == server_id:
+                return h
+        raise KeyError(f"no server {server_id!r} (servers: "
+                       f"{', '.join(h.name for h in self.servers)})")
+
+    # ------------------------------------------------------------ faults
+    def kill(self, server_id: str, sig: int = signal.SIGKILL) -> None:
+        h = self.server(server_id)
+        os.kill(h.pid, sig)
+        if sig == signal.SIGKILL:
+            _wait(h.pid, self._procs.get(h.name))
+
+    def restart(self, server_id: str) -> ProcessHandle:
+        """Start a stopped (or killed) server again on its data folder and port."""
+        h = self.server(server_id)
+        if _alive(h.pid, self._procs.get(h.name)):
+            self.kill(server_id)
+        new = self._spawn("server", h.name, [], port=h.port)
+        self._wait_ready(new)
+        self.servers[self.servers.index(h)] = new
+        self._save()
+        return new
+
+    def restart_coordinator(self) -> ProcessHandle:
+        h = self.coordinator
+        if _alive(h.pid, self._procs.get(h.name)):
+            os.kill(h.pid, signal.SIGKILL)
+            _wait(h.pid, self._procs.get(h.name))
+        self.coordinator = self._spawn("coordinator", "coordinator", [
+            "--replication", str(self.replication)], port=h.port)
+        self._wait_ready(self.coordinator)
+        self._save()
+        return self.coordinator
+
+    # ------------------------------------------------------------ processes
+    def _spawn(self, role: str, name: str, extra: list[str], port: int = 0) -> ProcessHandle:
+        data = self.data_dir / name
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "ready.json").unlink(missing_ok=True)
+        module = {"coordinator": "coordinator", "server": "shards", "router": "router"}[role]
+        cmd = [sys.executable, "-m", module, "--data-dir", str(data), "--port", str(port),
+               "--config", self.config.to_json(), *extra]
+        if role == "server":
+            cmd += ["--server-id", name]
+        if role != "coordinator":
+            cmd += ["--coordinator", self.coordinator.address]
+        log = open(data / "process.log", "ab")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, stdin=subprocess.DEVNULL)
+        log.close()
+        self._procs[name] = proc
+        return ProcessHandle(role, name, str(data), pid=proc.pid)
+
+    def _wait_ready(self, h: ProcessHandle) -> None:
+        ready = pathlib.Path(h.data_dir) / "ready.json"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        proc = self._procs[h.name]
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{h.role} {h.name} exited with code {proc.returncode} "
+                                   f"before it was ready; log:\n{_tail(h.data_dir)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{h.role} {h.name} not ready after {READY_TIMEOUT_S}s; "
+                                   f"log:\n{_tail(h.data_dir)}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        h.address = info["address"]
+        h.port = int(h.address.rsplit(":", 1)[1])
+
+    # ------------------------------------------------------------ remembered state (CLI)
+    def _save(self) -> None:
+        state = {"data_dir": str(self.data_dir), "replication": self.replication,
+                 "config": self.config.to_json(),
+                 "coordinator": asdict(self.coordinator), "router": asdict(self.router),
+                 "servers": [asdict(h) for h in self.servers]}
+        (self.data_dir / "cluster.json").write_text(json.dumps(state, indent=1))
+
+    @classmethod
+    def attach(cls, data_dir: str | os.PathLike) -> "LocalCluster":
+        """A handle on a cluster started elsewhere (e.g. by ``shoal up``)."""
+        state = json.loads((pathlib.Path(data_dir) / "cluster.json").read_text())
+        c = cls(servers=len(state["servers"]), replication=state["replication"],
+                data_dir=state["data_dir"], config=ShoalConfig.from_json(state["config"]),
+                start=False, detach=True)
+        c.coordinator = ProcessHandle(**state["coordinator"])
+        c.router = ProcessHandle(**state["router"])
+        c.servers = [ProcessHandle(**h) for h in state["servers"]]
+        return c
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int, proc: subprocess.Popen | None) -> bool:
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait(pid: int, proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is not None:
+        proc.wait(timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid, None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _tail(data_dir: str, lines: int = 30) -> str:
+    log = pathlib.Path(data_dir) / "process.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""

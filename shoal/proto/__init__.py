@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC stubs for Shoal's wire protocol (see shoal.proto)."""

@@ -1,0 +1,375 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TableSpec(_message.Message):
+    __slots__ = ("name", "num_embeddings", "dim", "dtype", "pooling", "feature_names", "num_partitions", "table_uid")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_embeddings: int
+    dim: int
+    dtype: str
+    pooling: str
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    num_partitions: int
+    table_uid: int
+    def __init__(self, name: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., pooling: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_partitions: _Optional[int] = ..., table_uid: _Optional[int] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "version", "tables", "replication")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
+    replication: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ...) -> None: ...
+
+class ReplicaSet(_message.Message):
+    __slots__ = ("table_uid", "partition", "replicas", "epoch")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    epoch: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    address: str
+    state: str
+    last_heartbeat_age_s: float
+    memory_budget_bytes: int
+    stats: ServerStats
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...
+
+class ServerStats(_message.Message):
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    IDS_LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
+    COLD_IDS_FIELD_NUMBER: _ClassVar[int]
+    REDIRECTS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    raw_bytes: int
+    resident_bytes: int
+    rss_bytes: int
+    partitions: int
+    resident_partitions: int
+    map_version: int
+    lookups: int
+    ids_looked_up: int
+    cold_ids: int
+    redirects: int
+    cpu_seconds: float
+    pid: int
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class ShardMap(_message.Message):
+    __slots__ = ("version", "models", "servers", "partitions", "default_replication")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
+    servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
+    partitions: _containers.RepeatedCompositeFieldContainer[ReplicaSet]
+    default_replication: int
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("server_id", "address", "memory_budget_bytes")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    address: str
+    memory_budget_bytes: int
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("map_version",)
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("server_id", "stats")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    stats: ServerStats
+    def __init__(self, server_id: _Optional[str] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("map_version",)
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
+class GetShardMapRequest(_message.Message):
+    __slots__ = ("known_version",)
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_version: int
+    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+
+class GetShardMapReply(_message.Message):
+    __slots__ = ("unchanged", "map")
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    unchanged: bool
+    map: ShardMap
+    def __init__(self, unchanged: _Optional[bool] = ..., map: _Optional[_Union[ShardMap, _Mapping]] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+
+class CreateModelReply(_message.Message):
+    __slots__ = ("map", "model")
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    map: ShardMap
+    model: ModelSpec
+    def __init__(self, map: _Optional[_Union[ShardMap, _Mapping]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+
+class SetReplicasRequest(_message.Message):
+    __slots__ = ("table_uid", "partition", "replicas")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetReplicasReply(_message.Message):
+    __slots__ = ("partition", "map_version")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    partition: ReplicaSet
+    map_version: int
+    def __init__(self, partition: _Optional[_Union[ReplicaSet, _Mapping]] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class PartitionEpochs(_message.Message):
+    __slots__ = ("partitions", "epochs")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    partitions: Tensor
+    epochs: Tensor
+    def __init__(self, partitions: _Optional[_Union[Tensor, _Mapping]] = ..., epochs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class WriteRowsRequest(_message.Message):
+    __slots__ = ("map_version", "table_uid", "ids", "rows", "routed")
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    table_uid: int
+    ids: Tensor
+    rows: Tensor
+    routed: PartitionEpochs
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ...) -> None: ...
+
+class WriteRowsReply(_message.Message):
+    __slots__ = ("written",)
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    written: int
+    def __init__(self, written: _Optional[int] = ...) -> None: ...
+
+class RowsSegment(_message.Message):
+    __slots__ = ("table_uid", "ids", "routed")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    ids: Tensor
+    routed: PartitionEpochs
+    def __init__(self, table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ...) -> None: ...
+
+class LookupRowsRequest(_message.Message):
+    __slots__ = ("map_version", "segments")
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    segments: _containers.RepeatedCompositeFieldContainer[RowsSegment]
+    def __init__(self, map_version: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[RowsSegment, _Mapping]]] = ...) -> None: ...
+
+class LookupRowsReply(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, rows: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class PooledSegment(_message.Message):
+    __slots__ = ("table_uid", "ids", "inverse", "lengths", "weights", "routed")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    INVERSE_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    ids: Tensor
+    inverse: Tensor
+    lengths: Tensor
+    weights: Tensor
+    routed: PartitionEpochs
+    def __init__(self, table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., inverse: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ...) -> None: ...
+
+class LookupPooledRequest(_message.Message):
+    __slots__ = ("map_version", "segments")
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    segments: _containers.RepeatedCompositeFieldContainer[PooledSegment]
+    def __init__(self, map_version: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[PooledSegment, _Mapping]]] = ...) -> None: ...
+
+class LookupPooledReply(_message.Message):
+    __slots__ = ("sums",)
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    sums: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, sums: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FeatureBatch(_message.Message):
+    __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    values: Tensor
+    lengths: Tensor
+    weights: Tensor
+    batch_size: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class PooledReply(_message.Message):
+    __slots__ = ("keys", "length_per_key", "values")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PER_KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    length_per_key: _containers.RepeatedScalarFieldContainer[int]
+    values: Tensor
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RouterWriteRowsRequest(_message.Message):
+    __slots__ = ("model", "version", "table", "ids", "rows")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    table: str
+    ids: Tensor
+    rows: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RouterLookupRowsRequest(_message.Message):
+    __slots__ = ("model", "version", "table", "ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    table: str
+    ids: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RouterLookupRowsReply(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: Tensor
+    def __init__(self, rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouterStats(_message.Message):
+    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REDIRECTS_FIELD_NUMBER: _ClassVar[int]
+    MAP_REFRESHES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    batches: int
+    redirects: int
+    map_refreshes: int
+    replica_retries: int
+    map_version: int
+    cpu_seconds: float
+    pid: int
+    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("map", "router")
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    map: ShardMap
+    router: RouterStats
+    def __init__(self, map: _Optional[_Union[ShardMap, _Mapping]] = ..., router: _Optional[_Union[RouterStats, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,54 @@
+"""Packing tensors into the wire's ``Tensor`` message and back, without per-element work.
+
+Unpacking is zero-copy: the returned array is a read-only view of the message's bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shoal.errors import InvalidArgument
+from shoal.proto import shoal_pb2 as pb
+
+ALLOWED_DTYPES = ("int64", "int32", "float32", "float16")
+
+
+def pack(array, dtype: str | None = None) -> pb.Tensor:
+    """numpy array (or torch tensor) -> Tensor message, little-endian C order."""
+    if hasattr(array, "detach"):  # torch.Tensor without importing torch here
+        array = array.detach().cpu().numpy()
+    a = np.asarray(array)
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        a = a.astype(dtype)
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=a.dtype.name, shape=a.shape, data=a.tobytes())
+
+
+def unpack(t: pb.Tensor, field: str, dtype: str | tuple[str, ...] | None = None,
+           ndim: int | None = None) -> np.ndarray:
+    """Tensor message -> read-only numpy view; InvalidArgument naming ``field`` if malformed."""
+    if t.dtype not in ALLOWED_DTYPES:
+        raise InvalidArgument(f"{field}: dtype {t.dtype!r} is not supported (allowed: "
+                              f"{', '.join(ALLOWED_DTYPES)})")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, str) else dtype
+        if t.dtype not in allowed:
+            raise InvalidArgument(f"{field}: dtype is {t.dtype}, expected {' or '.join(allowed)}")
+    shape = tuple(int(s) for s in t.shape)
+    if ndim is not None and len(shape) != ndim:
+        raise InvalidArgument(f"{field}: shape {list(shape)} has {len(shape)} dimensions, "
+                              f"expected {ndim}")
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"{field}: shape {list(shape)} has a negative dimension")
+    dt = np.dtype(t.dtype).newbyteorder("<")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dt.itemsize != len(t.data):
+        raise InvalidArgument(f"{field}: {len(t.data)} bytes do not match shape {list(shape)} "
+                              f"of {t.dtype} ({count * dt.itemsize} bytes)")
+    return np.frombuffer(t.data, dtype=dt).reshape(shape)
+
+
+def is_set(t: pb.Tensor) -> bool:
+    """True when an optional Tensor field was filled in."""
+    return bool(t.dtype)
