@@ -28,7 +28,7 @@ def choose_num_partitions(num_embeddings: int, row_bytes: int, target_bytes: int
     more partitions than rows."""
     want = max(min_partitions, -(-num_embeddings * row_bytes // target_bytes))
     p = 1 << max(0, int(want - 1).bit_length())
-    p = min(p, max_partitions)
+    p = min(p, 1 << (max(1, max_partitions).bit_length() - 1))   # a power of two, <= max
     while p > 1 and p > num_embeddings:
         p //= 2
     return p

@@ -72,6 +72,9 @@ class RouterService(pbg.RouterServicer):
                                   f"batch_size {B} (expected {len(keys) * B})")
         if lengths.size and lengths.min() < 0:
             raise InvalidArgument(f"lengths: must be >= 0, got {int(lengths.min())}")
+        if lengths.size and lengths.max() > len(values):
+            raise InvalidArgument(f"lengths: a bag of {int(lengths.max())} ids is longer than "
+                                  f"the {len(values)} values sent")
         total = int(lengths.sum())
         if total != len(values):
             raise InvalidArgument(f"lengths: sum to {total} but there are {len(values)} values")
@@ -110,6 +113,9 @@ class RouterService(pbg.RouterServicer):
                 raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
                                       f"{spec.dim}] (one row of table {spec.name!r}'s dim "
                                       f"{spec.dim} per id)")
+            if len(ids) > self._cfg.max_ids_per_request:
+                raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+                                      f"{self._cfg.max_ids_per_request}; split the write")
             check_ids(ids, spec, "ids")
             # Duplicate ids: the last row wins, as if written in order.
             uniq, last = np.unique(ids[::-1], return_index=True)

@@ -237,6 +237,9 @@ class ShardService(pbg.ShardServerServicer):
         self._limit(n_occ)
         if lengths.size and lengths.min() < 0:
             raise InvalidArgument(f"{where}.lengths: must be >= 0, got {int(lengths.min())}")
+        if lengths.size and int(lengths.max()) > n_occ:
+            raise InvalidArgument(f"{where}.lengths: a bag of {int(lengths.max())} ids is "
+                                  f"longer than the {n_occ} ids sent")
         if int(lengths.sum(dtype=np.int64)) != n_occ:
             raise InvalidArgument(f"{where}.lengths: sum {int(lengths.sum())} != {n_occ} ids")
         if inverse is not None and inverse.size and (inverse.min() < 0

@@ -68,6 +68,8 @@ class RocksRowStore(RowStore):
                                    column_families={"default": self._options})
         self._wopts = rocksdict.WriteOptions()
         self._wopts.sync = False      # WAL on, fsync left to the OS (survives kill -9)
+        self._ingest_opts = rocksdict.IngestExternalFileOptions()
+        self._ingest_opts.set_move_files(True)   # hard-link the file in, do not copy it
         self._tmp = self._path / "sst-tmp"
         self._tmp.mkdir(exist_ok=True)
 
@@ -111,7 +113,7 @@ class RocksRowStore(RowStore):
             for k, v in zip(keys, values):
                 writer[k] = v
             writer.finish()
-            self._db.ingest_external_file([path])
+            self._db.ingest_external_file([path], self._ingest_opts)
         finally:
             if os.path.exists(path):
                 os.unlink(path)

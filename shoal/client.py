@@ -20,6 +20,7 @@ from shoal.serving import channel
 from shoal.wire import pack
 
 WRITE_CHUNK_BYTES = 64 << 20
+WRITE_CHUNK_IDS = 262_144
 
 
 def _np(x) -> np.ndarray:
@@ -72,7 +73,7 @@ class Client:
         ids, rows = _np(ids), _np(rows)
         if rows.ndim != 2 or len(rows) != len(ids):
             raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, dim]")
-        step = max(1, WRITE_CHUNK_BYTES // max(1, rows[:1].nbytes))
+        step = max(1, min(WRITE_CHUNK_IDS, WRITE_CHUNK_BYTES // max(1, rows[:1].nbytes)))
         written = 0
         for lo in range(0, max(len(ids), 1), step):
             req = pb.RouterWriteRowsRequest(model=model, version=version, table=table,

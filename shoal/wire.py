@@ -19,7 +19,8 @@ def pack(array, dtype: str | None = None) -> pb.Tensor:
     a = np.asarray(array)
     if dtype is not None and a.dtype != np.dtype(dtype):
         a = a.astype(dtype)
-    a = np.ascontiguousarray(a)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return pb.Tensor(dtype=a.dtype.name, shape=a.shape, data=a.tobytes())

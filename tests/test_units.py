@@ -1,0 +1,674 @@
+"""Pure-logic unit tests: no processes, no sockets. Placement, the partition function, the
+coordinator's state, stores and lease logic (fake clock), the router's routing table and batcher,
+the wire codec, the config tree, RocksDB row storage and the memory arena."""
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from coordinator.placement import PartitionLoad, ServerLoad, place
+from coordinator.service import CoordinatorService
+from coordinator.state import ClusterState
+from coordinator.store import MemoryStateStore, SqliteStateStore
+from embeddings.partition import (choose_num_partitions, local_index, partition_of,
+                                  rows_in_partition)
+from embeddings.specs import TableSpec
+from router.batcher import Batcher
+from router.routing import RoutingTable, check_ids
+from shards.memory import TableArena
+from shards.storage import RocksRowStore
+from shoal.config import CoordinatorConfig, ShoalConfig
+from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.proto import shoal_pb2 as pb
+from shoal.wire import ALLOWED_DTYPES, is_set, pack, unpack
+
+
+# ================================================================ placement
+
+def _synthetic_partitions(seed: int, n: int = 64) -> list[PartitionLoad]:
+    rng = np.random.default_rng(seed)
+    return [PartitionLoad(1 + i // 16, i % 16, int(rng.integers(1, 100)) * 1000)
+            for i in range(n)]
+
+
+def _loads(plan, parts):
+    size = {(p.table_uid, p.partition): p.bytes for p in parts}
+    load, leaders = collections.Counter(), collections.Counter()
+    for key, replicas in plan.items():
+        for s in replicas:
+            load[s] += size[key]
+        leaders[replicas[0]] += 1
+    return load, leaders
+
+
+@pytest.mark.parametrize("n_servers", range(3, 9))
+@pytest.mark.parametrize("replication", [1, 2, 3])
+def test_place_distinct_balanced(n_servers, replication):
+    parts = _synthetic_partitions(seed=n_servers * 10 + replication)
+    servers = [ServerLoad(f"s{i}") for i in range(n_servers)]
+    plan = place(parts, servers, replication)
+
+    assert set(plan) == {(p.table_uid, p.partition) for p in parts}
+    ids = {s.server_id for s in servers}
+    for replicas in plan.values():
+        assert len(replicas) == replication
+        assert len(set(replicas)) == replication          # distinct servers
+        assert set(replicas) <= ids
+    load, leaders = _loads(plan, parts)
+    assert sum(load.values()) == replication * sum(p.bytes for p in parts)
+    assert set(load) == ids                               # every server used
+    biggest = max(p.bytes for p in parts)
+    assert max(load.values()) - min(load.values()) <= biggest
+    mean = sum(load.values()) / n_servers
+    assert max(load.values()) <= 1.05 * mean
+    # Leaders (replicas[0]) spread over every server, nearly evenly.
+    assert set(leaders) == ids
+    assert max(leaders.values()) - min(leaders.values()) <= 2
+
+
+def test_place_leader_is_least_leading_replica():
+    # s0 already leads many partitions; for one new partition on both servers, s1 leads.
+    plan = place([PartitionLoad(1, 0, 100)],
+                 [ServerLoad("s0", bytes=0, leaders=10), ServerLoad("s1", bytes=0, leaders=0)], 2)
+    assert plan == {(1, 0): ("s1", "s0")}
+
+
+def test_place_deterministic_and_order_independent():
+    parts = _synthetic_partitions(seed=7)
+    servers = [ServerLoad(f"s{i}") for i in range(5)]
+    a = place(parts, servers, 2)
+    assert place(parts, servers, 2) == a
+    rnd = random.Random(3)
+    p2, s2 = parts[:], servers[:]
+    rnd.shuffle(p2)
+    rnd.shuffle(s2)
+    assert place(p2, s2, 2) == a
+
+
+def test_place_prefers_empty_servers():
+    parts = [PartitionLoad(1, p, 1000) for p in range(8)]
+    servers = [ServerLoad("full", bytes=10_000), ServerLoad("a"), ServerLoad("b")]
+    plan = place(parts, servers, 1)
+    load, _ = _loads(plan, parts)
+    assert load["full"] == 0
+    assert load["a"] == load["b"] == 4000
+
+
+def test_place_errors():
+    servers = [ServerLoad("s0"), ServerLoad("s1")]
+    with pytest.raises(ShoalError) as e:
+        place([PartitionLoad(1, 0, 1)], servers, 3)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "replication 3" in e.value.message and "2 are alive" in e.value.message
+    with pytest.raises(ShoalError) as e:
+        place([PartitionLoad(1, 0, 1)], servers, 0)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "replication 0" in e.value.message
+    assert place([], servers, 2) == {}
+
+
+# ================================================================ partition function
+
+@pytest.mark.parametrize("log_p", range(11))
+def test_partition_round_trip(log_p):
+    P = 1 << log_p
+    rng = np.random.default_rng(log_p)
+    ids = np.concatenate([np.arange(5000, dtype=np.int64),
+                          rng.integers(0, 1 << 40, 20_000, dtype=np.int64)])
+    parts = partition_of(ids, P)
+    local = local_index(ids, P)
+    assert parts.dtype == np.int64 and local.dtype == np.int64
+    assert parts.min() >= 0 and parts.max() < P
+    np.testing.assert_array_equal(local * P + parts, ids)
+    np.testing.assert_array_equal(parts, ids % P)
+    np.testing.assert_array_equal(local, ids // P)
+    # Splitting P -> 2P sends partition p's rows to p or p + P.
+    parts2 = partition_of(ids, 2 * P)
+    assert np.all((parts2 == parts) | (parts2 == parts + P))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 1000, 1023, 1024, 1025, 12_345])
+def test_rows_in_partition_matches_count(n):
+    ids = np.arange(n, dtype=np.int64)
+    for P in (1, 2, 4, 16, 64, 1024):
+        counts = np.bincount(partition_of(ids, P), minlength=P)
+        got = [rows_in_partition(n, P, p) for p in range(P)]
+        assert got == counts.tolist()
+        assert sum(got) == n
+
+
+def test_choose_num_partitions():
+    for n in [1, 2, 3, 5, 100, 1000, 10**6, 10**9]:
+        for row_bytes in [4, 64, 512]:
+            for lo, hi in [(1, 1024), (4, 1024), (4, 64), (8, 8)]:
+                p = choose_num_partitions(n, row_bytes, 64 << 20, lo, hi)
+                assert p >= 1 and p & (p - 1) == 0, (n, row_bytes, lo, hi, p)
+                assert p <= hi
+                assert p <= max(1, n)
+                if n >= lo:
+                    assert p >= lo
+    # Sized near the target: 1e9 rows of 64 B = 64 GB -> 1024 partitions of 64 MB.
+    assert choose_num_partitions(10**9, 64, 64 << 20, 4, 4096) == 1024
+    assert choose_num_partitions(10**9, 64, 64 << 20, 4, 256) == 256
+    assert choose_num_partitions(1000, 32, 64 << 20, 4, 1024) == 4
+    assert choose_num_partitions(3, 32, 64 << 20, 4, 1024) == 2
+
+
+# ================================================================ coordinator state and stores
+
+def _table(name, n=1000, dim=8, dtype="float32", parts=4):
+    return TableSpec(name, n, dim, dtype, "sum", (name,), parts).to_proto()
+
+
+def _state_with_model() -> ClusterState:
+    s = ClusterState()
+    for i in range(3):
+        s = s.with_server(f"s{i}", f"127.0.0.1:{5000 + i}", 1 << 30)
+    s, _ = s.with_model(pb.ModelSpec(name="m", tables=[_table("a"), _table("b", dtype="float16")]),
+                        ["s0", "s1", "s2"], CoordinatorConfig(), 2)
+    return s
+
+
+def test_cluster_state_versions_and_steps():
+    s0 = ClusterState()
+    s1 = s0.with_server("s0", "127.0.0.1:1", 100)
+    assert (s0.version, s1.version) == (0, 1)
+    assert s0.servers == {}                                  # steps return new states
+    assert s1.with_server("s0", "127.0.0.1:1", 100) is s1    # no change, no new version
+    s2 = s1.with_server("s0", "127.0.0.1:2", 100)            # new address: a change
+    assert s2.version == 2 and s2.servers["s0"].address == "127.0.0.1:2"
+    s3 = s2.with_server("s1", "127.0.0.1:3", 100)
+    s4, model = s3.with_model(pb.ModelSpec(name="m", tables=[_table("a", parts=4)]),
+                              ["s0", "s1"], CoordinatorConfig(), 2)
+    assert s4.version == 4 and s3.models == {}
+    assert model.version == 1 and model.tables[0].table_uid == 1
+    assert s4.next_table_uid == 2
+    assert sorted(s4.partitions) == [(1, p) for p in range(4)]
+    assert all(r.epoch == 1 and sorted(r.replicas) == ["s0", "s1"]
+               for r in s4.partitions.values())
+
+    rec = s4.partitions[(1, 2)]
+    flipped = list(reversed(rec.replicas))
+    s5 = s4.with_replicas(1, 2, flipped)
+    assert s5.version == 5
+    assert s5.partitions[(1, 2)].replicas == tuple(flipped)
+    assert s5.partitions[(1, 2)].epoch == rec.epoch + 1
+    assert s4.partitions[(1, 2)].epoch == rec.epoch            # the old state is untouched
+    assert s5.partitions[(1, 1)] == s4.partitions[(1, 1)]      # other partitions untouched
+    s6 = s5.with_replicas(1, 2, list(reversed(flipped)))
+    assert s6.partitions[(1, 2)].epoch == rec.epoch + 2 and s6.version == 6
+
+    for bad in (["s0", "s2"], ["s0"], ["s0", "s0"], ["s0", "s1", "s2"]):
+        with pytest.raises(InvalidArgument) as e:
+            s5.with_replicas(1, 2, bad)
+        assert "reordering" in e.value.message and str(bad) in e.value.message
+    with pytest.raises(NotFound) as e:
+        s5.with_replicas(1, 99, ["s0", "s1"])
+    assert "partition 99" in e.value.message
+    with pytest.raises(ShoalError) as e:
+        s5.with_model(pb.ModelSpec(name="m", tables=[_table("x")]), ["s0", "s1"],
+                      CoordinatorConfig(), 2)
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_state_store_round_trip(kind, tmp_path):
+    store = MemoryStateStore() if kind == "memory" else SqliteStateStore(tmp_path / "state.db")
+    assert store.load() is None
+    s = _state_with_model()
+    store.save(s)
+    loaded = store.load()
+    assert loaded is not s
+    assert loaded.to_map() == s.to_map()
+    assert loaded.version == s.version == 4
+    assert loaded.next_table_uid == s.next_table_uid == 3
+    assert loaded.partitions == s.partitions
+
+    key = sorted(s.partitions)[0]
+    s2 = s.with_replicas(*key, list(reversed(s.partitions[key].replicas)))
+    store.save(s2)
+    again = store.load()
+    assert again.version == 5
+    assert again.partitions[key].epoch == 2
+    assert again.to_map() == s2.to_map()
+    # A further step on the loaded state continues numbering from it.
+    s3, _ = again.with_model(pb.ModelSpec(name="n", tables=[_table("c")]), ["s0", "s1", "s2"],
+                             CoordinatorConfig(), 2)
+    assert s3.version == 6 and s3.models["n"].tables[0].table_uid == 3
+    if kind == "sqlite":
+        store.close()
+        reopened = SqliteStateStore(tmp_path / "state.db")
+        assert reopened.load().to_map() == s2.to_map()
+        reopened.close()
+
+
+# ================================================================ coordinator service, fake clock
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """What CoordinatorService / abort_with use of a grpc.ServicerContext."""
+
+    def __init__(self):
+        self.code = None
+        self.details = None
+        self.trailing = ()
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise Aborted(code, details)
+
+    def set_trailing_metadata(self, md):
+        self.trailing = md
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _states(svc) -> dict[str, str]:
+    return {s.server_id: s.state for s in svc.shard_map().servers}
+
+
+def test_coordinator_lease_with_fake_clock():
+    clock = FakeClock()
+    cfg = CoordinatorConfig(lease_s=5.0)
+    svc = CoordinatorService(MemoryStateStore(), cfg, default_replication=2, clock=clock)
+    for i in range(3):
+        reply = svc.Register(pb.RegisterRequest(server_id=f"s{i}", address=f"h:{i}",
+                                                memory_budget_bytes=1), FakeContext())
+        assert reply.map_version == i + 1
+    assert _states(svc) == {"s0": "alive", "s1": "alive", "s2": "alive"}
+
+    clock.t += 3.0
+    svc.Heartbeat(pb.HeartbeatRequest(server_id="s0", stats=pb.ServerStats(rows=7)),
+                  FakeContext())
+    clock.t += 2.5          # s1, s2 silent 5.5 s > lease; s0 silent 2.5 s
+    assert svc.alive() == ["s0"]
+    m = svc.shard_map()
+    info = {s.server_id: s for s in m.servers}
+    assert {k: v.state for k, v in info.items()} == {"s0": "alive", "s1": "dead", "s2": "dead"}
+    assert info["s0"].last_heartbeat_age_s == pytest.approx(2.5)
+    assert info["s1"].last_heartbeat_age_s == pytest.approx(5.5)
+    assert info["s0"].stats.rows == 7
+
+    # Exactly at the lease boundary a server still counts as alive.
+    clock.t += 2.5
+    assert "s0" in svc.alive()
+    clock.t += 0.01
+    assert svc.alive() == []
+
+    # With one live server, a replication-2 model cannot be placed.
+    svc.Heartbeat(pb.HeartbeatRequest(server_id="s1"), FakeContext())
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m", tables=[_table("a")])),
+                        ctx)
+    assert ctx.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "replication 2" in ctx.details and "1 are alive" in ctx.details
+
+    # Heartbeats bring servers back; then the model is placed on live servers only.
+    svc.Heartbeat(pb.HeartbeatRequest(server_id="s2"), FakeContext())
+    assert _states(svc) == {"s0": "dead", "s1": "alive", "s2": "alive"}
+    version = svc.shard_map().version
+    reply = svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m",
+                                                                    tables=[_table("a")])),
+                            FakeContext())
+    assert reply.map.version == version + 1
+    assert {s for rs in reply.map.partitions for s in rs.replicas} == {"s1", "s2"}
+
+    # Unknown server: NOT_FOUND naming it.
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        svc.Heartbeat(pb.HeartbeatRequest(server_id="ghost"), ctx)
+    assert ctx.code == grpc.StatusCode.NOT_FOUND and "'ghost'" in ctx.details
+
+
+def test_coordinator_get_shard_map_and_restart():
+    clock = FakeClock()
+    store = MemoryStateStore()
+    svc = CoordinatorService(store, CoordinatorConfig(), default_replication=1, clock=clock)
+    svc.Register(pb.RegisterRequest(server_id="s0", address="h:0"), FakeContext())
+    m = svc.GetShardMap(pb.GetShardMapRequest(), FakeContext())
+    assert not m.unchanged and m.map.version == 1 and m.map.default_replication == 1
+    assert svc.GetShardMap(pb.GetShardMapRequest(known_version=1), FakeContext()).unchanged
+    svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m", tables=[_table("a")])),
+                    FakeContext())
+    reply = svc.SetReplicas(pb.SetReplicasRequest(table_uid=1, partition=0, replicas=["s0"]),
+                            FakeContext())
+    assert reply.partition.epoch == 2 and reply.map_version == 3
+    # A restarted coordinator resumes the durable state; liveness is soft (dead until heartbeat).
+    svc2 = CoordinatorService(store, CoordinatorConfig(), default_replication=1, clock=clock)
+    m2 = svc2.shard_map()
+    assert m2.version == 3
+    assert [s.state for s in m2.servers] == ["dead"]
+    assert {(rs.partition, rs.epoch) for rs in m2.partitions} == {(0, 2), (1, 1), (2, 1), (3, 1)}
+    svc2.Heartbeat(pb.HeartbeatRequest(server_id="s0"), FakeContext())
+    assert [s.state for s in svc2.shard_map().servers] == ["alive"]
+
+
+# ================================================================ routing table
+
+def _map_for_routing() -> pb.ShardMap:
+    spec = TableSpec("t", 100, 4, "float32", "sum", ("f",), 4, table_uid=9)
+    sets = [pb.ReplicaSet(table_uid=9, partition=0, replicas=["s0", "s1", "s2"], epoch=3),
+            pb.ReplicaSet(table_uid=9, partition=1, replicas=["s1", "s2", "s3"], epoch=1),
+            pb.ReplicaSet(table_uid=9, partition=2, replicas=["s3", "s0", "s1"], epoch=7),
+            pb.ReplicaSet(table_uid=9, partition=3, replicas=["s2"], epoch=2)]
+    return pb.ShardMap(version=12,
+                       models=[pb.ModelSpec(name="m", version=1, tables=[spec.to_proto()])],
+                       servers=[pb.ServerInfo(server_id=f"s{i}", address=f"h:{i}")
+                                for i in range(4)],
+                       partitions=sets)
+
+
+def test_routing_table_build():
+    rt = RoutingTable.build(_map_for_routing())
+    assert rt.version == 12
+    assert rt.server_ids == ("s0", "s1", "s2", "s3")
+    assert rt.addresses == ("h:0", "h:1", "h:2", "h:3")
+    tr = rt.model("m").table("t")
+    np.testing.assert_array_equal(tr.replicas, [[0, 1, 2], [1, 2, 3], [3, 0, 1], [2, -1, -1]])
+    np.testing.assert_array_equal(tr.epochs, [3, 1, 7, 2])
+    assert rt.model("m").feature("f") is tr
+    assert rt.model("m", version=1) is rt.model("m")
+    with pytest.raises(NotFound, match="model 'x' does not exist"):
+        rt.model("x")
+    with pytest.raises(NotFound, match="no version 2"):
+        rt.model("m", version=2)
+    with pytest.raises(NotFound, match="table 'u' is not in model 'm'"):
+        rt.model("m").table("u")
+    with pytest.raises(NotFound, match="feature 'g' is not in model 'm'"):
+        rt.model("m").feature("g")
+
+
+def test_routing_choose_spreads_and_excludes():
+    tr = RoutingTable.build(_map_for_routing()).model("m").table("t")
+    seen = collections.defaultdict(collections.Counter)
+    for rotation in range(60):
+        chosen = tr.choose(rotation)
+        assert chosen.shape == (4,)
+        for p, s in enumerate(chosen):
+            assert s in tr.replicas[p]
+            seen[p][int(s)] += 1
+    # Every replica of every partition serves reads, evenly across rotations.
+    assert seen[0] == {0: 20, 1: 20, 2: 20}
+    assert seen[1] == {1: 20, 2: 20, 3: 20}
+    assert seen[2] == {3: 20, 0: 20, 1: 20}
+    assert seen[3] == {2: 60}
+
+    for rotation in range(6):
+        got = tr.choose(rotation, frozenset({1}))
+        assert 1 not in got.tolist()
+        assert got[0] in (0, 2) and got[1] in (2, 3) and got[2] in (3, 0) and got[3] == 2
+    np.testing.assert_array_equal(tr.choose(0, frozenset({0, 1, 2})), [-1, 3, 3, -1])
+    np.testing.assert_array_equal(tr.choose(5, frozenset({0, 1, 2, 3})), [-1, -1, -1, -1])
+
+
+def test_check_ids():
+    spec = TableSpec("t", 10, 4)
+    check_ids(np.array([0, 9], np.int64), spec, "ids")
+    check_ids(np.array([], np.int64), spec, "ids")
+    with pytest.raises(InvalidArgument, match=r"ids: id 10 is out of range \[0, 10\)"):
+        check_ids(np.array([3, 10]), spec, "ids")
+    with pytest.raises(InvalidArgument, match=r"ids: id -1 is out of range \[0, 10\)"):
+        check_ids(np.array([-1, 10]), spec, "ids")
+
+
+# ================================================================ wire
+
+@pytest.mark.parametrize("dtype", ALLOWED_DTYPES)
+def test_wire_round_trip(dtype):
+    a = (np.arange(24) - 7).astype(dtype).reshape(2, 3, 4)
+    t = pack(a)
+    assert t.dtype == dtype and list(t.shape) == [2, 3, 4]
+    assert len(t.data) == a.nbytes
+    b = unpack(t, "x", dtype, 3)
+    assert b.dtype == np.dtype(dtype) and not b.flags.writeable
+    np.testing.assert_array_equal(b, a)
+    # Through serialisation, from a non-contiguous view, from big-endian, and from torch.
+    t2 = pb.Tensor.FromString(pack(a[:, ::2, 1:]).SerializeToString())
+    np.testing.assert_array_equal(unpack(t2, "x"), a[:, ::2, 1:])
+    big = a.astype(np.dtype(dtype).newbyteorder(">"))
+    np.testing.assert_array_equal(unpack(pack(big), "x"), a)
+    assert pack(big).data == t.data
+    np.testing.assert_array_equal(unpack(pack(torch.from_numpy(a.copy())), "x"), a)
+    # Empty arrays.
+    e = unpack(pack(np.zeros((0, 5), dtype)), "x", dtype, 2)
+    assert e.shape == (0, 5) and e.dtype == np.dtype(dtype)
+
+
+def test_wire_pack_cast_and_is_set():
+    t = pack(np.array([1.5, 2.5]), "float32")
+    assert t.dtype == "float32"
+    np.testing.assert_array_equal(unpack(t, "w"), np.array([1.5, 2.5], np.float32))
+    assert is_set(t) and not is_set(pb.Tensor())
+
+
+def test_wire_errors():
+    with pytest.raises(InvalidArgument) as e:
+        unpack(pack(np.zeros(3, np.float64)), "rows")
+    assert "rows: dtype 'float64' is not supported" in e.value.message
+    assert "int64, int32, float32, float16" in e.value.message
+    with pytest.raises(InvalidArgument, match="ids: dtype is float32, expected int64 or int32"):
+        unpack(pack(np.zeros(3, np.float32)), "ids", ("int64", "int32"))
+    with pytest.raises(InvalidArgument, match=r"ids: shape \[2, 3\] has 2 dimensions, expected 1"):
+        unpack(pack(np.zeros((2, 3), np.int64)), "ids", "int64", 1)
+    with pytest.raises(InvalidArgument, match=r"ids: shape \[-1\] has a negative dimension"):
+        unpack(pb.Tensor(dtype="int64", shape=[-1], data=b""), "ids")
+    with pytest.raises(InvalidArgument,
+                       match=r"ids: 12 bytes do not match shape \[2\] of int64 \(16 bytes\)"):
+        unpack(pb.Tensor(dtype="int64", shape=[2], data=bytes(12)), "ids")
+    with pytest.raises(InvalidArgument, match="dtype '' is not supported"):
+        unpack(pb.Tensor(), "weights")
+    with pytest.raises(InvalidArgument, match="dtype 'object' is not supported"):
+        unpack(pb.Tensor(dtype="object", shape=[1], data=bytes(8)), "x")
+
+
+# ================================================================ config
+
+def test_config_json_round_trip():
+    cfg = ShoalConfig().replace(router__max_ids_per_request=100, server__threads=3,
+                                coordinator__lease_s=1.5)
+    assert cfg.router.max_ids_per_request == 100
+    assert cfg.server.threads == 3 and cfg.coordinator.lease_s == 1.5
+    assert ShoalConfig().router.max_ids_per_request == 1_000_000     # the default is untouched
+    back = ShoalConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert ShoalConfig.from_json("") == ShoalConfig()
+    assert ShoalConfig.from_json('{"router": {"threads": 2}}').router.threads == 2
+    assert ShoalConfig.from_json('{"router": {"threads": 2}}').server == ShoalConfig().server
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown sections \['routr'\]"):
+        ShoalConfig.from_json('{"routr": {}}')
+    with pytest.raises(ValueError, match=r"config.router: unknown keys \['max_ids'\]"):
+        ShoalConfig.from_json('{"router": {"max_ids": 5}}')
+    with pytest.raises(ValueError, match=r"config.server: unknown keys"):
+        ShoalConfig.from_json('{"server": {"threads": 1, "bogus": 2}}')
+    with pytest.raises(TypeError):
+        ShoalConfig().replace(router__bogus=1)
+
+
+# ================================================================ batcher
+
+def test_batcher_merges_concurrent_items():
+    calls = []
+
+    def execute(items):
+        calls.append(list(items))
+        return [x * 10 for x in items]
+
+    b = Batcher(execute, window_s=0.5, max_ids=10_000, executors=2)
+    try:
+        n = 8
+        barrier = threading.Barrier(n)
+        results = [None] * n
+
+        def client(i):
+            barrier.wait()
+            results[i] = b.submit(i, "m", 1).result(timeout=10)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert results == [i * 10 for i in range(n)]
+        assert len(calls) == 1 and sorted(calls[0]) == list(range(n))
+
+        # Different keys are executed separately; a later item is a new batch.
+        calls.clear()
+        futs = [b.submit("a1", "A", 1), b.submit("b1", "B", 1), b.submit("a2", "A", 1)]
+        assert [f.result(timeout=10) for f in futs] == ["a1" * 10, "b1" * 10, "a2" * 10]
+        assert sorted(map(sorted, calls)) == [["a1", "a2"], ["b1"]]
+    finally:
+        b.close()
+
+
+def test_batcher_max_ids_closes_batch():
+    calls = []
+
+    def execute(items):
+        calls.append(list(items))
+        return list(items)
+
+    b = Batcher(execute, window_s=0.5, max_ids=5, executors=1)
+    try:
+        futs = [b.submit(i, "m", 3) for i in range(4)]
+        assert [f.result(timeout=10) for f in futs] == [0, 1, 2, 3]
+        assert all(sum(3 for _ in c) <= 6 for c in calls)       # closes once >= 5 ids
+        assert len(calls) == 2 and sorted(x for c in calls for x in c) == [0, 1, 2, 3]
+    finally:
+        b.close()
+
+
+def test_batcher_exception_reaches_every_waiter():
+    boom = ValueError("shard exploded")
+    calls = []
+
+    def execute(items):
+        calls.append(list(items))
+        raise boom
+
+    b = Batcher(execute, window_s=0.3, max_ids=10_000, executors=1)
+    try:
+        futs = [b.submit(i, "m", 1) for i in range(5)]
+        for f in futs:
+            with pytest.raises(ValueError) as e:
+                f.result(timeout=10)
+            assert e.value is boom
+        assert len(calls) == 1 and sorted(calls[0]) == [0, 1, 2, 3, 4]
+        # The batcher keeps working after a failed batch.
+        ok = Batcher(lambda items: [i + 1 for i in items], 0.01, 100, 1)
+        assert ok.submit(1, "m", 1).result(timeout=10) == 2
+        ok.close()
+    finally:
+        b.close()
+
+
+# ================================================================ RocksDB row store
+
+def _rows(rng, n, dim, dtype=np.float32):
+    return rng.standard_normal((n, dim)).astype(dtype)
+
+
+def test_rocks_row_store(tmp_path):
+    P, dim = 4, 6
+    row_bytes = dim * 4
+    rng = np.random.default_rng(0)
+    store = RocksRowStore(tmp_path, block_cache_bytes=1 << 20, sst_threshold_rows=50)
+    expected: dict[tuple[int, int], np.ndarray] = {}
+
+    def write(uid, ids):
+        ids = np.asarray(ids, np.int64)
+        rows = _rows(rng, len(ids), dim)
+        store.write_rows(uid, partition_of(ids, P), ids, rows)
+        for i, r in zip(ids.tolist(), rows):
+            expected[(uid, i)] = r
+
+    write(1, rng.permutation(40))                                  # WriteBatch path (< 50)
+    write(1, rng.permutation(np.arange(40, 300)))                  # SST path (>= 50)
+    write(2, np.arange(0, 200, 3))                                 # SST, another table
+    big = np.array([2**33 + 1, 2**40 + 5, 2**33 + 9], np.int64)    # ids beyond 32 bits
+    write(1, big)
+    write(1, [5, 17, 250])                                         # overwrite via WriteBatch
+    write(1, np.arange(100, 160))                                  # overwrite via SST
+    assert len(list(tmp_path.joinpath("sst-tmp").iterdir())) == 0  # temp SSTs cleaned up
+
+    def check(s):
+        for uid in (1, 2):
+            ids = np.array(sorted(i for (u, i) in expected if u == uid) + [301, 2**41],
+                           np.int64)
+            raw = s.read_rows(uid, partition_of(ids, P), ids, row_bytes)
+            got = np.frombuffer(raw, np.float32).reshape(len(ids), dim)
+            want = np.stack([expected[(uid, i)] for i in ids[:-2].tolist()])
+            np.testing.assert_array_equal(got[:-2], want)
+            assert not got[-2:].any()                              # never written: zeros
+            for p in range(P):
+                sids, sraw = s.scan_partition(uid, p)
+                mine = np.array(sorted(i for (u, i) in expected if u == uid and i % P == p),
+                                np.int64)
+                np.testing.assert_array_equal(sids, mine)
+                np.testing.assert_array_equal(
+                    np.frombuffer(sraw, np.float32).reshape(len(sids), dim),
+                    np.stack([expected[(uid, i)] for i in mine.tolist()]))
+        assert s.read_rows(1, np.zeros(0, np.int64), np.zeros(0, np.int64), row_bytes) == b""
+        ids, raw = s.scan_partition(3, 0)
+        assert len(ids) == 0 and raw == b""
+
+    check(store)
+    store.close()
+    reopened = RocksRowStore(tmp_path, block_cache_bytes=1 << 20, sst_threshold_rows=50)
+    try:
+        check(reopened)
+    finally:
+        reopened.close()
+
+
+# ================================================================ memory arena
+
+def test_table_arena_set_partitions_keeps_resident_rows():
+    n, dim, P = 103, 3, 4
+    arena = TableArena(n, dim, torch.float32, P)
+    assert arena.rows_per_partition == 26
+    weights = torch.arange(n * dim, dtype=torch.float32).view(n, dim) + 1
+    ids = np.arange(n, dtype=np.int64)
+    parts = partition_of(ids, P)
+
+    assert arena.set_partitions([0, 1, 2]) == [0, 1, 2]
+    for p in (0, 1, 2):
+        mine = ids[parts == p]
+        arena.fill(p, mine, weights[torch.from_numpy(mine)])
+    idx = arena.rows_index(ids, parts)
+    assert (idx[parts == 3] == -1).all() and (idx[parts != 3] >= 0).all()
+    res = parts != 3
+    torch.testing.assert_close(arena.weight[torch.from_numpy(idx[res])],
+                               weights[torch.from_numpy(ids[res])], rtol=0, atol=0)
+    assert arena.nbytes == 3 * 26 * dim * 4
+
+    assert arena.set_partitions([2, 3, 1]) == [3]      # 0 leaves, 3 is new, 1 and 2 stay
+    assert [arena.resident(p) for p in range(P)] == [False, True, True, True]
+    idx = arena.rows_index(ids, parts)
+    assert (idx[parts == 0] == -1).all()
+    kept = (parts == 1) | (parts == 2)
+    torch.testing.assert_close(arena.weight[torch.from_numpy(idx[kept])],
+                               weights[torch.from_numpy(ids[kept])], rtol=0, atol=0)
+    assert not arena.weight[torch.from_numpy(idx[parts == 3])].any()   # new: zero until filled
+
+    assert arena.set_partitions([]) == []
+    assert arena.nbytes == 0 and (arena.rows_index(ids, parts) == -1).all()
