@@ -29,7 +29,10 @@ class CoordinatorService(pbg.CoordinatorServicer):
         self._clock = clock
         self._lock = threading.Lock()
         self._state = store.load() or ClusterState()
-        self._last_seen: dict[str, float] = {}        # soft: server -> clock of last heartbeat
+        # Soft: server -> clock of its last heartbeat. After a restart every known server gets
+        # one lease of grace, as if it had just heartbeated, so the cluster is not seen as
+        # dead for the half second until heartbeats resume.
+        self._last_seen: dict[str, float] = {s: clock() for s in self._state.servers}
         self._stats: dict[str, pb.ServerStats] = {}   # soft: latest stats per server
 
     # ------------------------------------------------------------ helpers

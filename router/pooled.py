@@ -162,7 +162,7 @@ def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int]):
         if servers.size and servers.min() < 0:
             p = int(parts[np.flatnonzero(servers < 0)[0]])
             raise Unavailable(f"partition {p} of table {w.name!r} has no live replica")
-        for s in np.unique(servers):
+        for s in np.flatnonzero(np.bincount(servers)) if servers.size else ():
             mine = np.flatnonzero(servers == s)
             per_server.setdefault(int(s), []).append((w, mine if occ is None else occ[mine]))
     return per_server
@@ -179,7 +179,7 @@ def segment(tr: TableRoute, w: TableWork, occ: np.ndarray, dedup: bool) -> pb.Po
         seg.ids.CopyFrom(pack(uniq))
         seg.inverse.CopyFrom(pack(inverse.astype(np.int32)))
     else:
-        seg.ids.CopyFrom(pack(ids))
+        seg.ids.CopyFrom(pack(ids, "int32" if tr.spec.num_embeddings < 2**31 else None))
     if w.weights is not None:
         seg.weights.CopyFrom(pack(w.weights[occ]))
     return seg

@@ -107,8 +107,9 @@ class RoutingTable:
 
 
 def routed(table: TableRoute, partitions: np.ndarray) -> pb.PartitionEpochs:
-    """The PartitionEpochs message for the partitions of ``table`` a request sends a server."""
-    parts = np.unique(partitions).astype(np.int32)
+    """The PartitionEpochs message for the partitions of ``table`` a request sends a server
+    (``partitions``: the partition of every id sent)."""
+    parts = np.flatnonzero(np.bincount(partitions, minlength=len(table.epochs))).astype(np.int32)
     return pb.PartitionEpochs(partitions=pack(parts), epochs=pack(table.epochs[parts]))
 
 

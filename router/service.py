@@ -91,6 +91,11 @@ class RouterService(pbg.RouterServicer):
                 i = int(np.flatnonzero(~np.isfinite(weights))[0])
                 raise InvalidArgument(f"weights: weights[{i}] is {weights[i]}; weights must be "
                                       "finite")
+            mean = [k for k in keys if model.feature(k).spec.pooling == "mean"]
+            if mean:
+                raise InvalidArgument(f"weights: feature {mean[0]!r} reads a table with mean "
+                                      "pooling, and a weighted mean is not defined (torch and "
+                                      "torchrec refuse it too); send weights only for sum tables")
         ends = np.cumsum(lengths.reshape(len(keys), B).sum(axis=1)) if keys else []
         start = 0
         for k, end in zip(keys, ends):

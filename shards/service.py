@@ -229,7 +229,7 @@ class ShardService(pbg.ShardServerServicer):
             abort_with(context, e)
 
     def _pool(self, table: HeldTable, seg: pb.PooledSegment, where: str) -> np.ndarray:
-        ids = unpack(seg.ids, f"{where}.ids", "int64", 1)
+        ids = unpack(seg.ids, f"{where}.ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
         lengths = unpack(seg.lengths, f"{where}.lengths", "int32", 1)
         inverse = unpack(seg.inverse, f"{where}.inverse", "int32", 1) if is_set(seg.inverse) \
             else None

@@ -246,6 +246,12 @@ def test_non_finite_weights(model, client, router_stub, bad):
         client.lookup(MODEL, kjt(["f16"], [1, 2], [2], weights=[bad, 1.0]))
 
 
+def test_weights_on_mean_table(model, client):
+    """torch and torchrec refuse a weighted mean; so does Shoal, naming the feature."""
+    with expect(INVALID, "weights", "'f16'", "mean"):
+        client.lookup(MODEL, kjt(["f32a", "f16"], [1, 2, 3], [1, 2], weights=[1.0, 1.0, 1.0]))
+
+
 def test_malformed_tensors(model, router_stub):
     short = pb.Tensor(dtype="int64", shape=[3], data=bytes(20))
     with expect(INVALID, "values", "20 bytes do not match shape [3] of int64", "24 bytes"):

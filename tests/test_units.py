@@ -350,12 +350,15 @@ def test_coordinator_get_shard_map_and_restart():
     reply = svc.SetReplicas(pb.SetReplicasRequest(table_uid=1, partition=0, replicas=["s0"]),
                             FakeContext())
     assert reply.partition.epoch == 2 and reply.map_version == 3
-    # A restarted coordinator resumes the durable state; liveness is soft (dead until heartbeat).
+    # A restarted coordinator resumes the durable state. Liveness is soft: known servers get one
+    # lease of grace from the restart, then are dead until they heartbeat.
     svc2 = CoordinatorService(store, CoordinatorConfig(), default_replication=1, clock=clock)
     m2 = svc2.shard_map()
     assert m2.version == 3
-    assert [s.state for s in m2.servers] == ["dead"]
+    assert [s.state for s in m2.servers] == ["alive"]
     assert {(rs.partition, rs.epoch) for rs in m2.partitions} == {(0, 2), (1, 1), (2, 1), (3, 1)}
+    clock.t += CoordinatorConfig().lease_s + 0.1
+    assert [s.state for s in svc2.shard_map().servers] == ["dead"]
     svc2.Heartbeat(pb.HeartbeatRequest(server_id="s0"), FakeContext())
     assert [s.state for s in svc2.shard_map().servers] == ["alive"]
 
