@@ -49,7 +49,7 @@ def main() -> None:
     stop = threading.Event()
     threading.Thread(target=maps.poll_forever, args=(cfg.map_poll_interval_s, stop),
                      daemon=True).start()
-    serve_until_signalled(server, on_stop=lambda: (stop.set(), service.close()))
+    serve_until_signalled(server, on_stop=stop.set)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class Query:
     """One validated client request."""
     model: ModelRoute
     keys: list[str]
-    values: np.ndarray           # int64 ids, all keys concatenated
+    values: np.ndarray           # int32 or int64 ids, all keys concatenated
     lengths: np.ndarray          # int64 [len(keys) * batch_size]
     weights: np.ndarray | None   # float32 [len(values)]
     batch_size: int
@@ -46,14 +46,17 @@ class Query:
 class TableWork:
     """One table's bags over a merged batch, and their running partial sums."""
     name: str
-    ids: np.ndarray
+    ids: np.ndarray              # int32 or int64
     lengths: np.ndarray          # per bag
     weights: np.ndarray | None
-    bags: np.ndarray = field(init=False)   # bag of each occurrence
-    sums: np.ndarray = field(init=False)
+    sums: np.ndarray | None = None
+    _bags: np.ndarray | None = None
 
-    def __post_init__(self):
-        self.bags = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+    def bags(self) -> np.ndarray:
+        """The bag of each occurrence (only needed when a table's ids are split by server)."""
+        if self._bags is None:
+            self._bags = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+        return self._bags
 
 
 @dataclass
@@ -152,36 +155,48 @@ def fan_out(model_name: str, works: list[TableWork], maps: MapCache, transport: 
 
 
 def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int]):
-    """Group occurrences by the server chosen for their partition."""
+    """Group occurrences by the server chosen for their partition. A table whose occurrences
+    all go to one server (the common case: see ``TableRoute.choose``) is sent whole."""
     per_server: dict[int, list] = {}
     for w, occ in pending:
         tr = model.tables[w.name]
         ids = w.ids if occ is None else w.ids[occ]
         parts = partition_of(ids, tr.spec.num_partitions)
         servers = tr.choose(rotation, exclude)[parts]
-        if servers.size and servers.min() < 0:
+        if not servers.size:
+            continue
+        lo, hi = int(servers.min()), int(servers.max())
+        if lo < 0:
             p = int(parts[np.flatnonzero(servers < 0)[0]])
             raise Unavailable(f"partition {p} of table {w.name!r} has no live replica")
-        for s in np.flatnonzero(np.bincount(servers)) if servers.size else ():
+        if lo == hi:
+            per_server.setdefault(lo, []).append((w, occ))
+            continue
+        for s in np.flatnonzero(np.bincount(servers)):
             mine = np.flatnonzero(servers == s)
             per_server.setdefault(int(s), []).append((w, mine if occ is None else occ[mine]))
     return per_server
 
 
-def segment(tr: TableRoute, w: TableWork, occ: np.ndarray, dedup: bool) -> pb.PooledSegment:
-    ids = w.ids[occ]
-    seg = pb.PooledSegment(table_uid=tr.spec.table_uid,
-                           lengths=pack(np.bincount(w.bags[occ], minlength=len(w.lengths))
-                                        .astype(np.int32)),
+def segment(tr: TableRoute, w: TableWork, occ: np.ndarray | None,
+            dedup: bool) -> pb.PooledSegment:
+    """The request part for occurrences ``occ`` (None: all) of one table."""
+    if occ is None:
+        ids, lengths, weights = w.ids, w.lengths, w.weights
+    else:
+        ids = w.ids[occ]
+        lengths = np.bincount(w.bags()[occ], minlength=len(w.lengths))
+        weights = None if w.weights is None else w.weights[occ]
+    seg = pb.PooledSegment(table_uid=tr.spec.table_uid, lengths=pack(lengths, "int32"),
                            routed=routed(tr, partition_of(ids, tr.spec.num_partitions)))
     if dedup:
         uniq, inverse = np.unique(ids, return_inverse=True)
         seg.ids.CopyFrom(pack(uniq))
-        seg.inverse.CopyFrom(pack(inverse.astype(np.int32)))
+        seg.inverse.CopyFrom(pack(inverse, "int32"))
     else:
-        seg.ids.CopyFrom(pack(ids, "int32" if tr.spec.num_embeddings < 2**31 else None))
-    if w.weights is not None:
-        seg.weights.CopyFrom(pack(w.weights[occ]))
+        seg.ids.CopyFrom(pack(ids, "int32" if tr.spec.num_embeddings < 2**31 else "int64"))
+    if weights is not None:
+        seg.weights.CopyFrom(pack(weights))
     return seg
 
 

@@ -22,20 +22,31 @@ class TableRoute:
     epochs: np.ndarray       # int64 [P]
 
     def choose(self, rotation: int, exclude: frozenset[int] = frozenset()) -> np.ndarray:
-        """One server index per partition: replicas taken in turn (``rotation``) so reads
-        spread over every replica; ``exclude``d servers are skipped (-1 when none is left)."""
+        """One server index per partition (-1 when every replica is ``exclude``d).
+
+        Each table prefers one of its servers, ``rotation`` (a batch counter) and the table's
+        uid picking which, so over many batches and tables every replica serves reads. Every
+        partition that server holds reads from it; the rest take their replicas in turn. Fewer
+        servers per table means fewer partial sums to send back and add.
+        """
         P, R = self.replicas.shape
-        counts = (self.replicas >= 0).sum(axis=1)
-        start = (np.arange(P) + rotation) % np.maximum(counts, 1)
-        if not exclude:
-            return self.replicas[np.arange(P), start]
+        valid = self.replicas >= 0
+        if exclude:
+            valid &= ~np.isin(self.replicas, list(exclude))
+        holders = np.unique(self.replicas[valid])
         out = np.full(P, -1, dtype=np.int32)
-        for p in range(P):                       # failure path only: per partition, not per id
-            for j in range(R):
-                s = self.replicas[p, (start[p] + j) % R]
-                if s >= 0 and int(s) not in exclude:
-                    out[p] = s
-                    break
+        if not holders.size:
+            return out
+        preferred = holders[(rotation + self.spec.table_uid) % len(holders)]
+        # Fallback: the first valid replica at or after slot (p + rotation) % R.
+        slots = (np.arange(P)[:, None] + rotation + np.arange(R)[None, :]) % R
+        ordered_valid = np.take_along_axis(valid, slots, axis=1)
+        first = np.argmax(ordered_valid, axis=1)
+        fallback = self.replicas[np.arange(P), slots[np.arange(P), first]]
+        has_any = ordered_valid.any(axis=1)
+        holds_preferred = ((self.replicas == preferred) & valid).any(axis=1)
+        out[has_any] = fallback[has_any]
+        out[holds_preferred] = preferred
         return out
 
 

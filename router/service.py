@@ -33,18 +33,14 @@ class RouterService(pbg.RouterServicer):
         self.stats = Stats()
         self._requests = 0
         self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
-                                config.max_batch_ids, config.executors)
-
-    def close(self) -> None:
-        self._batcher.close()
+                                config.max_batch_ids)
 
     # ------------------------------------------------------------ pooled lookup
     def Lookup(self, request, context):
         try:
             self._requests += 1
             q = self._parse(request)
-            values = self._batcher.submit(q, (q.model.name, q.model.version),
-                                          q.num_ids).result()
+            values = self._batcher.run(q, (q.model.name, q.model.version), q.num_ids)
             keys, dims = output_keys(q)
             return pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
         except ShoalError as e:
@@ -64,7 +60,7 @@ class RouterService(pbg.RouterServicer):
                 raise InvalidArgument(f"keys: feature {k!r} reads table "
                                       f"{model.features[k][0]!r}, which has pooling 'none'; "
                                       "use lookup_rows for unpooled rows")
-        values = unpack(r.values, "values", ("int64", "int32"), 1).astype(np.int64, copy=False)
+        values = unpack(r.values, "values", ("int64", "int32"), 1)
         lengths = unpack(r.lengths, "lengths", ("int32", "int64"), 1).astype(np.int64)
         B = r.batch_size
         if B < 0 or len(lengths) != len(keys) * B:

@@ -29,8 +29,7 @@ class RouterConfig:
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
     rpc_timeout_s: float = 30.0
-    threads: int = 16
-    executors: int = 4                      # merged batches in flight at once
+    threads: int = 16                       # gRPC handler threads (each may lead a batch)
 
 
 @dataclass(frozen=True)

@@ -407,11 +407,15 @@ def test_routing_choose_spreads_and_excludes():
         for p, s in enumerate(chosen):
             assert s in tr.replicas[p]
             seen[p][int(s)] += 1
-    # Every replica of every partition serves reads, evenly across rotations.
-    assert seen[0] == {0: 20, 1: 20, 2: 20}
-    assert seen[1] == {1: 20, 2: 20, 3: 20}
-    assert seen[2] == {3: 20, 0: 20, 1: 20}
-    assert seen[3] == {2: 60}
+        # The table's preferred server takes every partition it holds.
+        preferred = [0, 1, 2, 3][(rotation + 9) % 4]
+        for p in range(4):
+            if preferred in tr.replicas[p]:
+                assert chosen[p] == preferred
+    # Every replica of every partition serves reads across rotations.
+    assert set(seen[0]) == {0, 1, 2} and set(seen[1]) == {1, 2, 3}
+    assert set(seen[2]) == {3, 0, 1} and seen[3] == {2: 60}
+    assert all(n >= 10 for p in range(3) for n in seen[p].values())
 
     for rotation in range(6):
         got = tr.choose(rotation, frozenset({1}))
@@ -419,6 +423,22 @@ def test_routing_choose_spreads_and_excludes():
         assert got[0] in (0, 2) and got[1] in (2, 3) and got[2] in (3, 0) and got[3] == 2
     np.testing.assert_array_equal(tr.choose(0, frozenset({0, 1, 2})), [-1, 3, 3, -1])
     np.testing.assert_array_equal(tr.choose(5, frozenset({0, 1, 2, 3})), [-1, -1, -1, -1])
+
+
+def test_routing_choose_concentrates_a_table_on_one_server():
+    """With replication = servers every server holds every partition: one server per table."""
+    spec = TableSpec("t", 100, 4, "float32", "sum", ("f",), 8, table_uid=1)
+    m = pb.ShardMap(version=1, models=[pb.ModelSpec(name="m", version=1,
+                                                    tables=[spec.to_proto()])],
+                    servers=[pb.ServerInfo(server_id="a"), pb.ServerInfo(server_id="b")],
+                    partitions=[pb.ReplicaSet(table_uid=1, partition=p, epoch=1,
+                                              replicas=["a", "b"] if p % 2 else ["b", "a"])
+                                for p in range(8)])
+    tr = RoutingTable.build(m).model("m").table("t")
+    picks = [tr.choose(r) for r in range(4)]
+    for chosen in picks:
+        assert len(set(chosen.tolist())) == 1
+    assert {int(c[0]) for c in picks} == {0, 1}
 
 
 def test_check_ids():
@@ -516,48 +536,58 @@ def test_batcher_merges_concurrent_items():
         calls.append(list(items))
         return [x * 10 for x in items]
 
-    b = Batcher(execute, window_s=0.5, max_ids=10_000, executors=2)
-    try:
-        n = 8
-        barrier = threading.Barrier(n)
-        results = [None] * n
+    b = Batcher(execute, window_s=0.5, max_ids=10_000)
+    n = 8
+    barrier = threading.Barrier(n)
+    results = [None] * n
 
-        def client(i):
-            barrier.wait()
-            results[i] = b.submit(i, "m", 1).result(timeout=10)
+    def client(i):
+        barrier.wait()
+        results[i] = b.run(i, "m", 1)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        assert results == [i * 10 for i in range(n)]
-        assert len(calls) == 1 and sorted(calls[0]) == list(range(n))
+    run_threads([lambda i=i: client(i) for i in range(n)])
+    assert results == [i * 10 for i in range(n)]
+    assert len(calls) == 1 and sorted(calls[0]) == list(range(n))
 
-        # Different keys are executed separately; a later item is a new batch.
-        calls.clear()
-        futs = [b.submit("a1", "A", 1), b.submit("b1", "B", 1), b.submit("a2", "A", 1)]
-        assert [f.result(timeout=10) for f in futs] == ["a1" * 10, "b1" * 10, "a2" * 10]
-        assert sorted(map(sorted, calls)) == [["a1", "a2"], ["b1"]]
-    finally:
-        b.close()
+    # Different keys are executed separately, in the same merged batch.
+    calls.clear()
+    out = {}
+    run_threads([lambda k=k, key=key: out.__setitem__(k, b.run(k, key, 1))
+                 for k, key in (("a1", "A"), ("b1", "B"), ("a2", "A"))])
+    assert out == {"a1": "a1" * 10, "b1": "b1" * 10, "a2": "a2" * 10}
+    assert sorted(map(sorted, calls)) == [["a1", "a2"], ["b1"]]
 
 
-def test_batcher_max_ids_closes_batch():
+def run_threads(fns, timeout=10):
+    threads = [threading.Thread(target=f) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive()
+
+
+def test_batcher_max_ids_closes_window():
     calls = []
 
     def execute(items):
         calls.append(list(items))
         return list(items)
 
-    b = Batcher(execute, window_s=0.5, max_ids=5, executors=1)
-    try:
-        futs = [b.submit(i, "m", 3) for i in range(4)]
-        assert [f.result(timeout=10) for f in futs] == [0, 1, 2, 3]
-        assert all(sum(3 for _ in c) <= 6 for c in calls)       # closes once >= 5 ids
-        assert len(calls) == 2 and sorted(x for c in calls for x in c) == [0, 1, 2, 3]
-    finally:
-        b.close()
+    b = Batcher(execute, window_s=30.0, max_ids=6)      # a window no test would wait out
+    out = [None] * 2
+    t0 = time.monotonic()
+    run_threads([lambda i=i: out.__setitem__(i, b.run(i, "m", 3)) for i in range(2)])
+    assert out == [0, 1]
+    assert time.monotonic() - t0 < 10                    # closed by max_ids, not the window
+    assert len(calls) == 1 and sorted(calls[0]) == [0, 1]
+
+
+def test_batcher_lone_request_waits_only_the_window():
+    b = Batcher(lambda items: [i + 1 for i in items], window_s=0.01, max_ids=100)
+    t0 = time.monotonic()
+    assert b.run(1, "m", 1) == 2
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_batcher_exception_reaches_every_waiter():
@@ -568,20 +598,21 @@ def test_batcher_exception_reaches_every_waiter():
         calls.append(list(items))
         raise boom
 
-    b = Batcher(execute, window_s=0.3, max_ids=10_000, executors=1)
-    try:
-        futs = [b.submit(i, "m", 1) for i in range(5)]
-        for f in futs:
-            with pytest.raises(ValueError) as e:
-                f.result(timeout=10)
-            assert e.value is boom
-        assert len(calls) == 1 and sorted(calls[0]) == [0, 1, 2, 3, 4]
-        # The batcher keeps working after a failed batch.
-        ok = Batcher(lambda items: [i + 1 for i in items], 0.01, 100, 1)
-        assert ok.submit(1, "m", 1).result(timeout=10) == 2
-        ok.close()
-    finally:
-        b.close()
+    b = Batcher(execute, window_s=0.3, max_ids=10_000)
+    errors = []
+
+    def client(i):
+        try:
+            b.run(i, "m", 1)
+        except ValueError as e:
+            errors.append(e)
+
+    run_threads([lambda i=i: client(i) for i in range(5)])
+    assert len(errors) == 5 and all(e is boom for e in errors)
+    assert len(calls) == 1 and sorted(calls[0]) == [0, 1, 2, 3, 4]
+    # The batcher keeps working after a failed batch.
+    b._execute = lambda items: [i + 1 for i in items]
+    assert b.run(1, "m", 1) == 2
 
 
 # ================================================================ RocksDB row store
