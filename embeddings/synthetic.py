@@ -2,15 +2,26 @@
 DLRM-shaped KeyedJaggedTensors."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 
+@functools.lru_cache(maxsize=16)
+def _zipf_cdf(num_embeddings: int, alpha: float) -> np.ndarray:
+    weights = np.arange(1, num_embeddings + 1, dtype=np.float64) ** -alpha
+    cdf = np.cumsum(weights)
+    return cdf / cdf[-1]
+
+
 def zipf_ids(rng: np.random.Generator, n: int, num_embeddings: int, alpha: float = 1.05,
              ) -> np.ndarray:
-    """``n`` ids in [0, num_embeddings), rank r drawn with probability ~ 1 / r**alpha; ranks are
-    scattered over the id space by a fixed multiplicative hash so hot ids are not neighbours."""
-    ranks = np.minimum(rng.zipf(alpha, n) - 1, num_embeddings - 1).astype(np.int64)
+    """``n`` ids in [0, num_embeddings) from a Zipf law truncated to the table: rank r (from 1)
+    has probability proportional to 1 / r**alpha. Ranks are scattered over the id space by a
+    fixed multiplicative hash so hot ids are not neighbours."""
+    ranks = np.searchsorted(_zipf_cdf(num_embeddings, alpha), rng.random(n))
+    ranks = np.minimum(ranks, num_embeddings - 1).astype(np.int64)
     return (ranks * 2_654_435_761) % num_embeddings
 
 

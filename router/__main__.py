@@ -1,10 +1,17 @@
-"""``python -m router --data-dir D --coordinator ADDR``: run a router."""
+"""``python -m router --data-dir D --coordinator ADDR``: run a router.
+
+The router is one asyncio event loop (grpc.aio server and channels): no thread hand-offs on the
+request path. A background thread polls the coordinator for newer shard maps.
+"""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import pathlib
+import signal
 import threading
+import time
 
 import grpc
 import torch
@@ -12,11 +19,54 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import channel, make_server, serve_until_signalled, write_ready
+from shoal.serving import GRPC_OPTIONS, channel, make_aio_server, write_ready
 
 from router.mapcache import MapCache
 from router.service import RouterService
 from router.transport import GrpcShardTransport
+
+
+async def serve(args) -> None:
+    cfg = ShoalConfig.from_json(args.config).router
+    sync_coord = pbg.CoordinatorStub(channel(args.coordinator))
+
+    def fetch(known: int):
+        reply = sync_coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
+        return None if reply.unchanged else reply.map
+
+    maps = MapCache(fetch)
+    _until_up(maps.refresh)
+    coord = pbg.CoordinatorStub(grpc.aio.insecure_channel(args.coordinator,
+                                                          options=GRPC_OPTIONS))
+    service = RouterService(cfg, maps, GrpcShardTransport(), coord)
+    server, address = make_aio_server(args.host, args.port)
+    pbg.add_RouterServicer_to_server(service, server)
+    await server.start()
+    data = pathlib.Path(args.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    write_ready(data / "ready.json", address=address)
+    logging.info("serving on %s at map version %d", address, maps.current().version)
+    stop_poll = threading.Event()
+    threading.Thread(target=maps.poll_forever, args=(cfg.map_poll_interval_s, stop_poll),
+                     daemon=True).start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    stop_poll.set()
+    await server.stop(grace=1.0)
+
+
+def _until_up(call, deadline_s: float = 60.0):
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
 
 
 def main() -> None:
@@ -29,27 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(message)s")
     torch.set_num_threads(1)
-    cfg = ShoalConfig.from_json(args.config).router
-    coord = pbg.CoordinatorStub(channel(args.coordinator))
-
-    def fetch(known: int):
-        reply = coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
-        return None if reply.unchanged else reply.map
-
-    maps = MapCache(fetch)
-    maps.refresh()
-    service = RouterService(cfg, maps, GrpcShardTransport(), coord)
-    server, address = make_server(cfg.threads, args.host, args.port)
-    pbg.add_RouterServicer_to_server(service, server)
-    server.start()
-    data = pathlib.Path(args.data_dir)
-    data.mkdir(parents=True, exist_ok=True)
-    write_ready(data / "ready.json", address=address)
-    logging.info("serving on %s at map version %d", address, maps.current().version)
-    stop = threading.Event()
-    threading.Thread(target=maps.poll_forever, args=(cfg.map_poll_interval_s, stop),
-                     daemon=True).start()
-    serve_until_signalled(server, on_stop=stop.set)
+    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ version. Refreshed on a redirect (at least to the version the server named) and 
 jitter in the background, so routers never all ask at once."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -39,6 +40,12 @@ class MapCache:
                 if m is not None and m.version > self._table.version:
                     self._table = RoutingTable.build(m)
             return self._table
+
+    async def refresh_async(self, at_least: int = 0) -> RoutingTable:
+        """``refresh`` from the event loop: the fetch runs in a worker thread."""
+        if at_least and self._table.version >= at_least:
+            return self._table
+        return await asyncio.to_thread(self.refresh, at_least)
 
     def poll_forever(self, interval: float, stop: threading.Event) -> None:
         while not stop.wait(interval * random.uniform(0.8, 1.2)):

@@ -7,6 +7,7 @@ a part of them on another replica) gives the same answer.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 
@@ -67,13 +68,13 @@ class Stats:
     rotation: itertools.count = field(default_factory=itertools.count)
 
 
-def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
-                  timeout: float, dedup: bool, stats: Stats) -> list[np.ndarray]:
+async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
+                        timeout: float, dedup: bool, stats: Stats) -> list[np.ndarray]:
     model = queries[0].model
     works, slots = merge(queries)
     for w in works.values():
         w.sums = np.zeros((len(w.lengths), model.tables[w.name].spec.dim), dtype=np.float32)
-    fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats)
+    await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats)
     for w in works.values():
         if model.tables[w.name].spec.pooling == "mean":
             w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
@@ -111,8 +112,8 @@ def merge(queries: list[Query]):
     return works, slots
 
 
-def fan_out(model_name: str, works: list[TableWork], maps: MapCache, transport: ShardTransport,
-            timeout: float, dedup: bool, stats: Stats) -> None:
+async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
+                  transport: ShardTransport, timeout: float, dedup: bool, stats: Stats) -> None:
     """Send each server one RPC with every table's occurrences it holds; add the partial sums.
     A redirected part is re-routed on a refreshed map; a part whose server failed is re-routed
     to another replica."""
@@ -122,28 +123,28 @@ def fan_out(model_name: str, works: list[TableWork], maps: MapCache, transport: 
         table = maps.current()
         model = table.model(model_name)
         per_server = route(pending, model, next(stats.rotation), frozenset(exclude))
-        futures = {s: transport.lookup_pooled(
-                       table.addresses[s],
-                       pb.LookupPooledRequest(map_version=table.version, segments=[
-                           segment(model.tables[w.name], w, occ, dedup) for w, occ in items]),
-                       timeout)
-                   for s, items in per_server.items()}
+        servers = list(per_server)
+        replies = await asyncio.gather(*(
+            transport.lookup_pooled(
+                table.addresses[s],
+                pb.LookupPooledRequest(map_version=table.version, segments=[
+                    segment(model.tables[w.name], w, occ, dedup) for w, occ in per_server[s]]),
+                timeout)
+            for s in servers), return_exceptions=True)
         pending = []
-        for s, fut in futures.items():
-            try:
-                reply = fut.result()
-            except StaleMap as e:
+        for s, reply in zip(servers, replies):
+            if isinstance(reply, StaleMap):
                 stats.redirects += 1
-                maps.refresh(at_least=e.map_version)
+                await maps.refresh_async(at_least=reply.map_version)
                 pending += per_server[s]
                 continue
-            except ShoalError as e:
-                if e.code not in RETRYABLE:
-                    raise
+            if isinstance(reply, ShoalError) and reply.code in RETRYABLE:
                 stats.replica_retries += 1
                 exclude.add(s)
                 pending += per_server[s]
                 continue
+            if isinstance(reply, BaseException):
+                raise reply
             for (w, _), sums in zip(per_server[s], reply.sums):
                 np.add(w.sums, np.frombuffer(sums.data, np.float32).reshape(w.sums.shape),
                        out=w.sums)

@@ -6,6 +6,8 @@ numbers replaces this in the Failover work.)
 """
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from embeddings.partition import partition_of
@@ -21,8 +23,9 @@ from router.transport import ShardTransport
 WRITE_CHUNK_BYTES = 32 << 20
 
 
-def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray, maps: MapCache,
-               transport: ShardTransport, timeout: float, stats: Stats) -> int:
+async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
+                     maps: MapCache, transport: ShardTransport, timeout: float,
+                     stats: Stats) -> int:
     """ids unique and validated. Returns the number of rows written."""
     for _ in range(MAX_ATTEMPTS):
         rt = maps.current()
@@ -41,21 +44,21 @@ def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray, maps: 
                                               table_uid=tr.spec.table_uid, ids=pack(ids[c]),
                                               rows=pack(rows[c]), routed=routed(tr, parts[c]))
                     calls.append(transport.write_rows(rt.addresses[s], req, timeout))
-        stale = None
-        for call in calls:
-            try:
-                call.result()
-            except StaleMap as e:
-                stale = e
-        if stale is None:
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        stale = [r for r in results if isinstance(r, StaleMap)]
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, StaleMap):
+                raise r
+        if not stale:
             return len(ids)
         stats.redirects += 1
-        maps.refresh(at_least=stale.map_version)   # writes are idempotent: resend all
+        await maps.refresh_async(at_least=max(e.map_version for e in stale))
+        # writes are idempotent: resend all
     raise Unavailable(f"write to table {table!r}: the shard map kept changing; retry")
 
 
-def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
-                transport: ShardTransport, timeout: float, stats: Stats) -> np.ndarray:
+async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
+                      transport: ShardTransport, timeout: float, stats: Stats) -> np.ndarray:
     """Rows of ``ids`` (validated) in the table's dtype; duplicate ids are fetched once."""
     uniq, inverse = np.unique(ids, return_inverse=True)
     tr0 = maps.current().model(model).table(table)
@@ -70,29 +73,28 @@ def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
         if servers.size and servers.min() < 0:
             p = int(parts[np.flatnonzero(servers < 0)[0]])
             raise Unavailable(f"partition {p} of table {table!r} has no live replica")
-        calls = []
+        calls, sels = [], []
         for s in np.unique(servers):
             sel = pending[servers == s]
             req = pb.LookupRowsRequest(map_version=rt.version, segments=[pb.RowsSegment(
                 table_uid=tr.spec.table_uid, ids=pack(uniq[sel]),
                 routed=routed(tr, partition_of(uniq[sel], tr.spec.num_partitions)))])
-            calls.append((int(s), sel, transport.lookup_rows(rt.addresses[s], req, timeout)))
+            calls.append(transport.lookup_rows(rt.addresses[s], req, timeout))
+            sels.append((int(s), sel))
         retry = []
-        for s, sel, call in calls:
-            try:
-                reply = call.result()
-            except StaleMap as e:
+        for (s, sel), reply in zip(sels, await asyncio.gather(*calls, return_exceptions=True)):
+            if isinstance(reply, StaleMap):
                 stats.redirects += 1
-                maps.refresh(at_least=e.map_version)
+                await maps.refresh_async(at_least=reply.map_version)
                 retry.append(sel)
                 continue
-            except ShoalError as e:
-                if e.code not in RETRYABLE:
-                    raise
+            if isinstance(reply, ShoalError) and reply.code in RETRYABLE:
                 stats.replica_retries += 1
                 exclude.add(s)
                 retry.append(sel)
                 continue
+            if isinstance(reply, BaseException):
+                raise reply
             out[sel] = np.frombuffer(reply.rows[0].data, out.dtype).reshape(len(sel), -1)
         if not retry:
             return out[inverse]

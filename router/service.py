@@ -8,7 +8,7 @@ import resource
 import numpy as np
 
 from shoal.config import RouterConfig
-from shoal.errors import InvalidArgument, ShoalError, abort_with, from_rpc_error
+from shoal.errors import InvalidArgument, ShoalError, abort_async, from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import is_set, pack, unpack
@@ -26,6 +26,7 @@ from router.transport import ShardTransport
 class RouterService(pbg.RouterServicer):
     def __init__(self, config: RouterConfig, maps: MapCache, transport: ShardTransport,
                  coordinator: pbg.CoordinatorStub):
+        """``coordinator``: a stub on a grpc.aio channel. Construct inside the event loop."""
         self._cfg = config
         self._maps = maps
         self._transport = transport
@@ -36,19 +37,19 @@ class RouterService(pbg.RouterServicer):
                                 config.max_batch_ids)
 
     # ------------------------------------------------------------ pooled lookup
-    def Lookup(self, request, context):
+    async def Lookup(self, request, context):
         try:
             self._requests += 1
             q = self._parse(request)
-            values = self._batcher.run(q, (q.model.name, q.model.version), q.num_ids)
+            values = await self._batcher.run(q, (q.model.name, q.model.version), q.num_ids)
             keys, dims = output_keys(q)
             return pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
         except ShoalError as e:
-            abort_with(context, e)
+            await abort_async(context, e)
 
-    def _execute(self, queries: list[Query]) -> list[np.ndarray]:
-        return pooled_lookup(queries, self._maps, self._transport, self._cfg.rpc_timeout_s,
-                             self._cfg.dedup_pooled, self.stats)
+    async def _execute(self, queries: list[Query]) -> list[np.ndarray]:
+        return await pooled_lookup(queries, self._maps, self._transport,
+                                   self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats)
 
     def _parse(self, r: pb.FeatureBatch) -> Query:
         model = self._maps.current().model(r.model, r.version)
@@ -100,7 +101,7 @@ class RouterService(pbg.RouterServicer):
         return Query(model, keys, values, lengths, weights, B)
 
     # ------------------------------------------------------------ rows
-    def WriteRows(self, request, context):
+    async def WriteRows(self, request, context):
         try:
             self._requests += 1
             model = self._maps.current().model(request.model, request.version)
@@ -123,13 +124,13 @@ class RouterService(pbg.RouterServicer):
             if len(uniq) != len(ids):
                 keep = len(ids) - 1 - last
                 ids, rows = ids[keep], rows[keep]
-            n = write_rows(request.model, request.table, ids, rows, self._maps, self._transport,
-                           self._cfg.rpc_timeout_s, self.stats)
+            n = await write_rows(request.model, request.table, ids, rows, self._maps,
+                                 self._transport, self._cfg.rpc_timeout_s, self.stats)
             return pb.WriteRowsReply(written=n)
         except ShoalError as e:
-            abort_with(context, e)
+            await abort_async(context, e)
 
-    def LookupRows(self, request, context):
+    async def LookupRows(self, request, context):
         try:
             self._requests += 1
             model = self._maps.current().model(request.model, request.version)
@@ -139,26 +140,26 @@ class RouterService(pbg.RouterServicer):
                 raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
                                       f"{self._cfg.max_ids_per_request}; split the request")
             check_ids(ids, spec, "ids")
-            rows = lookup_rows(request.model, request.table, ids, self._maps, self._transport,
-                               self._cfg.rpc_timeout_s, self.stats)
+            rows = await lookup_rows(request.model, request.table, ids, self._maps,
+                                     self._transport, self._cfg.rpc_timeout_s, self.stats)
             return pb.RouterLookupRowsReply(rows=pack(rows))
         except ShoalError as e:
-            abort_with(context, e)
+            await abort_async(context, e)
 
     # ------------------------------------------------------------ control
-    def CreateModel(self, request, context):
+    async def CreateModel(self, request, context):
         try:
-            reply = self._coord.CreateModel(request, timeout=30)
+            reply = await self._coord.CreateModel(request, timeout=30)
         except grpc.RpcError as e:
-            abort_with(context, from_rpc_error(e))
+            await abort_async(context, from_rpc_error(e))
         self._maps.install(reply.map)
         return reply
 
-    def Status(self, request, context):
+    async def Status(self, request, context):
         try:
-            m = self._coord.GetShardMap(pb.GetShardMapRequest(), timeout=10).map
+            m = (await self._coord.GetShardMap(pb.GetShardMapRequest(), timeout=10)).map
         except grpc.RpcError as e:
-            abort_with(context, from_rpc_error(e))
+            await abort_async(context, from_rpc_error(e))
         usage = resource.getrusage(resource.RUSAGE_SELF)
         s = self.stats
         return pb.StatusReply(map=m, router=pb.RouterStats(

@@ -54,6 +54,13 @@ def abort_with(context: grpc.ServicerContext, err: ShoalError) -> None:
     context.abort(err.code, err.message)
 
 
+async def abort_async(context: grpc.aio.ServicerContext, err: ShoalError) -> None:
+    """``abort_with`` for asyncio servers."""
+    if isinstance(err, StaleMap):
+        context.set_trailing_metadata(((MAP_VERSION_KEY, str(err.map_version)),))
+    await context.abort(err.code, err.message)
+
+
 def from_rpc_error(e: grpc.RpcError) -> ShoalError:
     """Turn a ``grpc.RpcError`` into the matching ShoalError."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN

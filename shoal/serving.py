@@ -52,6 +52,23 @@ class AccessInterceptor(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+class AsyncAccessInterceptor(grpc.aio.ServerInterceptor):
+    """``AccessInterceptor`` for asyncio servers (the router)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        return await continuation(handler_call_details)
+
+
+def make_aio_server(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, str]:
+    """An asyncio gRPC server bound to host:port. Create it inside the running loop."""
+    tune_malloc()
+    server = grpc.aio.server(interceptors=[AsyncAccessInterceptor()], options=GRPC_OPTIONS)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    return server, f"{host}:{bound}"
+
+
 def make_server(threads: int, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, str]:
     """A gRPC server bound to host:port (port 0: a free one). Returns it and its address."""
     tune_malloc()

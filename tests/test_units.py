@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import random
+import asyncio
 import threading
 import time
 
@@ -532,87 +533,95 @@ def test_config_rejects_unknown_keys():
 def test_batcher_merges_concurrent_items():
     calls = []
 
-    def execute(items):
+    async def execute(items):
         calls.append(list(items))
+        await asyncio.sleep(0)
         return [x * 10 for x in items]
 
-    b = Batcher(execute, window_s=0.5, max_ids=10_000)
-    n = 8
-    barrier = threading.Barrier(n)
-    results = [None] * n
+    async def main():
+        b = Batcher(execute, window_s=0.5, max_ids=10_000)
+        results = await asyncio.gather(*(b.run(i, "m", 1) for i in range(8)))
+        assert results == [i * 10 for i in range(8)]
+        assert len(calls) == 1 and sorted(calls[0]) == list(range(8))
+        # Different keys are executed separately, in the same merged batch.
+        calls.clear()
+        out = await asyncio.gather(b.run("a1", "A", 1), b.run("b1", "B", 1),
+                                   b.run("a2", "A", 1))
+        assert out == ["a1" * 10, "b1" * 10, "a2" * 10]
+        assert sorted(map(sorted, calls)) == [["a1", "a2"], ["b1"]]
 
-    def client(i):
-        barrier.wait()
-        results[i] = b.run(i, "m", 1)
-
-    run_threads([lambda i=i: client(i) for i in range(n)])
-    assert results == [i * 10 for i in range(n)]
-    assert len(calls) == 1 and sorted(calls[0]) == list(range(n))
-
-    # Different keys are executed separately, in the same merged batch.
-    calls.clear()
-    out = {}
-    run_threads([lambda k=k, key=key: out.__setitem__(k, b.run(k, key, 1))
-                 for k, key in (("a1", "A"), ("b1", "B"), ("a2", "A"))])
-    assert out == {"a1": "a1" * 10, "b1": "b1" * 10, "a2": "a2" * 10}
-    assert sorted(map(sorted, calls)) == [["a1", "a2"], ["b1"]]
-
-
-def run_threads(fns, timeout=10):
-    threads = [threading.Thread(target=f) for f in fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-        assert not t.is_alive()
+    asyncio.run(main())
 
 
 def test_batcher_max_ids_closes_window():
     calls = []
 
-    def execute(items):
+    async def execute(items):
         calls.append(list(items))
         return list(items)
 
-    b = Batcher(execute, window_s=30.0, max_ids=6)      # a window no test would wait out
-    out = [None] * 2
-    t0 = time.monotonic()
-    run_threads([lambda i=i: out.__setitem__(i, b.run(i, "m", 3)) for i in range(2)])
-    assert out == [0, 1]
-    assert time.monotonic() - t0 < 10                    # closed by max_ids, not the window
-    assert len(calls) == 1 and sorted(calls[0]) == [0, 1]
+    async def main():
+        b = Batcher(execute, window_s=30.0, max_ids=6)   # a window no test would wait out
+        t0 = time.monotonic()
+        assert await asyncio.gather(b.run(0, "m", 3), b.run(1, "m", 3)) == [0, 1]
+        assert time.monotonic() - t0 < 10                # closed by max_ids, not the window
+        assert len(calls) == 1 and sorted(calls[0]) == [0, 1]
+
+    asyncio.run(main())
 
 
 def test_batcher_lone_request_waits_only_the_window():
-    b = Batcher(lambda items: [i + 1 for i in items], window_s=0.01, max_ids=100)
-    t0 = time.monotonic()
-    assert b.run(1, "m", 1) == 2
-    assert time.monotonic() - t0 < 1.0
+    async def execute(items):
+        return [i + 1 for i in items]
+
+    async def main():
+        b = Batcher(execute, window_s=0.01, max_ids=100)
+        t0 = time.monotonic()
+        assert await b.run(1, "m", 1) == 2
+        assert time.monotonic() - t0 < 1.0
+
+    asyncio.run(main())
 
 
 def test_batcher_exception_reaches_every_waiter():
     boom = ValueError("shard exploded")
     calls = []
 
-    def execute(items):
+    async def execute(items):
         calls.append(list(items))
         raise boom
 
-    b = Batcher(execute, window_s=0.3, max_ids=10_000)
-    errors = []
+    async def main():
+        b = Batcher(execute, window_s=0.3, max_ids=10_000)
+        results = await asyncio.gather(*(b.run(i, "m", 1) for i in range(5)),
+                                       return_exceptions=True)
+        assert all(r is boom for r in results)
+        assert len(calls) == 1 and sorted(calls[0]) == [0, 1, 2, 3, 4]
 
-    def client(i):
-        try:
-            b.run(i, "m", 1)
-        except ValueError as e:
-            errors.append(e)
+        async def ok(items):
+            return [i + 1 for i in items]
 
-    run_threads([lambda i=i: client(i) for i in range(5)])
-    assert len(errors) == 5 and all(e is boom for e in errors)
-    assert len(calls) == 1 and sorted(calls[0]) == [0, 1, 2, 3, 4]
-    # The batcher keeps working after a failed batch.
-    b._execute = lambda items: [i + 1 for i in items]
-    assert b.run(1, "m", 1) == 2
+        b._execute = ok                  # the batcher keeps working after a failed batch
+        assert await b.run(1, "m", 1) == 2
+
+    asyncio.run(main())
+
+
+def test_batcher_survives_a_cancelled_leader():
+    async def execute(items):
+        await asyncio.sleep(0.05)
+        return [i * 2 for i in items]
+
+    async def main():
+        b = Batcher(execute, window_s=0.05, max_ids=100)
+        leader = asyncio.create_task(b.run(1, "m", 1))
+        await asyncio.sleep(0)
+        follower = asyncio.create_task(b.run(2, "m", 1))
+        await asyncio.sleep(0)
+        leader.cancel()
+        assert await follower == 4
+
+    asyncio.run(main())
 
 
 # ================================================================ RocksDB row store
