@@ -1,14 +1,16 @@
 """``python -m shards --server-id ID --data-dir D --coordinator ADDR``: run a shard server.
 
+One asyncio loop serves the RPCs; a heartbeat thread reports stats and pulls newer maps.
 Start-up: bind the port, open RocksDB, register with the coordinator (retrying until it
-answers), load the partitions the map gives this server, then answer requests. A heartbeat
-thread reports stats and pulls newer maps.
+answers), load the partitions the map gives this server, then answer requests.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import pathlib
+import signal
 import threading
 import time
 
@@ -18,12 +20,45 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import channel, make_server, serve_until_signalled, write_ready
+from shoal.serving import channel, make_aio_server, write_ready
 
-from shards.service import ShardService
+from shards.service import ShardService, ShardServicer
 from shards.storage import RocksRowStore
 
 log = logging.getLogger("shard")
+
+
+async def serve(args) -> None:
+    cfg = ShoalConfig.from_json(args.config).server
+    data = pathlib.Path(args.data_dir)
+    store = RocksRowStore(data, cfg.block_cache_bytes, cfg.sst_threshold_rows)
+    coord = pbg.CoordinatorStub(channel(args.coordinator))
+
+    def fetch_map(known: int):
+        reply = coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
+        return None if reply.unchanged else reply.map
+
+    service = ShardService(args.server_id, store, cfg, fetch_map)
+    server, address = make_aio_server(args.host, args.port)
+    pbg.add_ShardServerServicer_to_server(ShardServicer(service), server)
+    await server.start()
+    register = pb.RegisterRequest(server_id=args.server_id, address=address,
+                                  memory_budget_bytes=cfg.memory_budget_bytes)
+    await asyncio.to_thread(_call_until_up, lambda: coord.Register(register, timeout=5))
+    await asyncio.to_thread(service.refresh_map)
+    write_ready(data / "ready.json", address=address, server_id=args.server_id)
+    log.info("serving on %s at map version %d", address, service.map_version)
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,
+                                              stop), daemon=True).start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    stop.set()
+    await server.stop(grace=1.0)
+    store.close()
 
 
 def main() -> None:
@@ -38,29 +73,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s shard {args.server_id} %(message)s")
     torch.set_num_threads(1)   # two OpenMP threads per process collapse under load here
-    cfg = ShoalConfig.from_json(args.config).server
-    data = pathlib.Path(args.data_dir)
-    store = RocksRowStore(data, cfg.block_cache_bytes, cfg.sst_threshold_rows)
-    coord = pbg.CoordinatorStub(channel(args.coordinator))
-
-    def fetch_map(known: int):
-        reply = coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
-        return None if reply.unchanged else reply.map
-
-    service = ShardService(args.server_id, store, cfg, fetch_map)
-    server, address = make_server(cfg.threads, args.host, args.port)
-    pbg.add_ShardServerServicer_to_server(service, server)
-    server.start()
-    register = pb.RegisterRequest(server_id=args.server_id, address=address,
-                                  memory_budget_bytes=cfg.memory_budget_bytes)
-    _call_until_up(lambda: coord.Register(register, timeout=5))
-    service.refresh_map()
-    write_ready(data / "ready.json", address=address, server_id=args.server_id)
-    log.info("serving on %s at map version %d", address, service.map_version)
-    stop = threading.Event()
-    threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,
-                                              stop), daemon=True).start()
-    serve_until_signalled(server, on_stop=lambda: (stop.set(), store.close()))
+    asyncio.run(serve(args))
 
 
 def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, interval: float,

@@ -6,6 +6,7 @@ restart. Lookups and writes are idempotent.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import threading
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from embeddings.partition import partition_of, rows_in_partition
 from embeddings.specs import TableSpec
 from shoal.config import ShardServerConfig
-from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable, abort_with
+from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable, abort_async
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.serving import trim_heap
 from shoal.wire import is_set, pack, unpack
 
 from shards.memory import RWLock, TableArena
@@ -39,7 +41,7 @@ class HeldTable:
     lock: RWLock = field(default_factory=RWLock)
 
 
-class ShardService(pbg.ShardServerServicer):
+class ShardService:
     def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
                  fetch_map: Callable[[int], pb.ShardMap | None]):
         """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged."""
@@ -170,63 +172,56 @@ class ShardService(pbg.ShardServerServicer):
             bytearray(raw), dtype=table.arena.dtype).view(-1, spec.dim)
         return buf, np.arange(len(ids), dtype=np.int64)
 
-    # ------------------------------------------------------------ RPCs
-    def WriteRows(self, request, context):
-        try:
-            self._enter(request.map_version)
-            table = self._table(request.table_uid)
-            spec = table.spec
-            ids = unpack(request.ids, "ids", "int64", 1)
-            rows = unpack(request.rows, "rows", spec.dtype, 2)
-            if rows.shape != (len(ids), spec.dim):
-                raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
-                                      f"{spec.dim}] (one row of dim {spec.dim} per id)")
-            if len(ids) > self._cfg.max_ids_per_request:
-                raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
-                                      f"{self._cfg.max_ids_per_request}")
-            if len(np.unique(ids)) != len(ids):
-                raise InvalidArgument("ids: must be unique within one write")
-            parts = self._check(table, ids, request.routed)
-            self._store.write_rows(spec.table_uid, parts, ids, rows)
-            idx = table.arena.rows_index(ids, parts)
-            hot = np.flatnonzero(idx >= 0)
-            if hot.size:
-                with table.lock.write():
-                    table.arena.weight.index_copy_(
-                        0, torch.from_numpy(idx[hot]),
-                        torch.from_numpy(np.ascontiguousarray(rows[hot])))
-            return pb.WriteRowsReply(written=len(ids))
-        except ShoalError as e:
-            abort_with(context, e)
+    # ------------------------------------------------------------ requests (raise ShoalError)
+    def write_rows(self, request: pb.WriteRowsRequest) -> pb.WriteRowsReply:
+        self._enter(request.map_version)
+        table = self._table(request.table_uid)
+        spec = table.spec
+        ids = unpack(request.ids, "ids", "int64", 1)
+        rows = unpack(request.rows, "rows", spec.dtype, 2)
+        if rows.shape != (len(ids), spec.dim):
+            raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
+                                  f"{spec.dim}] (one row of dim {spec.dim} per id)")
+        if len(ids) > self._cfg.max_ids_per_request:
+            raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+                                  f"{self._cfg.max_ids_per_request}")
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidArgument("ids: must be unique within one write")
+        parts = self._check(table, ids, request.routed)
+        self._store.write_rows(spec.table_uid, parts, ids, rows)
+        idx = table.arena.rows_index(ids, parts)
+        hot = np.flatnonzero(idx >= 0)
+        if hot.size:
+            with table.lock.write():
+                table.arena.weight.index_copy_(
+                    0, torch.from_numpy(idx[hot]),
+                    torch.from_numpy(np.ascontiguousarray(rows[hot])))
+        if len(ids) >= self._cfg.sst_threshold_rows:
+            trim_heap()
+        return pb.WriteRowsReply(written=len(ids))
 
-    def LookupRows(self, request, context):
-        try:
-            self._enter(request.map_version)
-            out = []
-            for i, seg in enumerate(request.segments):
-                table = self._table(seg.table_uid)
-                ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
-                self._limit(len(ids))
-                parts = self._check(table, ids, seg.routed)
-                with table.lock.read():
-                    weight, idx = self._gather(table, ids, parts)
-                    rows = weight.index_select(0, torch.from_numpy(idx))
-                out.append(pack(rows.numpy()))
-                self._count(len(ids))
-            return pb.LookupRowsReply(rows=out)
-        except ShoalError as e:
-            abort_with(context, e)
+    def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
+        self._enter(request.map_version)
+        out = []
+        for i, seg in enumerate(request.segments):
+            table = self._table(seg.table_uid)
+            ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
+            self._limit(len(ids))
+            parts = self._check(table, ids, seg.routed)
+            with table.lock.read():
+                weight, idx = self._gather(table, ids, parts)
+                rows = weight.index_select(0, torch.from_numpy(idx))
+            out.append(pack(rows.numpy()))
+            self._count(len(ids))
+        return pb.LookupRowsReply(rows=out)
 
-    def LookupPooled(self, request, context):
-        try:
-            self._enter(request.map_version)
-            sums = []
-            for i, seg in enumerate(request.segments):
-                table = self._table(seg.table_uid)
-                sums.append(pack(self._pool(table, seg, f"segments[{i}]")))
-            return pb.LookupPooledReply(sums=sums)
-        except ShoalError as e:
-            abort_with(context, e)
+    def lookup_pooled(self, request: pb.LookupPooledRequest) -> pb.LookupPooledReply:
+        self._enter(request.map_version)
+        sums = []
+        for i, seg in enumerate(request.segments):
+            table = self._table(seg.table_uid)
+            sums.append(pack(self._pool(table, seg, f"segments[{i}]")))
+        return pb.LookupPooledReply(sums=sums)
 
     def _pool(self, table: HeldTable, seg: pb.PooledSegment, where: str) -> np.ndarray:
         ids = unpack(seg.ids, f"{where}.ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
@@ -274,9 +269,6 @@ class ShardService(pbg.ShardServerServicer):
         self._counters["lookups"] += 1
         self._counters["ids_looked_up"] += n
 
-    def Stats(self, request, context):
-        return self.stats()
-
     def stats(self) -> pb.ServerStats:
         rows = raw = resident = parts = resident_parts = 0
         for t in list(self._tables.values()):
@@ -302,3 +294,31 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+class ShardServicer(pbg.ShardServerServicer):
+    """The gRPC face of a ShardService on an asyncio server. Handlers run inline on the event
+    loop: each is a short burst of vectorised work, and inline avoids a thread hand-off per
+    request."""
+
+    def __init__(self, service: ShardService):
+        self._svc = service
+
+    async def _run(self, fn, request, context, in_thread: bool = False):
+        try:
+            return await asyncio.to_thread(fn, request) if in_thread else fn(request)
+        except ShoalError as e:
+            await abort_async(context, e)
+
+    async def WriteRows(self, request, context):
+        # Writes can be large (SST build + ingest): run them off the loop so lookups go on.
+        return await self._run(self._svc.write_rows, request, context, in_thread=True)
+
+    async def LookupRows(self, request, context):
+        return await self._run(self._svc.lookup_rows, request, context)
+
+    async def LookupPooled(self, request, context):
+        return await self._run(self._svc.lookup_pooled, request, context)
+
+    async def Stats(self, request, context):
+        return self._svc.stats()

@@ -18,18 +18,16 @@ class ShardServerConfig:
     heartbeat_interval_s: float = 0.5
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
     max_ids_per_request: int = 4_000_000
-    threads: int = 8                        # gRPC handler threads
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    batch_window_ms: float = 0.5            # merge concurrent lookups arriving within this window
+    batch_window_ms: float = 1.0            # merge concurrent lookups arriving within this window
     max_batch_ids: int = 400_000            # stop merging once a batch has this many ids
     max_ids_per_request: int = 1_000_000    # per client request; more is INVALID_ARGUMENT
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
     rpc_timeout_s: float = 30.0
-    threads: int = 16                       # gRPC handler threads (each may lead a batch)
 
 
 @dataclass(frozen=True)

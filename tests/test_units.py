@@ -505,16 +505,16 @@ def test_wire_errors():
 # ================================================================ config
 
 def test_config_json_round_trip():
-    cfg = ShoalConfig().replace(router__max_ids_per_request=100, server__threads=3,
+    cfg = ShoalConfig().replace(router__max_ids_per_request=100, server__heartbeat_interval_s=3.0,
                                 coordinator__lease_s=1.5)
     assert cfg.router.max_ids_per_request == 100
-    assert cfg.server.threads == 3 and cfg.coordinator.lease_s == 1.5
+    assert cfg.server.heartbeat_interval_s == 3.0 and cfg.coordinator.lease_s == 1.5
     assert ShoalConfig().router.max_ids_per_request == 1_000_000     # the default is untouched
     back = ShoalConfig.from_json(cfg.to_json())
     assert back == cfg
     assert ShoalConfig.from_json("") == ShoalConfig()
-    assert ShoalConfig.from_json('{"router": {"threads": 2}}').router.threads == 2
-    assert ShoalConfig.from_json('{"router": {"threads": 2}}').server == ShoalConfig().server
+    assert ShoalConfig.from_json('{"router": {"rpc_timeout_s": 2}}').router.rpc_timeout_s == 2
+    assert ShoalConfig.from_json('{"router": {"rpc_timeout_s": 2}}').server == ShoalConfig().server
 
 
 def test_config_rejects_unknown_keys():
