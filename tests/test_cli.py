@@ -1,0 +1,88 @@
+"""The `shoal` command line against a real local cluster: up, status, models, down."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import shoal
+from embeddings.specs import TableSpec
+
+
+def shoal_cli(args, env, timeout=120):
+    return subprocess.run([sys.executable, "-m", "shoal.cli", *args], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_up_status_models_down(tmp_path):
+    env = dict(os.environ, SHOAL_HOME=str(tmp_path / "home"))
+    data = tmp_path / "cluster"
+    up = shoal_cli(["up", "--servers", "2", "--data-dir", str(data)], env)
+    assert up.returncode == 0, up.stderr
+    assert "2 servers, replication 2" in up.stdout
+    address = up.stdout.split("router: ")[1].split()[0]
+    state = json.loads((data / "cluster.json").read_text())
+    pids = [state["coordinator"]["pid"], state["router"]["pid"],
+            *[s["pid"] for s in state["servers"]]]
+    try:
+        assert all(alive(p) for p in pids)
+        # A second `up` on the same folder is refused, naming it.
+        again = shoal_cli(["up", "--data-dir", str(data)], env)
+        assert again.returncode != 0 and str(data) in again.stderr
+
+        client = shoal.connect(address)
+        client.create_model("clim", [TableSpec("t", 1000, 8, feature_names=("f",))])
+        rows = torch.arange(8000, dtype=torch.float32).reshape(1000, 8)
+        assert client.write_rows("clim", "t", torch.arange(1000), rows) == 1000
+        np.testing.assert_array_equal(client.lookup_rows("clim", "t", [5, 999]).numpy(),
+                                      rows[[5, 999]].numpy())
+        client.close()
+
+        # Heartbeats carry the stats that `status` prints; wait for them (bounded).
+        deadline = time.monotonic() + 20
+        while True:
+            st = shoal_cli(["status"], env)
+            assert st.returncode == 0, st.stderr
+            lines = {ln.split()[0]: ln.split() for ln in st.stdout.splitlines()
+                     if ln.startswith("s")}
+            if all(int(lines[s][3]) > 0 for s in ("s0", "s1")) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for sid in ("s0", "s1"):
+            cols = lines[sid]
+            assert cols[1] == "alive"
+            assert int(cols[3]) == 4                  # 4 partitions, each on both servers
+            assert int(cols[5]) == 1000               # rows held
+        assert "4 partitions over 1 models" in st.stdout
+        parts = shoal_cli(["status", "--partitions"], env)
+        assert parts.returncode == 0
+        assert sum(1 for ln in parts.stdout.splitlines() if ln.startswith("clim")) == 4
+
+        models = shoal_cli(["models"], env)
+        assert "clim v1: 1 tables, 1000 rows" in models.stdout
+        assert "t: 1000 x 8 float32 sum, 4 partitions, features f" in models.stdout
+    finally:
+        down = shoal_cli(["down"], env)
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+    assert not (data / "cluster.json").exists()
+    # With nothing running, commands say so instead of failing obscurely.
+    gone = shoal_cli(["status"], env)
+    assert gone.returncode != 0 and "shoal up" in gone.stderr
