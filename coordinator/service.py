@@ -9,7 +9,6 @@ import threading
 import time
 from typing import Callable
 
-import grpc
 
 from shoal.config import CoordinatorConfig
 from shoal.errors import NotFound, ShoalError, abort_with

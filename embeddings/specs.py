@@ -93,3 +93,14 @@ def to_spec(table) -> TableSpec:
         return from_torchrec(table)
     raise InvalidArgument(f"tables: {type(table).__name__} is not a TableSpec or a torchrec "
                           "EmbeddingBagConfig / EmbeddingConfig")
+
+
+def check_ids(ids: np.ndarray, spec: TableSpec, field: str) -> None:
+    """InvalidArgument naming ``field``, the first bad id and the table's range, if any id is
+    outside [0, num_embeddings). One min and one max over the ids."""
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= spec.num_embeddings:
+            bad = lo if lo < 0 else hi
+            raise InvalidArgument(f"{field}: id {bad} is out of range [0, {spec.num_embeddings}) "
+                                  f"of table {spec.name!r}")

@@ -11,7 +11,6 @@ import logging
 import pathlib
 import signal
 import threading
-import time
 
 import grpc
 import torch
@@ -19,7 +18,7 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import GRPC_OPTIONS, channel, make_aio_server, write_ready
+from shoal.serving import call_until_up, GRPC_OPTIONS, channel, make_aio_server, write_ready
 
 from router.mapcache import MapCache
 from router.service import RouterService
@@ -35,7 +34,7 @@ async def serve(args) -> None:
         return None if reply.unchanged else reply.map
 
     maps = MapCache(fetch)
-    _until_up(maps.refresh)
+    call_until_up(maps.refresh)
     coord = pbg.CoordinatorStub(grpc.aio.insecure_channel(args.coordinator,
                                                           options=GRPC_OPTIONS))
     service = RouterService(cfg, maps, GrpcShardTransport(), coord)
@@ -56,17 +55,6 @@ async def serve(args) -> None:
     await done.wait()
     stop_poll.set()
     await server.stop(grace=1.0)
-
-
-def _until_up(call, deadline_s: float = 60.0):
-    end = time.monotonic() + deadline_s
-    while True:
-        try:
-            return call()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
-                raise
-            time.sleep(0.1)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embeddings.specs import TableSpec
-from shoal.errors import InvalidArgument, NotFound
+from shoal.errors import NotFound
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack
 
@@ -122,12 +122,3 @@ def routed(table: TableRoute, partitions: np.ndarray) -> pb.PartitionEpochs:
     (``partitions``: the partition of every id sent)."""
     parts = np.flatnonzero(np.bincount(partitions, minlength=len(table.epochs))).astype(np.int32)
     return pb.PartitionEpochs(partitions=pack(parts), epochs=pack(table.epochs[parts]))
-
-
-def check_ids(ids: np.ndarray, spec: TableSpec, field: str) -> None:
-    if ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= spec.num_embeddings:
-            bad = lo if lo < 0 else hi
-            raise InvalidArgument(f"{field}: id {bad} is out of range [0, {spec.num_embeddings}) "
-                                  f"of table {spec.name!r}")

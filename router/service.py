@@ -18,7 +18,7 @@ import grpc
 from router.batcher import Batcher
 from router.mapcache import MapCache
 from router.pooled import Query, Stats, output_keys, pooled_lookup
-from router.routing import check_ids
+from embeddings.specs import check_ids
 from router.rows import lookup_rows, write_rows
 from router.transport import ShardTransport
 

@@ -12,7 +12,6 @@ import logging
 import pathlib
 import signal
 import threading
-import time
 
 import grpc
 import torch
@@ -20,7 +19,7 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import channel, make_aio_server, write_ready
+from shoal.serving import call_until_up, channel, make_aio_server, write_ready
 
 from shards.service import ShardService, ShardServicer
 from shards.storage import RocksRowStore
@@ -44,7 +43,7 @@ async def serve(args) -> None:
     await server.start()
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
                                   memory_budget_bytes=cfg.memory_budget_bytes)
-    await asyncio.to_thread(_call_until_up, lambda: coord.Register(register, timeout=5))
+    await asyncio.to_thread(call_until_up, lambda: coord.Register(register, timeout=5))
     await asyncio.to_thread(service.refresh_map)
     write_ready(data / "ready.json", address=address, server_id=args.server_id)
     log.info("serving on %s at map version %d", address, service.map_version)
@@ -86,22 +85,11 @@ def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, inter
                 service.refresh_map(at_least=reply.map_version)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:       # a coordinator that lost us
-                _call_until_up(lambda: coord.Register(register, timeout=5))
+                call_until_up(lambda: coord.Register(register, timeout=5))
             else:
                 log.warning("heartbeat failed: %s", e.code().name)
         except Exception:                                   # keep heartbeating whatever happens
             log.exception("heartbeat loop error")
-
-
-def _call_until_up(call, deadline_s: float = 60.0):
-    end = time.monotonic() + deadline_s
-    while True:
-        try:
-            return call()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
-                raise
-            time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import asyncio
 import os
 import resource
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from embeddings.partition import partition_of, rows_in_partition
-from embeddings.specs import TableSpec
+from embeddings.specs import TableSpec, check_ids
 from shoal.config import ShardServerConfig
 from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable, abort_async
 from shoal.proto import shoal_pb2 as pb
@@ -121,12 +120,7 @@ class ShardService:
     def _check(self, table: HeldTable, ids: np.ndarray, routed: pb.PartitionEpochs) -> np.ndarray:
         """Validate ids and the routing; return each id's partition."""
         spec = table.spec
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= spec.num_embeddings:
-                bad = lo if lo < 0 else hi
-                raise InvalidArgument(f"ids: id {bad} of table {spec.name!r} is out of range "
-                                      f"[0, {spec.num_embeddings})")
+        check_ids(ids, spec, "ids")
         rp = unpack(routed.partitions, "routed.partitions", "int32", 1)
         re = unpack(routed.epochs, "routed.epochs", "int64", 1)
         if rp.shape != re.shape:

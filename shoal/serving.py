@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -110,3 +111,16 @@ def serve_until_signalled(server: grpc.Server, on_stop=None) -> None:
     if on_stop:
         on_stop()
     server.stop(grace=1.0).wait()
+
+
+def call_until_up(call, deadline_s: float = 60.0):
+    """``call()``, retried every 0.1 s while it fails with UNAVAILABLE (a peer still starting),
+    for at most ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
+                raise
+            time.sleep(0.1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import random
 import asyncio
-import threading
 import time
 
 import grpc
@@ -22,7 +21,8 @@ from embeddings.partition import (choose_num_partitions, local_index, partition_
                                   rows_in_partition)
 from embeddings.specs import TableSpec
 from router.batcher import Batcher
-from router.routing import RoutingTable, check_ids
+from embeddings.specs import check_ids
+from router.routing import RoutingTable
 from shards.memory import TableArena
 from shards.storage import RocksRowStore
 from shoal.config import CoordinatorConfig, ShoalConfig
