@@ -135,7 +135,7 @@ class ShardService:
             raise StaleMap(f"partition {int(rp[i])} of table {spec.name!r} was routed to "
                            f"{self.server_id} at epoch {int(re[i])}; this server holds it at "
                            f"epoch {int(held[i])} (0 = not held), map version "
-                           f"{self._map_version}", self._map_version)
+                           f"{self._map_version}", self._map_version, int(held[i]))
         parts = partition_of(ids, spec.num_partitions)
         declared = np.zeros(spec.num_partitions, bool)
         declared[rp] = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 MAP_VERSION_KEY = "shoal-map-version"
+EPOCH_KEY = "shoal-epoch"            # the server's epoch of the partition named in the message
 
 
 class ShoalError(Exception):
@@ -37,9 +38,14 @@ class StaleMap(ShoalError):
     retries once.
     """
 
-    def __init__(self, message: str, map_version: int):
+    def __init__(self, message: str, map_version: int, epoch: int | None = None):
         super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
         self.map_version = map_version
+        self.epoch = epoch
+
+    def metadata(self) -> tuple:
+        md = ((MAP_VERSION_KEY, str(self.map_version)),)
+        return md if self.epoch is None else md + ((EPOCH_KEY, str(self.epoch)),)
 
 
 class Unavailable(ShoalError):
@@ -50,14 +56,14 @@ class Unavailable(ShoalError):
 def abort_with(context: grpc.ServicerContext, err: ShoalError) -> None:
     """Abort an RPC with ``err``'s status; a StaleMap also carries the current map version."""
     if isinstance(err, StaleMap):
-        context.set_trailing_metadata(((MAP_VERSION_KEY, str(err.map_version)),))
+        context.set_trailing_metadata(err.metadata())
     context.abort(err.code, err.message)
 
 
 async def abort_async(context: grpc.aio.ServicerContext, err: ShoalError) -> None:
     """``abort_with`` for asyncio servers."""
     if isinstance(err, StaleMap):
-        context.set_trailing_metadata(((MAP_VERSION_KEY, str(err.map_version)),))
+        context.set_trailing_metadata(err.metadata())
     await context.abort(err.code, err.message)
 
 
@@ -66,9 +72,11 @@ def from_rpc_error(e: grpc.RpcError) -> ShoalError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        for key, value in (e.trailing_metadata() or ()):
-            if key == MAP_VERSION_KEY:
-                return StaleMap(details or "", int(value))
+        md = dict(e.trailing_metadata() or ())
+        if MAP_VERSION_KEY in md:
+            epoch = md.get(EPOCH_KEY)
+            return StaleMap(details or "", int(md[MAP_VERSION_KEY]),
+                            int(epoch) if epoch is not None else None)
     cls = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: NotFound,
            grpc.StatusCode.UNAVAILABLE: Unavailable}.get(code)
     return cls(details or "") if cls else ShoalError(code, details or "")

@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import shoal
-from shoal.errors import MAP_VERSION_KEY, from_rpc_error
+from shoal.errors import EPOCH_KEY, MAP_VERSION_KEY, from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import pack
@@ -488,6 +488,9 @@ def test_shard_partition_not_held(shard):
             routed=_routed([held_p], [epoch + 5]))]), timeout=30)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"epoch {epoch + 5}" in e.value.details() and f"epoch {epoch}" in e.value.details()
+    # The redirect carries the server's current epoch of that partition, machine-readable.
+    assert dict(e.value.trailing_metadata())[EPOCH_KEY] == str(epoch)
+    assert from_rpc_error(e.value).epoch == epoch
 
 
 def test_shard_write_rows_bad_shapes(shard):

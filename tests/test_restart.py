@@ -7,6 +7,7 @@ fault, by asking one shard server directly over gRPC with the routing taken from
 coordinator's map."""
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -375,3 +376,35 @@ def test_set_replicas_must_be_a_reordering(tmp_path):
         assert reply.partition.epoch == rs.epoch + 1
         assert reply.map_version == m.version + 1
         coord.close()
+
+
+# ---------------------------------------------------------------- reads survive a dead replica
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_reads_fall_back_to_another_replica(tmp_path, sig):
+    """A replica that is killed (connection refused) or stopped (no answer until the deadline)
+    costs a retry on the other replica, never a failed or wrong answer."""
+    import signal as signals
+
+    cfg = shoal.ShoalConfig().replace(router__rpc_timeout_s=1.0)
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path),
+                            config=cfg) as cluster:
+        client = cluster.client()
+        ebc, tcfg = make_model(client, "fb", rows=4000, dim=8, seed=3)
+        key = tcfg.feature_names[0]
+        ids = np.random.default_rng(0).integers(0, 4000, 3000)
+        assert_pooled_equal(client, "fb", ebc, pooled_kjt(key, ids))
+        before = client.status().router.replica_retries
+        victim = cluster.servers[0]
+        os.kill(victim.pid, getattr(signals, sig))
+        try:
+            for round_ in range(6):      # both replicas are preferred in turn: hit the dead one
+                sub = ids[round_ * 500:(round_ + 1) * 500]
+                assert_pooled_equal(client, "fb", ebc, pooled_kjt(key, sub))
+                assert_close(client.lookup_rows("fb", tcfg.name, sub),
+                             weight(ebc, tcfg)[torch.from_numpy(sub)], **TOL)
+            assert client.status().router.replica_retries > before
+        finally:
+            if sig == "SIGSTOP":
+                os.kill(victim.pid, signals.SIGCONT)
+        client.close()
