@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--dedup", action="store_true", help="router sends unique ids + inverse")
     ap.add_argument("--window-ms", type=float, default=None)
+    ap.add_argument("--name", default="lookup", help="results file: bench/results/NAME.json")
     args = ap.parse_args()
 
     import shoal
@@ -171,7 +172,7 @@ def main() -> int:
               f"{s['raw_bytes_held'] / 2**30:.2f} GiB of rows = {s['rss_over_raw']:.2f}x "
               "(target <= 1.3x)")
     print(f"max |shoal - torchrec| on a checked batch: {diff:.3g}")
-    path = write_result("lookup", {
+    path = write_result(args.name, {
         "config": vars(args), "ids_per_batch": ids_per_batch, "fill_seconds": round(fill_s, 2),
         "baseline_torchrec_ebc": baseline, "shoal": shoal_res, "ratio": round(ratio, 3),
         "servers": servers, "max_abs_diff": diff})
