@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
+import threading
 
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -30,9 +31,11 @@ def main() -> None:
     server, address = make_server(16, args.host, args.port)
     pbg.add_CoordinatorServicer_to_server(service, server)
     server.start()
+    stop = threading.Event()
+    threading.Thread(target=service.run_reconcile_loop, args=(stop,), daemon=True).start()
     write_ready(data / "ready.json", address=address)
     logging.info("serving on %s", address)
-    serve_until_signalled(server, on_stop=store.close)
+    serve_until_signalled(server, on_stop=lambda: (stop.set(), store.close()))
 
 
 if __name__ == "__main__":

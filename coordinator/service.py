@@ -5,6 +5,7 @@ Every change is applied to a copy of the state, saved durably, then published.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable
@@ -17,6 +18,8 @@ from shoal.proto import shoal_pb2_grpc as pbg
 
 from coordinator.state import ClusterState
 from coordinator.store import StateStore
+
+log = logging.getLogger("coordinator")
 
 
 class CoordinatorService(pbg.CoordinatorServicer):
@@ -58,7 +61,44 @@ class CoordinatorService(pbg.CoordinatorServicer):
                     s.stats.CopyFrom(self._stats[s.server_id])
             return m
 
+    # ------------------------------------------------------------ reconcile loop
+    def reconcile(self) -> list[str]:
+        """One pass of the failure detector: every server whose lease has run out is dropped
+        from the replica sets it shares with others (epoch + 1, a new leader where it led).
+        Idempotent; returns the servers acted on. Called every ``lease_s / 5`` by the process."""
+        with self._lock:
+            alive = set(self.alive())
+            acted = []
+            for server_id in sorted(set(self._state.servers) - alive):
+                new = self._state.without_replica(server_id)
+                if new is not self._state:
+                    t0 = time.perf_counter()
+                    self._commit(new)
+                    acted.append(server_id)
+                    log.warning("server %s missed its lease (%.1fs): dropped from replica sets, "
+                                "map version %d (%.1f ms)", server_id, self._cfg.lease_s,
+                                new.version, (time.perf_counter() - t0) * 1e3)
+            return acted
+
+    def run_reconcile_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self._cfg.lease_s / 5):
+            try:
+                self.reconcile()
+            except Exception:                  # keep reconciling whatever one pass hit
+                log.exception("reconcile pass failed")
+
     # ------------------------------------------------------------ RPCs
+    def ReportFailure(self, request, context):
+        keys = [(request.table_uid, int(p)) for p in request.partitions]
+        with self._lock:
+            new = self._state.without_replica(request.server_id, keys)
+            if new is not self._state:
+                self._commit(new)
+                log.warning("%s reported %s unreachable (%s): dropped from %d partitions of "
+                            "table_uid %d, map version %d", request.reporter, request.server_id,
+                            request.reason, len(keys), request.table_uid, new.version)
+            return pb.ReportFailureReply(map_version=self._state.version)
+
     def Register(self, request, context):
         with self._lock:
             self._commit(self._state.with_server(request.server_id, request.address,

@@ -122,6 +122,25 @@ class ClusterState:
         new.version += 1
         return new
 
+    def without_replica(self, server_id: str,
+                        keys: list[tuple[int, int]] | None = None) -> "ClusterState":
+        """Drop ``server_id`` from the replica sets of ``keys`` (None: every partition it is in),
+        raising each one's epoch; a dropped leader's place goes to the next in-sync replica.
+        A partition whose only replica it is keeps it: the data lives nowhere else, so queries
+        for that partition fail as unavailable until the server returns."""
+        changed = [k for k in (self.partitions if keys is None else keys)
+                   if k in self.partitions and server_id in self.partitions[k].replicas
+                   and len(self.partitions[k].replicas) > 1]
+        if not changed:
+            return self
+        new = self.copy()
+        for k in changed:
+            rec = new.partitions[k]
+            new.partitions[k] = PartitionRecord(
+                tuple(s for s in rec.replicas if s != server_id), rec.epoch + 1)
+        new.version += 1
+        return new
+
     def server_loads(self, alive: list[str]) -> list[ServerLoad]:
         row_bytes = {t.table_uid: (-(-t.num_embeddings // t.num_partitions)) * t.dim *
                      (2 if t.dtype == "float16" else 4)

@@ -7,6 +7,7 @@ numbers replaces this in the Failover work.)
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -24,16 +25,22 @@ WRITE_CHUNK_BYTES = 32 << 20
 
 
 async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
-                     maps: MapCache, transport: ShardTransport, timeout: float,
-                     stats: Stats) -> int:
-    """ids unique and validated. Returns the number of rows written."""
+                     maps: MapCache, transport: ShardTransport, timeout: float, stats: Stats,
+                     report: Callable[[str, int, np.ndarray, str], Awaitable[int]]) -> int:
+    """Write validated, unique ``ids`` to every replica of their partitions; return how many.
+
+    Acknowledged only when every replica still in each partition's set has the rows durable. A
+    replica that cannot be reached is reported (``report(server_id, table_uid, partitions,
+    reason)`` returns the map version after the coordinator dropped it from those sets) and the
+    write is retried on the new map; writes are absolute values, so resending is harmless."""
+    last_error: ShoalError | None = None
     for _ in range(MAX_ATTEMPTS):
         rt = maps.current()
         tr = rt.model(model).table(table)
         parts = partition_of(ids, tr.spec.num_partitions)
         order = np.argsort(parts, kind="stable")
         chunk = max(1, WRITE_CHUNK_BYTES // max(1, tr.spec.row_bytes))
-        calls = []
+        calls, targets = [], []
         for slot in range(tr.replicas.shape[1]):
             servers = tr.replicas[parts[order], slot]
             for s in np.unique(servers[servers >= 0]):
@@ -44,16 +51,28 @@ async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
                                               table_uid=tr.spec.table_uid, ids=pack(ids[c]),
                                               rows=pack(rows[c]), routed=routed(tr, parts[c]))
                     calls.append(transport.write_rows(rt.addresses[s], req, timeout))
+                    targets.append((int(s), parts[c]))
         results = await asyncio.gather(*calls, return_exceptions=True)
-        stale = [r for r in results if isinstance(r, StaleMap)]
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, StaleMap):
+        at_least, retry = 0, False
+        for (s, p), r in zip(targets, results):
+            if isinstance(r, StaleMap):
+                stats.redirects += 1
+                at_least, retry = max(at_least, r.map_version), True
+            elif isinstance(r, ShoalError) and r.code in RETRYABLE:
+                stats.replica_retries += 1
+                last_error, retry = r, True
+                version = await report(rt.server_ids[s], tr.spec.table_uid, np.unique(p),
+                                       r.message)
+                at_least = max(at_least, version)
+            elif isinstance(r, BaseException):
                 raise r
-        if not stale:
+        if not retry:
             return len(ids)
-        stats.redirects += 1
-        await maps.refresh_async(at_least=max(e.map_version for e in stale))
-        # writes are idempotent: resend all
+        await maps.refresh_async(at_least=at_least)
+    if last_error is not None:
+        raise Unavailable(f"write to table {table!r}: a replica stayed unreachable after "
+                          f"{MAX_ATTEMPTS} attempts and could not be dropped from its "
+                          f"partitions' replica sets: {last_error.message}")
     raise Unavailable(f"write to table {table!r}: the shard map kept changing; retry")
 
 

@@ -125,7 +125,8 @@ class RouterService(pbg.RouterServicer):
                 keep = len(ids) - 1 - last
                 ids, rows = ids[keep], rows[keep]
             n = await write_rows(request.model, request.table, ids, rows, self._maps,
-                                 self._transport, self._cfg.rpc_timeout_s, self.stats)
+                                 self._transport, self._cfg.rpc_timeout_s, self.stats,
+                                 self._report_failure)
             return pb.WriteRowsReply(written=n)
         except ShoalError as e:
             await abort_async(context, e)
@@ -145,6 +146,17 @@ class RouterService(pbg.RouterServicer):
             return pb.RouterLookupRowsReply(rows=pack(rows))
         except ShoalError as e:
             await abort_async(context, e)
+
+    async def _report_failure(self, server_id: str, table_uid: int, partitions: np.ndarray,
+                              reason: str) -> int:
+        """Tell the coordinator a replica failed a write; return the map version after."""
+        try:
+            reply = await self._coord.ReportFailure(pb.ReportFailureRequest(
+                server_id=server_id, reporter="router", table_uid=table_uid,
+                partitions=[int(p) for p in partitions], reason=reason[:500]), timeout=5)
+            return reply.map_version
+        except grpc.RpcError:          # coordinator unreachable: the replica stays in its sets
+            return 0
 
     # ------------------------------------------------------------ control
     async def CreateModel(self, request, context):

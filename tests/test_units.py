@@ -715,3 +715,72 @@ def test_table_arena_set_partitions_keeps_resident_rows():
 
     assert arena.set_partitions([]) == []
     assert arena.nbytes == 0 and (arena.rows_index(ids, parts) == -1).all()
+
+
+# ================================================================ failure detection
+
+def _cluster(clock, servers=("s0", "s1", "s2"), replication=2, parts=8):
+    svc = CoordinatorService(MemoryStateStore(), CoordinatorConfig(lease_s=5.0),
+                             default_replication=replication, clock=clock)
+    for s in servers:
+        svc.Register(pb.RegisterRequest(server_id=s, address=f"h:{s}"), FakeContext())
+    svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m", tables=[
+        _table("a", parts=parts)])), FakeContext())
+    return svc
+
+
+def test_reconcile_drops_a_server_whose_lease_ran_out():
+    clock = FakeClock()
+    svc = _cluster(clock)
+    before = svc.shard_map()
+    assert svc.reconcile() == []                         # everyone alive: nothing to do
+    clock.t += 4.0
+    for s in ("s0", "s1"):
+        svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
+    clock.t += 2.0                                       # s2 silent for 6 s > lease 5 s
+    assert svc.reconcile() == ["s2"]
+    after = svc.shard_map()
+    assert after.version == before.version + 1
+    old = {rs.partition: rs for rs in before.partitions}
+    for rs in after.partitions:
+        prev = old[rs.partition]
+        if "s2" in prev.replicas:
+            assert list(rs.replicas) == [s for s in prev.replicas if s != "s2"]
+            assert rs.epoch == prev.epoch + 1            # fenced: a new epoch
+            if prev.replicas[0] == "s2":                 # a new leader from the in-sync rest
+                assert rs.replicas[0] == prev.replicas[1]
+        else:
+            assert list(rs.replicas) == list(prev.replicas) and rs.epoch == prev.epoch
+    assert {s.server_id: s.state for s in after.servers}["s2"] == "dead"
+    assert svc.reconcile() == []                         # idempotent
+    assert svc.shard_map().version == after.version
+
+
+def test_reconcile_keeps_an_only_replica():
+    clock = FakeClock()
+    svc = _cluster(clock, servers=("s0", "s1"), replication=1)
+    before = {rs.partition: (list(rs.replicas), rs.epoch) for rs in svc.shard_map().partitions}
+    clock.t += 6.0
+    svc.Heartbeat(pb.HeartbeatRequest(server_id="s0"), FakeContext())
+    assert svc.reconcile() == []                         # s1's data lives nowhere else
+    assert {rs.partition: (list(rs.replicas), rs.epoch)
+            for rs in svc.shard_map().partitions} == before
+
+
+def test_report_failure_drops_the_replica_from_named_partitions_only():
+    clock = FakeClock()
+    svc = _cluster(clock)
+    m = svc.shard_map()
+    mine = sorted(rs.partition for rs in m.partitions if "s1" in rs.replicas)
+    uid = m.partitions[0].table_uid
+    reply = svc.ReportFailure(pb.ReportFailureRequest(
+        server_id="s1", reporter="router", table_uid=uid, partitions=mine[:1],
+        reason="connection refused"), FakeContext())
+    after = {rs.partition: rs for rs in svc.shard_map().partitions}
+    assert reply.map_version == m.version + 1
+    assert "s1" not in after[mine[0]].replicas
+    assert all("s1" in after[p].replicas for p in mine[1:])
+    # Reporting again, or for a partition it is not in, changes nothing.
+    again = svc.ReportFailure(pb.ReportFailureRequest(
+        server_id="s1", table_uid=uid, partitions=mine[:1]), FakeContext())
+    assert again.map_version == reply.map_version

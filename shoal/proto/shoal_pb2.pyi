@@ -196,6 +196,26 @@ class SetReplicasReply(_message.Message):
     map_version: int
     def __init__(self, partition: _Optional[_Union[ReplicaSet, _Mapping]] = ..., map_version: _Optional[int] = ...) -> None: ...
 
+class ReportFailureRequest(_message.Message):
+    __slots__ = ("server_id", "reporter", "table_uid", "partitions", "reason")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    reporter: str
+    table_uid: int
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, server_id: _Optional[str] = ..., reporter: _Optional[str] = ..., table_uid: _Optional[int] = ..., partitions: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportFailureReply(_message.Message):
+    __slots__ = ("map_version",)
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
 class PartitionEpochs(_message.Message):
     __slots__ = ("partitions", "epochs")
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.SetReplicasRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.SetReplicasReply.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/shoal.v1.Coordinator/ReportFailure',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -94,6 +99,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SetReplicas,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.SetReplicasRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.SetReplicasReply.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/SetReplicas',
             shoal_dot_proto_dot_shoal__pb2.SetReplicasRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.SetReplicasReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/ReportFailure',
+            shoal_dot_proto_dot_shoal__pb2.ReportFailureRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ReportFailureReply.FromString,
             options,
             channel_credentials,
             insecure,
