@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,6 +20,7 @@ from shoal.errors import ShoalError, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack
 
+from router.hedging import Hedger
 from router.mapcache import MapCache
 from router.routing import ModelRoute, TableRoute, routed
 from router.transport import ShardTransport
@@ -26,6 +28,7 @@ from router.transport import ShardTransport
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 MAX_ATTEMPTS = 4
+PROBE_EVERY = 64         # every 64th batch reads slow servers too, to notice when they recover
 
 
 @dataclass
@@ -69,12 +72,16 @@ class Stats:
 
 
 async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
-                        timeout: float, dedup: bool, stats: Stats) -> list[np.ndarray]:
+                        timeout: float, dedup: bool, stats: Stats,
+                        hedger: Hedger) -> list[np.ndarray]:
     model = queries[0].model
     works, slots = merge(queries)
     for w in works.values():
         w.sums = np.zeros((len(w.lengths), model.tables[w.name].spec.dim), dtype=np.float32)
-    await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats)
+    for _ in queries:
+        hedger.budget.deposit()
+    await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats,
+                  hedger)
     for w in works.values():
         if model.tables[w.name].spec.pooling == "mean":
             w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
@@ -113,39 +120,83 @@ def merge(queries: list[Query]):
 
 
 async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
-                  transport: ShardTransport, timeout: float, dedup: bool, stats: Stats) -> None:
+                  transport: ShardTransport, timeout: float, dedup: bool, stats: Stats,
+                  hedger: Hedger) -> None:
     """Send each server one RPC with every table's occurrences it holds; add the partial sums.
     A redirected part is re-routed on a refreshed map; a part whose server failed is re-routed
-    to another replica."""
+    to another replica (within the retry budget); a part whose server is slower than its recent
+    p95 is hedged to another replica and the first answer wins."""
     pending = [(w, None) for w in works]     # (work, occurrence indices or None for all)
     exclude: set[int] = set()
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         table = maps.current()
         model = table.model(model_name)
-        per_server = route(pending, model, next(stats.rotation), frozenset(exclude))
-        servers = list(per_server)
-        replies = await asyncio.gather(*(
-            transport.lookup_pooled(
-                table.addresses[s],
-                pb.LookupPooledRequest(map_version=table.version, segments=[
-                    segment(model.tables[w.name], w, occ, dedup) for w, occ in per_server[s]]),
-                timeout)
-            for s in servers), return_exceptions=True)
+        rotation = next(stats.rotation)
+        per_server = route(pending, model, rotation, frozenset(exclude),
+                           avoid=hedger.slow(probe=rotation % PROBE_EVERY == 0))
+
+        async def send(s: int, items):
+            t0 = time.perf_counter()
+            req = pb.LookupPooledRequest(map_version=table.version, segments=[
+                segment(model.tables[w.name], w, occ, dedup) for w, occ in items])
+            try:
+                reply = await transport.lookup_pooled(table.addresses[s], req, timeout)
+            except ShoalError as e:
+                return [(s, items, e)]
+            hedger.tracker.observe(s, time.perf_counter() - t0)
+            return [(s, items, reply)]
+
+        async def send_hedged(s: int, items):
+            primary = asyncio.ensure_future(send(s, items))
+            delay = hedger.delay(s)
+            if delay is None:
+                return await primary
+            done, _ = await asyncio.wait({primary}, timeout=delay)
+            if done or not hedger.budget.withdraw():
+                return await primary
+            try:
+                alt = route(items, model, rotation + 1, frozenset(exclude | {s}))
+            except Unavailable:              # no other replica holds all of it
+                return await primary
+            hedger.hedges += 1
+            hedge = asyncio.ensure_future(asyncio.gather(*(send(a, it) for a, it in alt.items())))
+            done, _ = await asyncio.wait({primary, hedge}, return_when=asyncio.FIRST_COMPLETED)
+            first = hedge if hedge in done else primary
+            other = primary if first is hedge else hedge
+            outcome = [x for group in first.result() for x in group] if first is hedge \
+                else first.result()
+            if all(not isinstance(r, ShoalError) for _, _, r in outcome):
+                if first is hedge:
+                    # The primary is left to finish (its reply unused) so the tracker learns its
+                    # real latency and routing can avoid a server that stays slow.
+                    hedger.hedge_wins += 1
+                else:
+                    other.cancel()
+                return outcome
+            rest = await other                  # the first failed: take the other's answer
+            return [x for group in rest for x in group] if other is hedge else rest
+
+        outcomes = await asyncio.gather(*(send_hedged(s, items)
+                                          for s, items in per_server.items()))
         pending = []
-        for s, reply in zip(servers, replies):
+        for s, items, reply in (x for outcome in outcomes for x in outcome):
             if isinstance(reply, StaleMap):
                 stats.redirects += 1
                 await maps.refresh_async(at_least=reply.map_version)
-                pending += per_server[s]
+                pending += items
                 continue
             if isinstance(reply, ShoalError) and reply.code in RETRYABLE:
+                if attempt and not hedger.budget.withdraw():
+                    raise Unavailable(f"lookup on model {model_name!r}: server "
+                                      f"{table.server_ids[s]} failed ({reply.message}) and the "
+                                      "retry budget is spent")
                 stats.replica_retries += 1
                 exclude.add(s)
-                pending += per_server[s]
+                pending += items
                 continue
-            if isinstance(reply, BaseException):
+            if isinstance(reply, ShoalError):
                 raise reply
-            for (w, _), sums in zip(per_server[s], reply.sums):
+            for (w, _), sums in zip(items, reply.sums):
                 np.add(w.sums, np.frombuffer(sums.data, np.float32).reshape(w.sums.shape),
                        out=w.sums)
         if not pending:
@@ -155,15 +206,21 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                       f"{sorted(maps.current().server_ids[s] for s in exclude)})")
 
 
-def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int]):
+def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int],
+          avoid: frozenset[int] = frozenset()):
     """Group occurrences by the server chosen for their partition. A table whose occurrences
-    all go to one server (the common case: see ``TableRoute.choose``) is sent whole."""
+    all go to one server (the common case: see ``TableRoute.choose``) is sent whole. Servers in
+    ``avoid`` (slow ones) are skipped for partitions that have another replica."""
     per_server: dict[int, list] = {}
     for w, occ in pending:
         tr = model.tables[w.name]
         ids = w.ids if occ is None else w.ids[occ]
         parts = partition_of(ids, tr.spec.num_partitions)
-        servers = tr.choose(rotation, exclude)[parts]
+        choice = tr.choose(rotation, exclude)
+        if avoid:
+            fallback = tr.choose(rotation, exclude | avoid)
+            choice = np.where(fallback >= 0, fallback, choice)
+        servers = choice[parts]
         if not servers.size:
             continue
         lo, hi = int(servers.min()), int(servers.max())

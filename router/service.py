@@ -16,6 +16,7 @@ from shoal.wire import is_set, pack, unpack
 import grpc
 
 from router.batcher import Batcher
+from router.hedging import Hedger, RetryBudget
 from router.mapcache import MapCache
 from router.pooled import Query, Stats, output_keys, pooled_lookup
 from embeddings.specs import check_ids
@@ -32,6 +33,10 @@ class RouterService(pbg.RouterServicer):
         self._transport = transport
         self._coord = coordinator
         self.stats = Stats()
+        self.hedger = Hedger(config.hedge, config.hedge_factor, config.hedge_min_delay_ms / 1e3,
+                             config.hedge_min_samples,
+                             RetryBudget(config.retry_budget_ratio,
+                                         config.retry_budget_min_per_s))
         self._requests = 0
         self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
                                 config.max_batch_ids)
@@ -49,7 +54,8 @@ class RouterService(pbg.RouterServicer):
 
     async def _execute(self, queries: list[Query]) -> list[np.ndarray]:
         return await pooled_lookup(queries, self._maps, self._transport,
-                                   self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats)
+                                   self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats,
+                                   self.hedger)
 
     def _parse(self, r: pb.FeatureBatch) -> Query:
         model = self._maps.current().model(r.model, r.version)
@@ -177,5 +183,6 @@ class RouterService(pbg.RouterServicer):
         return pb.StatusReply(map=m, router=pb.RouterStats(
             requests=self._requests, batches=s.batches, redirects=s.redirects,
             map_refreshes=self._maps.refreshes, replica_retries=s.replica_retries,
-            map_version=self._maps.current().version,
+            map_version=self._maps.current().version, hedges=self.hedger.hedges,
+            hedge_wins=self.hedger.hedge_wins,
             cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid()))

@@ -27,6 +27,12 @@ class RouterConfig:
     max_ids_per_request: int = 1_000_000    # per client request; more is INVALID_ARGUMENT
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
+    hedge: bool = True                      # send a slow read to a second replica too
+    hedge_factor: float = 1.0               # ... after this times the server's recent p95
+    hedge_min_delay_ms: float = 2.0         # ... but never sooner than this
+    hedge_min_samples: int = 20             # no hedging until a server has this many samples
+    retry_budget_ratio: float = 0.1         # hedges + retries allowed per request served
+    retry_budget_min_per_s: float = 10.0    # ... plus this many per second
     rpc_timeout_s: float = 30.0
 
 

@@ -185,3 +185,58 @@ def test_only_replica_lost_fails_unavailable_naming_the_partition(tmp_path):
         assert {rs.partition: list(rs.replicas) for rs in m.partitions} == \
             {p: [s] for p, s in owner.items()}
         client.close()
+
+
+def test_slow_replica_is_hedged_and_avoided(tmp_path):
+    """One replica's replies are delayed 200 ms by a TCP proxy: hedging and slow-server
+    avoidance keep p99 within 2x the healthy p99 with at most 10% extra RPCs."""
+    from tests.netutil import DelayProxy
+
+    cfg = EmbeddingBagConfig(name="th", embedding_dim=DIM, num_embeddings=ROWS,
+                             feature_names=["fh"])
+    torch.manual_seed(11)
+    oracle = EmbeddingBagCollection(tables=[cfg])
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path)) as cluster:
+        client = cluster.client()
+        client.create_model("hd", [cfg])
+        fill_from_oracle(client, "hd", oracle)
+        rng = np.random.default_rng(3)
+        batches = [random_kjt(rng, ["fh"], [ROWS], 32, 8) for _ in range(40)]
+
+        def run(n):
+            lat = []
+            for i in range(n):
+                kjt = batches[i % len(batches)]
+                t = time.perf_counter()
+                got = client.lookup("hd", kjt)
+                lat.append(time.perf_counter() - t)
+                with torch.no_grad():
+                    assert_close(got.values(), oracle(kjt).values(), rtol=1e-5, atol=1e-5)
+            return np.percentile(np.array(lat), 99)
+
+        run(100)                                             # warm up
+        healthy_p99 = run(300)
+        slow = cluster.servers[1]
+        with DelayProxy(slow.address, 0.2) as proxy:
+            ch = channel(cluster.coordinator_address)
+            coord = pbg.CoordinatorStub(ch)
+            version = coord.Register(pb.RegisterRequest(server_id=slow.server_id,
+                                                        address=proxy.address),
+                                     timeout=10).map_version
+            deadline = time.monotonic() + 20
+            while client.status().router.map_version < version:
+                assert time.monotonic() < deadline, "router never picked up the proxy address"
+                time.sleep(0.1)
+            run(60)                                          # the router learns s1 is slow
+            before = client.status().router
+            slow_p99 = run(300)
+            after = client.status().router
+            ch.close()
+        extra = (after.hedges - before.hedges) / (after.batches - before.batches)
+        print(f"healthy p99 {healthy_p99 * 1e3:.1f} ms, with a 200 ms replica "
+              f"{slow_p99 * 1e3:.1f} ms, extra RPCs {extra:.1%}, hedges won "
+              f"{after.hedge_wins - before.hedge_wins}")
+        assert after.hedges > 0                              # the slow replica was hedged
+        assert slow_p99 <= 2 * healthy_p99
+        assert extra <= 0.10
+        client.close()

@@ -784,3 +784,44 @@ def test_report_failure_drops_the_replica_from_named_partitions_only():
     again = svc.ReportFailure(pb.ReportFailureRequest(
         server_id="s1", table_uid=uid, partitions=mine[:1]), FakeContext())
     assert again.map_version == reply.map_version
+
+
+# ================================================================ hedging and retry budget
+
+def test_latency_tracker_and_hedge_delay():
+    from router.hedging import Hedger, LatencyTracker, RetryBudget
+
+    tracker = LatencyTracker(window=100, percentile=95, every=1)
+    hedger = Hedger(True, factor=1.0, min_delay_s=0.002, min_samples=20,
+                    budget=RetryBudget(0.1, 10.0, clock=FakeClock()), tracker=tracker)
+    assert hedger.delay(0) is None                       # too few samples: no hedging yet
+    for i in range(100):
+        tracker.observe(0, 0.010 + i * 1e-5)             # fast server: ~10-11 ms
+        tracker.observe(1, 0.200)                        # a server 200 ms slow
+    assert tracker.percentile(0, 20) == pytest.approx(np.percentile(
+        [0.010 + i * 1e-5 for i in range(100)], 95))
+    # Hedge after the fastest server's p95, whichever server was asked.
+    assert hedger.delay(1) == pytest.approx(tracker.percentile(0, 20))
+    assert hedger.slow(probe=False) == frozenset({1})
+    assert hedger.slow(probe=True) == frozenset()        # probes still reach it
+    assert Hedger(False, 1.0, 0.002, 20, hedger.budget, tracker).delay(0) is None
+    floor = Hedger(True, 1.0, 0.5, 20, hedger.budget, tracker)
+    assert floor.delay(0) == 0.5
+
+
+def test_retry_budget_caps_hedges_and_retries():
+    from router.hedging import RetryBudget
+
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.1, min_per_s=10.0, cap=100.0, clock=clock)
+    spent = 0
+    while budget.withdraw():                             # the initial tokens (cap / 10)
+        spent += 1
+    assert spent == 10
+    for _ in range(50):
+        budget.deposit()                                 # 50 requests -> 5 tokens
+    assert sum(budget.withdraw() for _ in range(10)) == 5
+    clock.t += 0.5                                       # 0.5 s -> 5 tokens
+    assert sum(budget.withdraw() for _ in range(10)) == 5
+    clock.t += 1000.0                                    # never more than the cap
+    assert sum(budget.withdraw() for _ in range(200)) == 100

@@ -367,7 +367,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid")
+    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     REDIRECTS_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +376,8 @@ class RouterStats(_message.Message):
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    HEDGES_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_WINS_FIELD_NUMBER: _ClassVar[int]
     requests: int
     batches: int
     redirects: int
@@ -384,7 +386,9 @@ class RouterStats(_message.Message):
     map_version: int
     cpu_seconds: float
     pid: int
-    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+    hedges: int
+    hedge_wins: int
+    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("map", "router")
