@@ -98,6 +98,7 @@ def main() -> int:
     ap.add_argument("--dedup", action="store_true", help="router sends unique ids + inverse")
     ap.add_argument("--window-ms", type=float, default=None)
     ap.add_argument("--name", default="lookup", help="results file: bench/results/NAME.json")
+    ap.add_argument("--data-dir", default=None, help="keep the cluster's data and logs here")
     args = ap.parse_args()
 
     import shoal
@@ -129,7 +130,7 @@ def main() -> int:
     if args.window_ms is not None:
         cfg = cfg.replace(router__batch_window_ms=args.window_ms)
     with shoal.LocalCluster(servers=args.servers, replication=args.replication,
-                            config=cfg) as cluster:
+                            config=cfg, data_dir=args.data_dir) as cluster:
         client = cluster.client()
         client.create_model("bench", tables)
         t0 = time.perf_counter()
@@ -147,6 +148,10 @@ def main() -> int:
                           - ebc(batches[1]).values()).abs().max())
         shoal_res = run_shoal(cluster, batches, args.seconds, args.clients)
         st = client.status()
+        r = st.router
+        router_stats = {"requests": r.requests, "batches": r.batches, "hedges": r.hedges,
+                        "hedge_wins": r.hedge_wins, "replica_retries": r.replica_retries,
+                        "redirects": r.redirects}
         servers = {}
         for s in st.map.servers:
             rss = rss_bytes(cluster.server(s.server_id).pid)
@@ -172,10 +177,13 @@ def main() -> int:
               f"{s['raw_bytes_held'] / 2**30:.2f} GiB of rows = {s['rss_over_raw']:.2f}x "
               "(target <= 1.3x)")
     print(f"max |shoal - torchrec| on a checked batch: {diff:.3g}")
+    print(f"router: {router_stats['requests']} requests in {router_stats['batches']} batches, "
+          f"{router_stats['hedges']} hedged ({router_stats['hedge_wins']} won by the hedge), "
+          f"{router_stats['replica_retries']} replica retries")
     path = write_result(args.name, {
         "config": vars(args), "ids_per_batch": ids_per_batch, "fill_seconds": round(fill_s, 2),
         "baseline_torchrec_ebc": baseline, "shoal": shoal_res, "ratio": round(ratio, 3),
-        "servers": servers, "max_abs_diff": diff})
+        "servers": servers, "router": router_stats, "max_abs_diff": diff})
     print(f"wrote {path}")
     return 0
 

@@ -36,6 +36,7 @@ class CoordinatorService(pbg.CoordinatorServicer):
         # dead for the half second until heartbeats resume.
         self._last_seen: dict[str, float] = {s: clock() for s in self._state.servers}
         self._stats: dict[str, pb.ServerStats] = {}   # soft: latest stats per server
+        self._last_pass: float | None = None          # clock of the last reconcile pass
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -67,7 +68,18 @@ class CoordinatorService(pbg.CoordinatorServicer):
         from the replica sets it shares with others (epoch + 1, a new leader where it led).
         Idempotent; returns the servers acted on. Called every ``lease_s / 5`` by the process."""
         with self._lock:
+            now = self._clock()
+            stalled = now - self._last_pass if self._last_pass is not None else 0.0
+            self._last_pass = now
+            if stalled > self._cfg.lease_s / 2:
+                # The coordinator itself did not run for a while (starved, paused): silence in
+                # that window says nothing about the servers. Give every one the time back.
+                for s in self._last_seen:
+                    self._last_seen[s] += stalled
+                log.warning("reconcile loop stalled %.1fs; leases extended by as much", stalled)
             alive = set(self.alive())
+            if not alive:
+                return []        # everyone silent at once: the coordinator's problem, not theirs
             acted = []
             for server_id in sorted(set(self._state.servers) - alive):
                 new = self._state.without_replica(server_id)

@@ -2,6 +2,7 @@
 lookup / write paths against the shard servers."""
 from __future__ import annotations
 
+import logging
 import os
 import resource
 
@@ -22,6 +23,8 @@ from router.pooled import Query, Stats, output_keys, pooled_lookup
 from embeddings.specs import check_ids
 from router.rows import lookup_rows, write_rows
 from router.transport import ShardTransport
+
+log = logging.getLogger("router")
 
 
 class RouterService(pbg.RouterServicer):
@@ -156,6 +159,8 @@ class RouterService(pbg.RouterServicer):
     async def _report_failure(self, server_id: str, table_uid: int, partitions: np.ndarray,
                               reason: str) -> int:
         """Tell the coordinator a replica failed a write; return the map version after."""
+        log.warning("replica %s failed a write to %d partitions of table_uid %d: %s; reporting "
+                    "it", server_id, len(partitions), table_uid, reason)
         try:
             reply = await self._coord.ReportFailure(pb.ReportFailureRequest(
                 server_id=server_id, reporter="router", table_uid=table_uid,

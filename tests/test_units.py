@@ -734,11 +734,13 @@ def test_reconcile_drops_a_server_whose_lease_ran_out():
     svc = _cluster(clock)
     before = svc.shard_map()
     assert svc.reconcile() == []                         # everyone alive: nothing to do
-    clock.t += 4.0
-    for s in ("s0", "s1"):
-        svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
-    clock.t += 2.0                                       # s2 silent for 6 s > lease 5 s
-    assert svc.reconcile() == ["s2"]
+    acted = []
+    for _ in range(6):                                   # a pass a second, as the loop does
+        clock.t += 1.0
+        for s in ("s0", "s1"):
+            svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
+        acted += svc.reconcile()
+    assert acted == ["s2"]                               # s2 silent for 6 s > lease 5 s
     after = svc.shard_map()
     assert after.version == before.version + 1
     old = {rs.partition: rs for rs in before.partitions}
@@ -760,9 +762,10 @@ def test_reconcile_keeps_an_only_replica():
     clock = FakeClock()
     svc = _cluster(clock, servers=("s0", "s1"), replication=1)
     before = {rs.partition: (list(rs.replicas), rs.epoch) for rs in svc.shard_map().partitions}
-    clock.t += 6.0
-    svc.Heartbeat(pb.HeartbeatRequest(server_id="s0"), FakeContext())
-    assert svc.reconcile() == []                         # s1's data lives nowhere else
+    for _ in range(6):
+        clock.t += 1.0
+        svc.Heartbeat(pb.HeartbeatRequest(server_id="s0"), FakeContext())
+        assert svc.reconcile() == []                     # s1's data lives nowhere else
     assert {rs.partition: (list(rs.replicas), rs.epoch)
             for rs in svc.shard_map().partitions} == before
 
@@ -825,3 +828,30 @@ def test_retry_budget_caps_hedges_and_retries():
     assert sum(budget.withdraw() for _ in range(10)) == 5
     clock.t += 1000.0                                    # never more than the cap
     assert sum(budget.withdraw() for _ in range(200)) == 100
+
+
+def test_reconcile_does_not_blame_servers_for_its_own_stall():
+    clock = FakeClock()
+    svc = _cluster(clock)
+    before = svc.shard_map().version
+    assert svc.reconcile() == []
+    clock.t += 30.0                     # the coordinator was paused; no pass, no heartbeats
+    assert svc.reconcile() == []        # leases extended by the stall, nobody dropped
+    assert svc.shard_map().version == before
+    clock.t += 1.0
+    for s in ("s0", "s1"):
+        svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
+    for _ in range(6):                  # passes keep running; s2 stays silent past its lease
+        clock.t += 1.0
+        svc.reconcile()
+    assert "s2" not in {r for rs in svc.shard_map().partitions for r in rs.replicas}
+
+
+def test_reconcile_does_nothing_when_every_server_is_silent():
+    clock = FakeClock()
+    svc = _cluster(clock)
+    before = svc.shard_map().version
+    for _ in range(10):                 # regular passes, but no server heartbeats at all
+        clock.t += 1.0
+        svc.reconcile()
+    assert svc.shard_map().version == before
