@@ -28,7 +28,7 @@ from router.transport import ShardTransport
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 MAX_ATTEMPTS = 4
-PROBE_EVERY = 64         # every 64th batch reads slow servers too, to notice when they recover
+PROBE_EVERY = 128        # every 128th batch reads slow servers too, to notice when they recover
 
 
 @dataclass

@@ -77,12 +77,18 @@ def main() -> None:
 
 def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, interval: float,
                stop: threading.Event) -> None:
+    """Report stats every ``interval``; a newer map version in the reply wakes the map applier.
+    Nothing slow runs here, so loading a large map never delays the heartbeats that keep this
+    server in its replica sets."""
+    newer = threading.Event()
+    threading.Thread(target=_apply_maps, args=(service, newer, stop), daemon=True,
+                     name="map-applier").start()
     while not stop.wait(interval):
         try:
             reply = coord.Heartbeat(pb.HeartbeatRequest(server_id=service.server_id,
                                                         stats=service.stats()), timeout=5)
             if reply.map_version > service.map_version:
-                service.refresh_map(at_least=reply.map_version)
+                newer.set()
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:       # a coordinator that lost us
                 call_until_up(lambda: coord.Register(register, timeout=5))
@@ -90,6 +96,17 @@ def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, inter
                 log.warning("heartbeat failed: %s", e.code().name)
         except Exception:                                   # keep heartbeating whatever happens
             log.exception("heartbeat loop error")
+
+
+def _apply_maps(service: ShardService, newer: threading.Event, stop: threading.Event) -> None:
+    while not stop.is_set():
+        if not newer.wait(1.0):
+            continue
+        newer.clear()
+        try:
+            service.refresh_map()
+        except Exception:
+            log.exception("applying a new shard map failed; retrying on the next heartbeat")
 
 
 if __name__ == "__main__":

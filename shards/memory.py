@@ -14,6 +14,9 @@ import torch
 from embeddings.partition import local_index
 
 
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+
+
 class TableArena:
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, num_partitions: int):
         self.num_partitions = num_partitions
@@ -36,7 +39,10 @@ class TableArena:
         keep = [p for p in partitions if self.slot[p] >= 0]
         new = [p for p in partitions if self.slot[p] < 0]
         rpp = self.rows_per_partition
-        weight = torch.zeros((len(partitions) * rpp, self.dim), dtype=self.dtype)
+        # np.zeros takes calloc'd memory: pages are mapped when rows are first written, so
+        # making a large table resident is instant and RSS grows with the rows filled.
+        weight = torch.from_numpy(np.zeros((len(partitions) * rpp, self.dim),
+                                           dtype=NP_DTYPES[self.dtype]))
         slot = np.full(self.num_partitions, -1, dtype=np.int64)
         for i, p in enumerate(partitions):
             slot[p] = i

@@ -28,7 +28,7 @@ class RouterConfig:
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
     hedge: bool = True                      # send a slow read to a second replica too
-    hedge_factor: float = 1.0               # ... after this times the server's recent p95
+    hedge_factor: float = 1.5               # ... after this times the fastest server's p95
     hedge_min_delay_ms: float = 2.0         # ... but never sooner than this
     hedge_min_samples: int = 20             # no hedging until a server has this many samples
     retry_budget_ratio: float = 0.1         # hedges + retries allowed per request served
