@@ -8,7 +8,8 @@ import threading
 
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import make_server, serve_until_signalled, write_ready
+from shoal.proto import shoal_pb2 as pb
+from shoal.serving import channel, make_server, serve_until_signalled, write_ready
 
 from coordinator.service import CoordinatorService
 from coordinator.store import SqliteStateStore
@@ -27,7 +28,15 @@ def main() -> None:
     data = pathlib.Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     store = SqliteStateStore(data / "state.db")
-    service = CoordinatorService(store, cfg.coordinator, default_replication=args.replication)
+    stubs: dict[str, pbg.ShardServerStub] = {}
+
+    def build_replica(address: str, request: pb.BuildReplicaRequest) -> None:
+        stub = stubs.get(address) or stubs.setdefault(address,
+                                                      pbg.ShardServerStub(channel(address)))
+        stub.BuildReplica(request, timeout=5)
+
+    service = CoordinatorService(store, cfg.coordinator, default_replication=args.replication,
+                                 build_replica=build_replica)
     server, address = make_server(16, args.host, args.port)
     pbg.add_CoordinatorServicer_to_server(service, server)
     server.start()

@@ -5,6 +5,7 @@ Every change is applied to a copy of the state, saved durably, then published.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -24,7 +25,10 @@ log = logging.getLogger("coordinator")
 
 class CoordinatorService(pbg.CoordinatorServicer):
     def __init__(self, store: StateStore, config: CoordinatorConfig,
-                 default_replication: int = 0, clock: Callable[[], float] = time.monotonic):
+                 default_replication: int = 0, clock: Callable[[], float] = time.monotonic,
+                 build_replica: Callable[[str, pb.BuildReplicaRequest], None] | None = None):
+        """``build_replica(address, request)`` asks a learner to start copying a partition
+        (a gRPC call in the process; tests pass a fake)."""
         self._store = store
         self._cfg = config
         self._default_replication = default_replication or config.default_replication
@@ -37,6 +41,8 @@ class CoordinatorService(pbg.CoordinatorServicer):
         self._last_seen: dict[str, float] = {s: clock() for s in self._state.servers}
         self._stats: dict[str, pb.ServerStats] = {}   # soft: latest stats per server
         self._last_pass: float | None = None          # clock of the last reconcile pass
+        self._build_replica = build_replica
+        self._build_sent: dict[tuple, float] = {}     # soft: (key, learner) -> clock asked
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -90,7 +96,58 @@ class CoordinatorService(pbg.CoordinatorServicer):
                     log.warning("server %s missed its lease (%.1fs): dropped from replica sets, "
                                 "map version %d (%.1f ms)", server_id, self._cfg.lease_s,
                                 new.version, (time.perf_counter() - t0) * 1e3)
-            return acted
+        self._rebuild()
+        return acted
+
+    def _rebuild(self) -> None:
+        """Re-replication: give every partition with fewer replicas (+ learners) than its
+        model's replication factor a learner on the least-loaded live server that is not
+        building too many copies already; (re)ask learners that have not reported."""
+        requests = []
+        with self._lock:
+            alive = set(self.alive())
+            now = self._clock()
+            state = self._state
+            building = collections.Counter(s for rec in state.partitions.values()
+                                           for s in rec.learners)
+            loads = {s.server_id: s.bytes for s in state.server_loads(sorted(alive))}
+            for key, rec in sorted(state.partitions.items()):
+                want = state.replication_of(key[0])
+                if len(rec.replicas) + len(rec.learners) >= want or \
+                        not any(r in alive for r in rec.replicas):
+                    continue
+                options = [s for s in sorted(alive) if s not in rec.replicas
+                           and s not in rec.learners
+                           and building[s] < self._cfg.max_builds_per_server]
+                if not options:
+                    continue
+                target = min(options, key=lambda s: (loads[s], s))
+                state = state.with_learner(key, target)
+                building[target] += 1
+                loads[target] += 1
+                log.info("partition %s: %d of %d replicas; building a copy on %s", key,
+                         len(rec.replicas), want, target)
+            self._commit(state)
+            addresses = {s.server_id: s.address for s in state.servers.values()}
+            for key, rec in state.partitions.items():
+                source = next((r for r in rec.replicas if r in alive), None)
+                for learner in rec.learners:
+                    sent = self._build_sent.get((key, learner))
+                    if source is None or learner not in alive or (
+                            sent is not None and now - sent < self._cfg.build_resend_s):
+                        continue
+                    self._build_sent[(key, learner)] = now
+                    requests.append((addresses[learner], pb.BuildReplicaRequest(
+                        table_uid=key[0], partition=key[1], epoch=rec.epoch,
+                        source_address=addresses[source], map_version=state.version)))
+        for address, request in requests:
+            if self._build_replica is None:
+                continue
+            try:
+                self._build_replica(address, request)
+            except Exception as e:           # the next pass after build_resend_s asks again
+                log.warning("asking %s to build partition %d of table_uid %d failed: %s",
+                            address, request.partition, request.table_uid, e)
 
     def run_reconcile_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self._cfg.lease_s / 5):
@@ -100,6 +157,17 @@ class CoordinatorService(pbg.CoordinatorServicer):
                 log.exception("reconcile pass failed")
 
     # ------------------------------------------------------------ RPCs
+    def ReplicaReady(self, request, context):
+        key = (request.table_uid, request.partition)
+        with self._lock:
+            new = self._state.with_promoted(key, request.server_id)
+            if new is not self._state:
+                self._commit(new)
+                self._build_sent.pop((key, request.server_id), None)
+                log.info("partition %s: %s copied %d rows and is now a replica (epoch %d)",
+                         key, request.server_id, request.rows, new.partitions[key].epoch)
+            return pb.ReplicaReadyReply(map_version=self._state.version)
+
     def ReportFailure(self, request, context):
         keys = [(request.table_uid, int(p)) for p in request.partitions]
         with self._lock:

@@ -24,6 +24,7 @@ from coordinator.placement import PartitionLoad, ServerLoad, place
 class PartitionRecord:
     replicas: tuple[str, ...]
     epoch: int = 1
+    learners: tuple[str, ...] = ()     # copies being built: they get writes, serve no reads
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ClusterState:
                                    memory_budget_bytes=s.memory_budget_bytes)
                      for s in self.servers.values()],
             partitions=[pb.ReplicaSet(table_uid=uid, partition=p, replicas=list(r.replicas),
-                                      epoch=r.epoch)
+                                      epoch=r.epoch, learners=list(r.learners))
                         for (uid, p), r in sorted(self.partitions.items())])
 
     @classmethod
@@ -51,8 +52,8 @@ class ClusterState:
         return cls(version=m.version, next_table_uid=next_table_uid,
                    servers={s.server_id: s for s in m.servers},
                    models={md.name: md for md in m.models},
-                   partitions={(r.table_uid, r.partition): PartitionRecord(tuple(r.replicas),
-                                                                           r.epoch)
+                   partitions={(r.table_uid, r.partition): PartitionRecord(
+                                   tuple(r.replicas), r.epoch, tuple(r.learners))
                                for r in m.partitions})
 
     def copy(self) -> "ClusterState":
@@ -118,9 +119,39 @@ class ClusterState:
                 f"replicas {list(replicas)} must be a reordering of the current set "
                 f"{list(rec.replicas)}; moving data to other servers is the rebalancer's job")
         new = self.copy()
-        new.partitions[key] = PartitionRecord(tuple(replicas), rec.epoch + 1)
+        new.partitions[key] = PartitionRecord(tuple(replicas), rec.epoch + 1, rec.learners)
         new.version += 1
         return new
+
+    def with_learner(self, key: tuple[int, int], server_id: str) -> "ClusterState":
+        """Start building a copy of a partition on ``server_id`` (epoch + 1, so every writer
+        learns to send it writes)."""
+        rec = self.partitions[key]
+        if server_id in rec.replicas or server_id in rec.learners:
+            return self
+        new = self.copy()
+        new.partitions[key] = PartitionRecord(rec.replicas, rec.epoch + 1,
+                                              rec.learners + (server_id,))
+        new.version += 1
+        return new
+
+    def with_promoted(self, key: tuple[int, int], server_id: str) -> "ClusterState":
+        """A learner finished its copy: it becomes a replica (epoch + 1). No-op if it is no
+        longer a learner of that partition (dropped meanwhile)."""
+        rec = self.partitions.get(key)
+        if rec is None or server_id not in rec.learners:
+            return self
+        new = self.copy()
+        new.partitions[key] = PartitionRecord(rec.replicas + (server_id,), rec.epoch + 1,
+                                              tuple(s for s in rec.learners if s != server_id))
+        new.version += 1
+        return new
+
+    def replication_of(self, table_uid: int) -> int:
+        for m in self.models.values():
+            if any(t.table_uid == table_uid for t in m.tables):
+                return m.replication
+        return 0
 
     def without_replica(self, server_id: str,
                         keys: list[tuple[int, int]] | None = None) -> "ClusterState":
@@ -128,16 +159,21 @@ class ClusterState:
         raising each one's epoch; a dropped leader's place goes to the next in-sync replica.
         A partition whose only replica it is keeps it: the data lives nowhere else, so queries
         for that partition fail as unavailable until the server returns."""
+        def droppable(rec: PartitionRecord) -> bool:
+            return server_id in rec.learners or (server_id in rec.replicas
+                                                 and len(rec.replicas) > 1)
+
         changed = [k for k in (self.partitions if keys is None else keys)
-                   if k in self.partitions and server_id in self.partitions[k].replicas
-                   and len(self.partitions[k].replicas) > 1]
+                   if k in self.partitions and droppable(self.partitions[k])]
         if not changed:
             return self
         new = self.copy()
         for k in changed:
             rec = new.partitions[k]
+            replicas = rec.replicas if len(rec.replicas) == 1 else \
+                tuple(s for s in rec.replicas if s != server_id)
             new.partitions[k] = PartitionRecord(
-                tuple(s for s in rec.replicas if s != server_id), rec.epoch + 1)
+                replicas, rec.epoch + 1, tuple(s for s in rec.learners if s != server_id))
         new.version += 1
         return new
 

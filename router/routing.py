@@ -20,6 +20,7 @@ class TableRoute:
     spec: TableSpec
     replicas: np.ndarray     # int32 [P, R]: server index per replica slot, -1 = none
     epochs: np.ndarray       # int64 [P]
+    writers: np.ndarray      # int32 [P, W]: replicas then learners (they get every write)
 
     def choose(self, rotation: int, exclude: frozenset[int] = frozenset()) -> np.ndarray:
         """One server index per partition (-1 when every replica is ``exclude``d).
@@ -96,12 +97,16 @@ class RoutingTable:
                 spec = TableSpec.from_proto(t)
                 sets = by_uid.get(spec.table_uid, [])
                 R = max((len(rs.replicas) for rs in sets), default=0)
+                W = max((len(rs.replicas) + len(rs.learners) for rs in sets), default=0)
                 replicas = np.full((spec.num_partitions, max(R, 1)), -1, dtype=np.int32)
+                writers = np.full((spec.num_partitions, max(W, 1)), -1, dtype=np.int32)
                 epochs = np.zeros(spec.num_partitions, dtype=np.int64)
                 for rs in sets:
                     replicas[rs.partition, :len(rs.replicas)] = [index[s] for s in rs.replicas]
+                    both = list(rs.replicas) + list(rs.learners)
+                    writers[rs.partition, :len(both)] = [index[s] for s in both]
                     epochs[rs.partition] = rs.epoch
-                tables[spec.name] = TableRoute(spec, replicas, epochs)
+                tables[spec.name] = TableRoute(spec, replicas, epochs, writers)
                 for f in spec.feature_names:
                     features[f] = (spec.name, len(features))
             models[md.name] = ModelRoute(md.name, md.version, tables, features)

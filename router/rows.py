@@ -1,4 +1,5 @@
-"""Unpooled paths: write rows to every replica, read rows from one replica per partition.
+"""Unpooled paths: write rows to every replica (and learner), read rows from one replica per
+partition.
 
 Writes: the router sends each replica of a partition the rows it holds, all in parallel, and
 acknowledges when every replica has them durable. (Leader-driven replication with sequence
@@ -41,8 +42,8 @@ async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
         order = np.argsort(parts, kind="stable")
         chunk = max(1, WRITE_CHUNK_BYTES // max(1, tr.spec.row_bytes))
         calls, targets = [], []
-        for slot in range(tr.replicas.shape[1]):
-            servers = tr.replicas[parts[order], slot]
+        for slot in range(tr.writers.shape[1]):
+            servers = tr.writers[parts[order], slot]
             for s in np.unique(servers[servers >= 0]):
                 sel = order[servers == s]
                 for lo in range(0, len(sel), chunk):

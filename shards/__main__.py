@@ -21,6 +21,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import call_until_up, channel, make_aio_server, write_ready
 
+from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
 from shards.storage import RocksRowStore
 
@@ -39,7 +40,8 @@ async def serve(args) -> None:
 
     service = ShardService(args.server_id, store, cfg, fetch_map)
     server, address = make_aio_server(args.host, args.port)
-    pbg.add_ShardServerServicer_to_server(ShardServicer(service), server)
+    builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10))
+    pbg.add_ShardServerServicer_to_server(ShardServicer(service, builder), server)
     await server.start()
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
                                   memory_budget_bytes=cfg.memory_budget_bytes)

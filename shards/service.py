@@ -37,7 +37,8 @@ class HeldTable:
     spec: TableSpec
     epochs: np.ndarray                  # int64 [P]: epoch of each partition held here, 0 = not held
     arena: TableArena
-    lock: RWLock = field(default_factory=RWLock)
+    lock: RWLock = field(default_factory=RWLock)          # arena readers vs. arena writers
+    write_mutex: threading.Lock = field(default_factory=threading.Lock)   # one writer of rows
 
 
 class ShardService:
@@ -73,7 +74,7 @@ class ShardService:
         specs = {t.table_uid: TableSpec.from_proto(t) for md in m.models for t in md.tables}
         held: dict[int, dict[int, int]] = {}
         for rs in m.partitions:
-            if self.server_id in rs.replicas:
+            if self.server_id in rs.replicas or self.server_id in rs.learners:
                 held.setdefault(rs.table_uid, {})[rs.partition] = rs.epoch
         budget = self._cfg.memory_budget_bytes
         for uid in sorted(held):
@@ -92,7 +93,7 @@ class ShardService:
             epochs = np.zeros(spec.num_partitions, np.int64)
             for p, e in held[uid].items():
                 epochs[p] = e
-            with table.lock.write():
+            with table.write_mutex, table.lock.write():
                 for p in table.arena.set_partitions(resident):
                     ids, raw = self._store.scan_partition(uid, p)
                     rows = torch.frombuffer(bytearray(raw), dtype=table.arena.dtype) if raw else None
@@ -181,8 +182,17 @@ class ShardService:
                                   f"{self._cfg.max_ids_per_request}")
         if len(np.unique(ids)) != len(ids):
             raise InvalidArgument("ids: must be unique within one write")
-        parts = self._check(table, ids, request.routed)
-        self._store.write_rows(spec.table_uid, parts, ids, rows)
+        with table.write_mutex:             # the epoch check and the store are one step
+            parts = self._check(table, ids, request.routed)
+            self._put(table, parts, ids, rows)
+        if len(ids) >= self._cfg.sst_threshold_rows:
+            trim_heap()
+        return pb.WriteRowsReply(written=len(ids))
+
+    def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray,
+             rows: np.ndarray) -> None:
+        """Store rows durably, then in the memory tier. Caller holds ``table.write_mutex``."""
+        self._store.write_rows(table.spec.table_uid, parts, ids, rows)
         idx = table.arena.rows_index(ids, parts)
         hot = np.flatnonzero(idx >= 0)
         if hot.size:
@@ -190,9 +200,35 @@ class ShardService:
                 table.arena.weight.index_copy_(
                     0, torch.from_numpy(idx[hot]),
                     torch.from_numpy(np.ascontiguousarray(rows[hot])))
-        if len(ids) >= self._cfg.sst_threshold_rows:
-            trim_heap()
-        return pb.WriteRowsReply(written=len(ids))
+
+    def put_if_absent(self, table_uid: int, partition: int, ids: np.ndarray,
+                      rows: np.ndarray) -> int:
+        """Copy rows into a partition this server is building, keeping any row it already has:
+        a learner receives every write from the moment it joins, so a row it holds is at least
+        as new as the copy's. Returns the rows written."""
+        table = self._table(table_uid)
+        parts = np.full(len(ids), partition, dtype=np.int64)
+        with table.write_mutex:
+            present = self._store.present(table_uid, parts, ids)
+            keep = np.flatnonzero(~present)
+            if keep.size:
+                self._put(table, parts[keep], ids[keep], rows[keep])
+        return int(keep.size)
+
+    def scan(self, table_uid: int, partition: int,
+             map_version: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored row of a partition this server holds: (ids, rows [n, dim]).
+
+        First applies a map at least at ``map_version``; writes check their epoch and store
+        their rows under the table's write mutex, and a new map's epochs are set under it too,
+        so once this returns from the refresh every write routed with an older epoch is either
+        stored (and in the scan) or refused."""
+        if map_version:
+            self.refresh_map(at_least=map_version)
+        table = self._table(table_uid)
+        ids, raw = self._store.scan_partition(table_uid, partition)
+        rows = np.frombuffer(raw, dtype=table.spec.np_dtype).reshape(len(ids), table.spec.dim)
+        return ids, rows
 
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
         self._enter(request.map_version)
@@ -295,8 +331,10 @@ class ShardServicer(pbg.ShardServerServicer):
     loop: each is a short burst of vectorised work, and inline avoids a thread hand-off per
     request."""
 
-    def __init__(self, service: ShardService):
+    def __init__(self, service: ShardService, builder=None):
+        """``builder``: a ``shards.replication.ReplicaBuilder`` for BuildReplica requests."""
         self._svc = service
+        self._builder = builder
 
     async def _run(self, fn, request, context, in_thread: bool = False):
         try:
@@ -316,3 +354,19 @@ class ShardServicer(pbg.ShardServerServicer):
 
     async def Stats(self, request, context):
         return self._svc.stats()
+
+    async def BuildReplica(self, request, context):
+        if self._builder is None:
+            await abort_async(context, Unavailable("this server cannot build replicas"))
+        return pb.BuildReplicaReply(started=self._builder.start(request))
+
+    async def ReadPartition(self, request, context):
+        try:
+            ids, rows = await asyncio.to_thread(self._svc.scan, request.table_uid,
+                                                request.partition, request.map_version)
+        except ShoalError as e:
+            await abort_async(context, e)
+            return
+        n = int(request.chunk_rows) if request.chunk_rows > 0 else 65_536
+        for lo in range(0, len(ids), n):
+            yield pb.PartitionChunk(ids=pack(ids[lo:lo + n]), rows=pack(rows[lo:lo + n]))

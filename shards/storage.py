@@ -49,6 +49,10 @@ class RowStore(abc.ABC):
         """The rows' bytes, concatenated in order; rows never written read as zeros."""
 
     @abc.abstractmethod
+    def present(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """bool per id: is a row stored under it?"""
+
+    @abc.abstractmethod
     def scan_partition(self, table_uid: int, partition: int) -> tuple[np.ndarray, bytes]:
         """All (ids, concatenated row bytes) stored in one partition, in id order."""
 
@@ -123,6 +127,12 @@ class RocksRowStore(RowStore):
             return b""
         keys = encode_keys(table_uid, partitions, ids)
         return b"".join(self._db.get(keys, default=bytes(row_bytes)))
+
+    def present(self, table_uid, partitions, ids):
+        if len(ids) == 0:
+            return np.zeros(0, dtype=bool)
+        values = self._db.get(encode_keys(table_uid, partitions, ids))
+        return np.fromiter((v is not None for v in values), dtype=bool, count=len(ids))
 
     def scan_partition(self, table_uid, partition):
         lo, hi = partition_range(table_uid, partition)

@@ -43,6 +43,8 @@ class CoordinatorConfig:
     min_partitions: int = 4
     max_partitions: int = 1024
     default_replication: int = 0            # 0 = 2 when there are >= 2 servers, else 1
+    max_builds_per_server: int = 2          # replica copies one server builds at once
+    build_resend_s: float = 10.0            # re-ask a learner that has not reported by then
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The coordinator's failure detector (heartbeat lease) drops the dead server from its replica
 sets, the router fails reads over to another replica and reports replicas that fail writes, so
-queries keep succeeding and every acknowledged write is on every replica still in its set."""
+queries keep succeeding and every acknowledged write is on every replica still in its set; then
+new replicas are built and the replication factor comes back."""
 from __future__ import annotations
 
 import os
@@ -136,11 +137,26 @@ def test_kill9_under_load_loses_no_query_and_no_acknowledged_write(tmp_path):
         assert answered[0] > 20 and len(acked) > 5
         assert client.status().router.replica_retries > 0     # the dead replica was hit
 
-        m = coordinator_map(cluster)
+        # The replication factor comes back: a learner is built for every partition that lost
+        # a replica, from a surviving one, and promoted.
+        deadline = time.monotonic() + 60
+        while True:
+            m = coordinator_map(cluster)
+            if all(len(rs.replicas) == 2 and not rs.learners for rs in m.partitions):
+                break
+            assert time.monotonic() < deadline, "replication factor not restored in 60 s"
+            time.sleep(0.3)
         assert not any(victim.server_id in rs.replicas for rs in m.partitions)
         assert {s.server_id: s.state for s in m.servers}[victim.server_id] == "dead"
-        for rs in m.partitions:
-            assert len(rs.replicas) == 1 or rs.epoch == 1    # touched sets got a new epoch
+        # Every replica of every partition holds the same rows, of both tables.
+        for table in ("tq", "tw"):
+            tspec = next(t for md in m.models for t in md.tables if t.name == table)
+            all_ids = np.arange(ROWS)
+            for rs in (r for r in m.partitions if r.table_uid == tspec.table_uid):
+                mine = all_ids[(all_ids & (tspec.num_partitions - 1)) == rs.partition]
+                copies = [read_direct(m, s, tspec, mine) for s in rs.replicas]
+                for other in copies[1:]:
+                    np.testing.assert_array_equal(copies[0], other)
         spec = next(t for md in m.models for t in md.tables if t.name == "tw")
         ids = np.concatenate(acked)
         want = (ids[:, None] * 10 + np.arange(DIM)).astype(np.float32)

@@ -719,9 +719,13 @@ def test_table_arena_set_partitions_keeps_resident_rows():
 
 # ================================================================ failure detection
 
-def _cluster(clock, servers=("s0", "s1", "s2"), replication=2, parts=8):
-    svc = CoordinatorService(MemoryStateStore(), CoordinatorConfig(lease_s=5.0),
-                             default_replication=replication, clock=clock)
+def _cluster(clock, servers=("s0", "s1", "s2"), replication=2, parts=8, builds=0,
+             build_replica=None):
+    """``builds``: copies one server may build at once (0: re-replication off)."""
+    svc = CoordinatorService(MemoryStateStore(),
+                             CoordinatorConfig(lease_s=5.0, max_builds_per_server=builds),
+                             default_replication=replication, clock=clock,
+                             build_replica=build_replica)
     for s in servers:
         svc.Register(pb.RegisterRequest(server_id=s, address=f"h:{s}"), FakeContext())
     svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m", tables=[
@@ -855,3 +859,49 @@ def test_reconcile_does_nothing_when_every_server_is_silent():
         clock.t += 1.0
         svc.reconcile()
     assert svc.shard_map().version == before
+
+
+def test_rebuild_adds_learners_then_promotes_them():
+    clock = FakeClock()
+    asked = []
+    svc = _cluster(clock, servers=("s0", "s1", "s2", "s3"), builds=2,
+                   build_replica=lambda addr, req: asked.append((addr, req)))
+    first = {rs.partition: rs for rs in svc.shard_map().partitions}
+    assert svc.reconcile() == [] and asked == []         # fully replicated: nothing to build
+    for _ in range(6):                                   # s3 goes silent
+        clock.t += 1.0
+        for s in ("s0", "s1", "s2"):
+            svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
+        svc.reconcile()
+    m = svc.shard_map()
+    lost = sorted(p for p, rs in first.items() if "s3" in rs.replicas)
+    assert lost
+    building = collections.Counter()
+    for rs in m.partitions:
+        assert "s3" not in rs.replicas and "s3" not in rs.learners
+        if rs.partition in lost:
+            assert len(rs.replicas) == 1 and len(rs.learners) == 1
+            assert rs.learners[0] not in rs.replicas
+            building[rs.learners[0]] += 1
+        else:
+            assert not rs.learners
+    assert all(n <= 2 for n in building.values())        # the per-server cap
+    # Each learner was asked once, with a live replica as its source.
+    assert sorted((req.partition, addr) for addr, req in asked) == sorted(
+        (rs.partition, f"h:{rs.learners[0]}") for rs in m.partitions if rs.learners)
+    now = {rs.partition: rs for rs in m.partitions}
+    for _, req in asked:                                 # the source is a surviving replica
+        assert req.source_address in {f"h:{r}" for r in now[req.partition].replicas}
+    svc.reconcile()
+    assert len(asked) == len(lost)                       # not re-asked before build_resend_s
+    # A learner reports: it becomes a replica, epoch + 1; a stranger's report changes nothing.
+    rs = next(rs for rs in m.partitions if rs.learners)
+    svc.ReplicaReady(pb.ReplicaReadyRequest(server_id="s9", table_uid=rs.table_uid,
+                                            partition=rs.partition), FakeContext())
+    reply = svc.ReplicaReady(pb.ReplicaReadyRequest(
+        server_id=rs.learners[0], table_uid=rs.table_uid, partition=rs.partition,
+        epoch=rs.epoch, rows=10), FakeContext())
+    done = {x.partition: x for x in svc.shard_map().partitions}[rs.partition]
+    assert list(done.replicas) == list(rs.replicas) + [rs.learners[0]]
+    assert not done.learners and done.epoch == rs.epoch + 1
+    assert reply.map_version == svc.shard_map().version

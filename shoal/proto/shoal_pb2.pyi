@@ -49,16 +49,18 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ...) -> None: ...
 
 class ReplicaSet(_message.Message):
-    __slots__ = ("table_uid", "partition", "replicas", "epoch")
+    __slots__ = ("table_uid", "partition", "replicas", "epoch", "learners")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEARNERS_FIELD_NUMBER: _ClassVar[int]
     table_uid: int
     partition: int
     replicas: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
-    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    learners: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., learners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats")
@@ -216,6 +218,26 @@ class ReportFailureReply(_message.Message):
     map_version: int
     def __init__(self, map_version: _Optional[int] = ...) -> None: ...
 
+class ReplicaReadyRequest(_message.Message):
+    __slots__ = ("server_id", "table_uid", "partition", "epoch", "rows")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    table_uid: int
+    partition: int
+    epoch: int
+    rows: int
+    def __init__(self, server_id: _Optional[str] = ..., table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class ReplicaReadyReply(_message.Message):
+    __slots__ = ("map_version",)
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
 class PartitionEpochs(_message.Message):
     __slots__ = ("partitions", "epochs")
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +323,46 @@ class LookupPooledReply(_message.Message):
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class BuildReplicaRequest(_message.Message):
+    __slots__ = ("table_uid", "partition", "epoch", "source_address", "map_version")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    epoch: int
+    source_address: str
+    map_version: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., source_address: _Optional[str] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class BuildReplicaReply(_message.Message):
+    __slots__ = ("started",)
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    started: bool
+    def __init__(self, started: _Optional[bool] = ...) -> None: ...
+
+class ReadPartitionRequest(_message.Message):
+    __slots__ = ("table_uid", "partition", "chunk_rows", "map_version")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    chunk_rows: int
+    map_version: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., chunk_rows: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class PartitionChunk(_message.Message):
+    __slots__ = ("ids", "rows")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    rows: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FeatureBatch(_message.Message):
     __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size")

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureReply.FromString,
                 _registered_method=True)
+        self.ReplicaReady = channel.unary_unary(
+                '/shoal.v1.Coordinator/ReplicaReady',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplicaReady(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportFailure,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ReportFailureReply.SerializeToString,
+            ),
+            'ReplicaReady': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplicaReady,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +327,33 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReplicaReady(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/ReplicaReady',
+            shoal_dot_proto_dot_shoal__pb2.ReplicaReadyRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ReplicaReadyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ShardServerStub:
     """Missing associated documentation comment in .proto file."""
@@ -341,6 +384,16 @@ class ShardServerStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.StatsRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ServerStats.FromString,
                 _registered_method=True)
+        self.BuildReplica = channel.unary_unary(
+                '/shoal.v1.ShardServer/BuildReplica',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaReply.FromString,
+                _registered_method=True)
+        self.ReadPartition = channel.unary_stream(
+                '/shoal.v1.ShardServer/ReadPartition',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ReadPartitionRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.PartitionChunk.FromString,
+                _registered_method=True)
 
 
 class ShardServerServicer:
@@ -370,6 +423,18 @@ class ShardServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BuildReplica(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadPartition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -392,6 +457,16 @@ def add_ShardServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.StatsRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ServerStats.SerializeToString,
+            ),
+            'BuildReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuildReplica,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaReply.SerializeToString,
+            ),
+            'ReadPartition': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadPartition,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReadPartitionRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.PartitionChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -502,6 +577,60 @@ class ShardServer:
             '/shoal.v1.ShardServer/Stats',
             shoal_dot_proto_dot_shoal__pb2.StatsRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.ServerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuildReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/BuildReplica',
+            shoal_dot_proto_dot_shoal__pb2.BuildReplicaRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.BuildReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.ShardServer/ReadPartition',
+            shoal_dot_proto_dot_shoal__pb2.ReadPartitionRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.PartitionChunk.FromString,
             options,
             channel_credentials,
             insecure,
