@@ -73,9 +73,12 @@ class ShardService:
     def _apply(self, m: pb.ShardMap) -> None:
         specs = {t.table_uid: TableSpec.from_proto(t) for md in m.models for t in md.tables}
         held: dict[int, dict[int, int]] = {}
+        learning: set[tuple[int, int]] = set()
         for rs in m.partitions:
             if self.server_id in rs.replicas or self.server_id in rs.learners:
                 held.setdefault(rs.table_uid, {})[rs.partition] = rs.epoch
+            if self.server_id in rs.learners:
+                learning.add((rs.table_uid, rs.partition))
         budget = self._cfg.memory_budget_bytes
         for uid in sorted(held):
             spec = specs[uid]
@@ -84,6 +87,11 @@ class ShardService:
                 arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
                                    spec.num_partitions)
                 table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena)
+            for p in held[uid]:
+                if (uid, p) in learning and not table.epochs[p]:
+                    # Newly a learner: rows left on disk from an earlier membership (a server
+                    # that was dropped and came back) are stale; the copy must not keep them.
+                    self._store.drop_partition(uid, p)
             resident = []
             for p in sorted(held[uid]):
                 size = table.arena.rows_per_partition * spec.row_bytes

@@ -53,6 +53,10 @@ class RowStore(abc.ABC):
         """bool per id: is a row stored under it?"""
 
     @abc.abstractmethod
+    def drop_partition(self, table_uid: int, partition: int) -> None:
+        """Delete every row of one partition (one key range)."""
+
+    @abc.abstractmethod
     def scan_partition(self, table_uid: int, partition: int) -> tuple[np.ndarray, bytes]:
         """All (ids, concatenated row bytes) stored in one partition, in id order."""
 
@@ -133,6 +137,10 @@ class RocksRowStore(RowStore):
             return np.zeros(0, dtype=bool)
         values = self._db.get(encode_keys(table_uid, partitions, ids))
         return np.fromiter((v is not None for v in values), dtype=bool, count=len(ids))
+
+    def drop_partition(self, table_uid, partition):
+        lo, hi = partition_range(table_uid, partition)
+        self._db.delete_range(lo, hi)
 
     def scan_partition(self, table_uid, partition):
         lo, hi = partition_range(table_uid, partition)

@@ -65,7 +65,99 @@ def read_direct(m: pb.ShardMap, server_id: str, spec: pb.TableSpec, ids: np.ndar
     return np.frombuffer(t.data, t.dtype).reshape(tuple(t.shape))
 
 
-def test_kill9_under_load_loses_no_query_and_no_acknowledged_write(tmp_path):
+class Load:
+    """4 query clients checking every answer against the oracle, and 1 writer writing each id
+    of table ``tw`` once (rows ``id * 10 + column``) and remembering what was acknowledged."""
+
+    def __init__(self, cluster, oracle):
+        self.cluster, self.oracle = cluster, oracle
+        self.stop = threading.Event()
+        self.failures, self.acked, self.answered = [], [], 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._query, args=(i,)) for i in range(4)]
+        self._threads.append(threading.Thread(target=self._write))
+        self._next_id = 0
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _query(self, seed):
+        r = np.random.default_rng(seed)
+        c = self.cluster.client(timeout=30)
+        while not self.stop.is_set():
+            kjt = random_kjt(r, ["fq"], [ROWS], 64, 10)
+            try:
+                got = c.lookup("fo", kjt)
+                with torch.no_grad():
+                    assert_close(got.values(), self.oracle(kjt).values(), rtol=1e-5, atol=1e-5)
+                with self._lock:
+                    self.answered += 1
+            except Exception as e:              # any error or wrong answer is a failure
+                with self._lock:
+                    self.failures.append(repr(e))
+        c.close()
+
+    def _write(self):
+        c = self.cluster.client(timeout=30)
+        while not self.stop.is_set() and self._next_id + 100 <= ROWS:
+            ids = np.arange(self._next_id, self._next_id + 100)      # each id written once
+            self._next_id += 100
+            try:
+                c.write_rows("fo", "tw", ids, expected_rows(ids))
+                with self._lock:
+                    self.acked.append(ids)
+            except shoal.ShoalError as e:
+                with self._lock:
+                    self.failures.append(f"write: {e}")
+            time.sleep(0.05)
+        c.close()
+
+
+def expected_rows(ids):
+    return (ids[:, None] * 10 + np.arange(DIM)).astype(np.float32)
+
+
+def wait_replicated(cluster, without: str, timeout: float = 60) -> pb.ShardMap:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = coordinator_map(cluster)
+        if all(len(rs.replicas) == 2 and not rs.learners and without not in rs.replicas
+               for rs in m.partitions):
+            return m
+        assert time.monotonic() < deadline, "replication factor not restored in time"
+        time.sleep(0.2)
+
+
+def check_replicas(m: pb.ShardMap, acked: list[np.ndarray]) -> None:
+    """Every replica of every partition holds the same rows, and every acknowledged write is
+    on every replica of its partition."""
+    for table in ("tq", "tw"):
+        spec = next(t for md in m.models for t in md.tables if t.name == table)
+        all_ids = np.arange(ROWS)
+        for rs in (r for r in m.partitions if r.table_uid == spec.table_uid):
+            mine = all_ids[(all_ids & (spec.num_partitions - 1)) == rs.partition]
+            copies = [read_direct(m, s, spec, mine) for s in rs.replicas]
+            for other in copies[1:]:
+                np.testing.assert_array_equal(copies[0], other)
+            if table == "tw" and acked:
+                ids = np.concatenate(acked)
+                ok = ids[(ids & (spec.num_partitions - 1)) == rs.partition]
+                got = copies[0][np.searchsorted(mine, ok)]
+                np.testing.assert_array_equal(got, expected_rows(ok))
+
+
+@pytest.mark.parametrize("rounds", [10])
+def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
+    """Each round SIGKILLs a random server under load, waits until the replication factor is
+    back (without it), then restarts it (it rejoins holding nothing, its old rows dropped when
+    it is next made a learner)."""
     rng = np.random.default_rng(7)
     torch.manual_seed(7)
     read_cfg = EmbeddingBagConfig(name="tq", embedding_dim=DIM, num_embeddings=ROWS,
@@ -78,95 +170,27 @@ def test_kill9_under_load_loses_no_query_and_no_acknowledged_write(tmp_path):
         client = cluster.client()
         client.create_model("fo", [read_cfg, write_cfg])
         fill_from_oracle(client, "fo", oracle)
-        stop = threading.Event()
-        failures, answered, acked = [], [0], []
-        lock = threading.Lock()
-
-        def query(seed):
-            r = np.random.default_rng(seed)
-            c = cluster.client(timeout=30)
-            while not stop.is_set():
-                kjt = random_kjt(r, ["fq"], [ROWS], 64, 10)
-                try:
-                    got = c.lookup("fo", kjt)
-                    with torch.no_grad():
-                        assert_close(got.values(), oracle(kjt).values(), rtol=1e-5, atol=1e-5)
-                    with lock:
-                        answered[0] += 1
-                except Exception as e:          # any error or wrong answer is a failure
-                    with lock:
-                        failures.append(repr(e))
-            c.close()
-
-        def write():
-            c = cluster.client(timeout=30)
-            start = 0
-            while not stop.is_set() and start + 200 <= ROWS:
-                ids = np.arange(start, start + 200)          # each id written once
-                rows = (ids[:, None] * 10 + np.arange(DIM)).astype(np.float32)
-                try:
-                    c.write_rows("fo", "tw", ids, rows)
-                    with lock:
-                        acked.append(ids)
-                except shoal.ShoalError as e:
-                    with lock:
-                        failures.append(f"write: {e}")
-                start += 200
-                time.sleep(0.02)
-            c.close()
-
-        threads = [threading.Thread(target=query, args=(i,)) for i in range(4)]
-        threads.append(threading.Thread(target=write))
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        victim = cluster.servers[int(rng.integers(0, 3))]
-        os.kill(victim.pid, signal.SIGKILL)
-        # Run on past the lease so the failure detector acts while load continues.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            m = coordinator_map(cluster)
-            if not any(victim.server_id in rs.replicas for rs in m.partitions):
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)
-        stop.set()
-        for t in threads:
-            t.join(60)
-        assert failures == []
-        assert answered[0] > 20 and len(acked) > 5
-        assert client.status().router.replica_retries > 0     # the dead replica was hit
-
-        # The replication factor comes back: a learner is built for every partition that lost
-        # a replica, from a surviving one, and promoted.
-        deadline = time.monotonic() + 60
-        while True:
-            m = coordinator_map(cluster)
-            if all(len(rs.replicas) == 2 and not rs.learners for rs in m.partitions):
-                break
-            assert time.monotonic() < deadline, "replication factor not restored in 60 s"
-            time.sleep(0.3)
-        assert not any(victim.server_id in rs.replicas for rs in m.partitions)
-        assert {s.server_id: s.state for s in m.servers}[victim.server_id] == "dead"
-        # Every replica of every partition holds the same rows, of both tables.
-        for table in ("tq", "tw"):
-            tspec = next(t for md in m.models for t in md.tables if t.name == table)
-            all_ids = np.arange(ROWS)
-            for rs in (r for r in m.partitions if r.table_uid == tspec.table_uid):
-                mine = all_ids[(all_ids & (tspec.num_partitions - 1)) == rs.partition]
-                copies = [read_direct(m, s, tspec, mine) for s in rs.replicas]
-                for other in copies[1:]:
-                    np.testing.assert_array_equal(copies[0], other)
-        spec = next(t for md in m.models for t in md.tables if t.name == "tw")
-        ids = np.concatenate(acked)
-        want = (ids[:, None] * 10 + np.arange(DIM)).astype(np.float32)
-        P = spec.num_partitions
-        sets = {rs.partition: rs for rs in m.partitions if rs.table_uid == spec.table_uid}
-        for server in {s for rs in sets.values() for s in rs.replicas}:
-            held = np.array([p for p, rs in sets.items() if server in rs.replicas])
-            mine = ids[np.isin(ids & (P - 1), held)]
-            np.testing.assert_array_equal(read_direct(m, server, spec, mine),
-                                          want[np.isin(ids & (P - 1), held)])
+        with Load(cluster, oracle) as load:
+            for _ in range(rounds):
+                time.sleep(0.5)
+                victim = cluster.servers[int(rng.integers(0, len(cluster.servers)))]
+                os.kill(victim.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while {s.server_id: s.state for s in coordinator_map(cluster).servers}[
+                        victim.server_id] != "dead":
+                    assert time.monotonic() < deadline, "the killed server never seen dead"
+                    time.sleep(0.2)
+                wait_replicated(cluster, without=victim.server_id)
+                cluster.restart(victim.server_id)
+                deadline = time.monotonic() + 30
+                while {s.server_id: s.state for s in coordinator_map(cluster).servers}[
+                        victim.server_id] != "alive":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+        assert load.failures == []
+        assert load.answered > 50 and len(load.acked) > 10
+        assert client.status().router.replica_retries > 0      # dead replicas were hit
+        check_replicas(coordinator_map(cluster), load.acked)
         client.close()
 
 
