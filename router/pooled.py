@@ -27,7 +27,7 @@ from router.transport import ShardTransport
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 8        # each a redirect (with a newer map) or a retry on another replica
 PROBE_EVERY = 128        # every 128th batch reads slow servers too, to notice when they recover
 
 
@@ -128,6 +128,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
     p95 is hedged to another replica and the first answer wins."""
     pending = [(w, None) for w in works]     # (work, occurrence indices or None for all)
     exclude: set[int] = set()
+    last_redirect = ""
     for attempt in range(MAX_ATTEMPTS):
         table = maps.current()
         model = table.model(model_name)
@@ -182,6 +183,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
         for s, items, reply in (x for outcome in outcomes for x in outcome):
             if isinstance(reply, StaleMap):
                 stats.redirects += 1
+                last_redirect = reply.message
                 await maps.refresh_async(at_least=reply.map_version)
                 pending += items
                 continue
@@ -203,7 +205,8 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
             return
     raise Unavailable(f"lookup on model {model_name!r}: no replica answered after "
                       f"{MAX_ATTEMPTS} attempts (servers that failed: "
-                      f"{sorted(maps.current().server_ids[s] for s in exclude)})")
+                      f"{sorted(maps.current().server_ids[s] for s in exclude)}; last "
+                      f"redirect: {last_redirect or 'none'})")
 
 
 def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int],

@@ -40,7 +40,8 @@ async def serve(args) -> None:
 
     service = ShardService(args.server_id, store, cfg, fetch_map)
     server, address = make_aio_server(args.host, args.port)
-    builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10))
+    builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),
+                             cfg.rebuild_mib_per_s)
     pbg.add_ShardServerServicer_to_server(ShardServicer(service, builder), server)
     await server.start()
     register = pb.RegisterRequest(server_id=args.server_id, address=address,

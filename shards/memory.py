@@ -6,6 +6,8 @@ one ``embedding_bag`` call. No Python object exists per row.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 
 import numpy as np
@@ -18,17 +20,25 @@ NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 class TableArena:
+    """Room for every partition of the table, reserved once from calloc'd memory: pages are
+    mapped only when rows are written, so a partition that is not resident costs address space,
+    not RAM. Partition ``p`` always lives at slot ``p``, so making partitions resident or not
+    never copies rows; releasing one hands its pages back to the OS."""
+
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, num_partitions: int):
         self.num_partitions = num_partitions
         self.rows_per_partition = -(-num_embeddings // num_partitions)
         self.dim = dim
         self.dtype = dtype
         self.slot = np.full(num_partitions, -1, dtype=np.int64)
-        self.weight = torch.zeros((0, dim), dtype=dtype)
+        self.weight = torch.from_numpy(np.zeros((num_partitions * self.rows_per_partition, dim),
+                                                dtype=NP_DTYPES[dtype]))
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+        """Bytes of the resident partitions."""
+        return int((self.slot >= 0).sum()) * self.rows_per_partition * self.dim * \
+            self.weight.element_size()
 
     def resident(self, partition: int) -> bool:
         return self.slot[partition] >= 0
@@ -36,21 +46,27 @@ class TableArena:
     def set_partitions(self, partitions: list[int]) -> list[int]:
         """Make exactly ``partitions`` resident, keeping the rows of those already resident.
         Returns the partitions that are new (their rows are zero until filled)."""
-        keep = [p for p in partitions if self.slot[p] >= 0]
+        wanted = np.zeros(self.num_partitions, dtype=bool)
+        wanted[list(partitions)] = True
+        for p in np.flatnonzero((self.slot >= 0) & ~wanted):
+            self._release(int(p))
         new = [p for p in partitions if self.slot[p] < 0]
-        rpp = self.rows_per_partition
-        # np.zeros takes calloc'd memory: pages are mapped when rows are first written, so
-        # making a large table resident is instant and RSS grows with the rows filled.
-        weight = torch.from_numpy(np.zeros((len(partitions) * rpp, self.dim),
-                                           dtype=NP_DTYPES[self.dtype]))
-        slot = np.full(self.num_partitions, -1, dtype=np.int64)
-        for i, p in enumerate(partitions):
-            slot[p] = i
-        for p in keep:
-            o, n = self.slot[p] * rpp, slot[p] * rpp
-            weight[n:n + rpp] = self.weight[o:o + rpp]
-        self.weight, self.slot = weight, slot
+        self.slot = np.where(wanted, np.arange(self.num_partitions), -1)
         return new
+
+    def _release(self, partition: int) -> None:
+        """Zero a partition's rows and give its whole pages back (MADV_DONTNEED)."""
+        rpp = self.rows_per_partition
+        rows = self.weight[partition * rpp:(partition + 1) * rpp]
+        start, size = rows.data_ptr(), rows.numel() * rows.element_size()
+        lo = -(-start // PAGE) * PAGE
+        hi = (start + size) // PAGE * PAGE
+        if hi > lo and _madvise(lo, hi - lo):
+            flat = rows.view(-1).view(torch.uint8)
+            flat[:lo - start].zero_()
+            flat[hi - start:].zero_()
+        else:
+            rows.zero_()
 
     def rows_index(self, ids: np.ndarray, partitions: np.ndarray) -> np.ndarray:
         """Arena rows of ``ids``; -1 where the partition is not resident."""
@@ -62,6 +78,18 @@ class TableArena:
         base = self.slot[partition] * self.rows_per_partition
         local = torch.from_numpy(local_index(ids, self.num_partitions) + base)
         self.weight.index_copy_(0, local, rows)
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MADV_DONTNEED = 4
+
+
+def _madvise(addr: int, length: int) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    return libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_DONTNEED) == 0
 
 
 class RWLock:

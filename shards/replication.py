@@ -21,14 +21,16 @@ from shoal.wire import unpack
 from shards.service import ShardService
 
 log = logging.getLogger("shard.replication")
-CHUNK_ROWS = 65_536
+CHUNK_ROWS = 8_192          # small chunks: the copy never holds the GIL or a lock for long
 
 
 class ReplicaBuilder:
     def __init__(self, service: ShardService,
-                 report: Callable[[pb.ReplicaReadyRequest], None]):
-        """``report(request)`` tells the coordinator a copy is complete."""
+                 report: Callable[[pb.ReplicaReadyRequest], None], mib_per_s: float = 24.0):
+        """``report(request)`` tells the coordinator a copy is complete; copies are paced to
+        ``mib_per_s`` so that serving goes on while they run."""
         self._svc = service
+        self._bytes_per_s = mib_per_s * 2**20
         self._report = report
         self._running: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
@@ -54,12 +56,17 @@ class ReplicaBuilder:
                 stream = pbg.ShardServerStub(ch).ReadPartition(pb.ReadPartitionRequest(
                     table_uid=request.table_uid, partition=request.partition,
                     chunk_rows=CHUNK_ROWS, map_version=request.map_version), timeout=3600)
+                nbytes = 0
                 for chunk in stream:
                     ids = unpack(chunk.ids, "ids", "int64", 1)
                     rows = unpack(chunk.rows, "rows", None, 2)
                     copied += self._svc.put_if_absent(request.table_uid, request.partition,
                                                       ids, rows)
                     total += len(ids)
+                    nbytes += rows.nbytes
+                    ahead = t0 + nbytes / self._bytes_per_s - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
             finally:
                 ch.close()
             self._report(pb.ReplicaReadyRequest(

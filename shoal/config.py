@@ -18,6 +18,7 @@ class ShardServerConfig:
     heartbeat_interval_s: float = 0.5
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
     max_ids_per_request: int = 4_000_000
+    rebuild_mib_per_s: float = 24.0         # copying a partition to build a replica, at most
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,161 @@
+"""Steady lookup load on a local cluster of 3 shard servers (replication 2); one is SIGKILLed.
+
+    python bench/failover.py
+
+Reports failed queries (target 0), p99 in the 10 s after the kill as a ratio of the steady p99
+before it (target <= 3), the time until the coordinator declared the server dead, the time to
+restore the replication factor, and the MB/s copied to build the new replicas. Writes
+bench/results/failover.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import percentiles, write_result  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tables", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=500_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--bag", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--steady-s", type=float, default=10.0)
+    ap.add_argument("--after-s", type=float, default=10.0)
+    ap.add_argument("--lease-s", type=float, default=2.0)
+    args = ap.parse_args()
+
+    import shoal
+    from embeddings.synthetic import random_kjt
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.proto import shoal_pb2_grpc as pbg
+    from shoal.serving import channel
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    torch.set_num_threads(1)
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim,
+                                 num_embeddings=args.rows, feature_names=[f"f{i}"])
+              for i in range(args.tables)]
+    features = [f"f{i}" for i in range(args.tables)]
+    rng = np.random.default_rng(0)
+    batches = [random_kjt(rng, features, [args.rows] * args.tables, args.batch, args.bag)
+               for _ in range(32)]
+    cfg = shoal.ShoalConfig().replace(coordinator__lease_s=args.lease_s,
+                                      server__heartbeat_interval_s=args.lease_s / 8)
+    with shoal.LocalCluster(servers=3, replication=2, config=cfg) as cluster:
+        client = cluster.client()
+        client.create_model("fo", tables)
+        for t in tables:
+            client.write_rows("fo", t.name, torch.arange(args.rows),
+                              torch.randn(args.rows, args.dim))
+        coord = pbg.CoordinatorStub(channel(cluster.coordinator_address))
+
+        def shard_map():
+            return coord.GetShardMap(pb.GetShardMapRequest(), timeout=10).map
+
+        log, lock, stop, errors = [], threading.Lock(), threading.Event(), []
+
+        def worker(i):
+            c = shoal.connect(cluster.router_address, timeout=30)
+            j = i
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    c.lookup("fo", batches[j % len(batches)])
+                    ok = True
+                except shoal.ShoalError as e:
+                    ok = False
+                    with lock:
+                        errors.append(f"{e.code.name}: {e.message[:300]}")
+                with lock:
+                    log.append((t0, time.perf_counter() - t0, ok))
+                j += args.clients
+            c.close()
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        time.sleep(args.steady_s)
+        before = shard_map()
+        victim = cluster.servers[0]
+        lost = [rs for rs in before.partitions if victim.server_id in rs.replicas]
+        lost_bytes = 0
+        for rs in lost:
+            spec = next(t for md in before.models for t in md.tables
+                        if t.table_uid == rs.table_uid)
+            lost_bytes += -(-spec.num_embeddings // spec.num_partitions) * spec.dim * 4
+        t_kill = time.perf_counter()
+        os.kill(victim.pid, signal.SIGKILL)
+        t_dead = t_restored = None
+        deadline = t_kill + 300
+        while time.perf_counter() < deadline:
+            m = shard_map()
+            if t_dead is None and not any(victim.server_id in rs.replicas
+                                          for rs in m.partitions):
+                t_dead = time.perf_counter()
+            if t_dead is not None and all(len(rs.replicas) == 2 and not rs.learners
+                                          for rs in m.partitions):
+                t_restored = time.perf_counter()
+                break
+            time.sleep(0.05)
+        time.sleep(max(0.0, t_kill + args.after_s - time.perf_counter()))
+        stop.set()
+        for t in threads:
+            t.join(60)
+        router = client.status().router
+        client.close()
+
+    steady = [lat for t0, lat, ok in log if t_kill - args.steady_s <= t0 < t_kill and ok]
+    after = [lat for t0, lat, ok in log if t_kill <= t0 < t_kill + args.after_s and ok]
+    failed = sum(1 for _, _, ok in log if not ok)
+    p_steady, p_after = percentiles(steady), percentiles(after)
+    ratio = p_after["p99_ms"] / p_steady["p99_ms"]
+    restore_s = (t_restored - t_kill) if t_restored else None
+    copy_s = (t_restored - t_dead) if t_restored else None
+    mb_s = lost_bytes / 2**20 / copy_s if copy_s else None
+    print(f"queries: {len(log)}, failed: {failed} (target 0)")
+    for e in sorted(set(errors))[:5]:
+        print(f"  error: {e}")
+    print(f"steady p99 {p_steady['p99_ms']:.1f} ms; p99 in the {args.after_s:.0f} s after the "
+          f"kill {p_after['p99_ms']:.1f} ms = {ratio:.2f}x (target <= 3)")
+    print(f"declared dead after {t_dead - t_kill:.1f} s (lease {args.lease_s} s); replication "
+          f"restored {restore_s:.1f} s after the kill; {len(lost)} partitions, "
+          f"{lost_bytes / 2**20:.0f} MiB rebuilt at {mb_s:.0f} MiB/s")
+    print(f"router: {router.replica_retries} replica retries, {router.hedges} hedges")
+    windows = {"kill_to_dead": (t_kill, t_dead), "dead_to_restored": (t_dead, t_restored),
+               "restored_on": (t_restored, t_kill + args.after_s)}
+    phases = {}
+    for name, (lo, hi) in windows.items():
+        lat = [x for t0, x, ok in log if lo is not None and hi is not None and lo <= t0 < hi]
+        phases[name] = {"queries": len(lat), **percentiles(lat)}
+        if lat:
+            print(f"  {name}: {len(lat)} queries, p50 {phases[name]['p50_ms']:.1f} ms, "
+                  f"p99 {phases[name]['p99_ms']:.1f} ms")
+    path = write_result("failover", {
+        "config": vars(args), "queries": len(log), "failed_queries": failed,
+        "errors": sorted(set(errors))[:20],
+        "steady": p_steady, "after_kill": p_after, "p99_ratio": round(ratio, 3),
+        "declared_dead_s": round(t_dead - t_kill, 3),
+        "replication_restored_s": round(restore_s, 3) if restore_s else None,
+        "partitions_rebuilt": len(lost), "bytes_rebuilt": lost_bytes,
+        "rebuild_mib_per_s": round(mb_s, 1) if mb_s else None,
+        "phases": phases,
+        "router": {"replica_retries": router.replica_retries, "hedges": router.hedges}})
+    print(f"wrote {path}")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
