@@ -280,3 +280,128 @@ def test_slow_replica_is_hedged_and_avoided(tmp_path):
         assert slow_p99 <= 2 * healthy_p99
         assert extra <= 0.10
         client.close()
+
+
+@pytest.mark.parametrize("when", ["before_detection", "during_rebuild"])
+def test_coordinator_crash_during_failover_resumes(tmp_path, when):
+    """SIGKILL the coordinator while it handles a dead server (before it noticed, or while new
+    replicas are being built); the restarted coordinator finishes the job from its durable map
+    and every replica ends with the same rows."""
+    torch.manual_seed(5)
+    read_cfg = EmbeddingBagConfig(name="tq", embedding_dim=DIM, num_embeddings=ROWS,
+                                  feature_names=["fq"])
+    write_cfg = EmbeddingBagConfig(name="tw", embedding_dim=DIM, num_embeddings=ROWS,
+                                   feature_names=["fw"])
+    oracle = EmbeddingBagCollection(tables=[read_cfg])
+    cfg = fast_failover_config().replace(server__rebuild_mib_per_s=0.5)   # a slow rebuild
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
+                            config=cfg) as cluster:
+        client = cluster.client()
+        client.create_model("fo", [read_cfg, write_cfg])
+        fill_from_oracle(client, "fo", oracle)
+        ids = np.arange(0, ROWS, 7)
+        client.write_rows("fo", "tw", ids, expected_rows(ids))
+        victim = cluster.servers[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        if when == "during_rebuild":
+            deadline = time.monotonic() + 30
+            while not any(rs.learners for rs in coordinator_map(cluster).partitions):
+                assert time.monotonic() < deadline, "no rebuild started"
+                time.sleep(0.05)
+        before = coordinator_map(cluster)
+        os.kill(cluster.coordinator.pid, signal.SIGKILL)
+        cluster.restart_coordinator()
+        after = coordinator_map(cluster)
+        assert after.version >= before.version
+        if when == "during_rebuild":                  # learners survived the crash
+            assert any(rs.learners for rs in after.partitions)
+        # The new coordinator gives servers one lease of grace, then drops the dead one and
+        # (re)builds; queries keep working throughout.
+        kjt = random_kjt(np.random.default_rng(1), ["fq"], [ROWS], 64, 10)
+        with torch.no_grad():
+            assert_close(client.lookup("fo", kjt).values(), oracle(kjt).values(),
+                         rtol=1e-5, atol=1e-5)
+        m = wait_replicated(cluster, without=victim.server_id, timeout=120)
+        check_replicas(m, [ids])
+        client.close()
+
+
+def direct_write(m_routed: pb.ShardMap, address: str, spec: pb.TableSpec, ids: np.ndarray,
+                 rows: np.ndarray):
+    """WriteRows straight to one server, routed with the epochs of map ``m_routed``."""
+    P = spec.num_partitions
+    sets = {rs.partition: rs for rs in m_routed.partitions if rs.table_uid == spec.table_uid}
+    parts = np.unique(ids & (P - 1)).astype(np.int32)
+    epochs = np.array([sets[int(p)].epoch for p in parts], np.int64)
+    ch = channel(address)
+    try:
+        return pbg.ShardServerStub(ch).WriteRows(pb.WriteRowsRequest(
+            map_version=m_routed.version, table_uid=spec.table_uid, ids=pack(ids),
+            rows=pack(rows), routed=pb.PartitionEpochs(partitions=pack(parts),
+                                                       epochs=pack(epochs))), timeout=10)
+    finally:
+        ch.close()
+
+
+def test_stopped_leader_is_fenced(tmp_path):
+    """SIGSTOP a leader past its lease: it is dropped (epoch + 1) and writes go on without it.
+    A write routed with the old epochs is refused by the surviving replicas, so the old
+    leadership can never get a write acknowledged; after SIGCONT the stopped server, once it
+    has the new map, refuses old-epoch writes too, and reads never see its stale rows."""
+    cfg = EmbeddingBagConfig(name="tw", embedding_dim=DIM, num_embeddings=ROWS,
+                             feature_names=["fw"])
+    conf = fast_failover_config().replace(coordinator__max_builds_per_server=0)  # no rebuild
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
+                            config=conf) as cluster:
+        client = cluster.client()
+        client.create_model("st", [cfg])
+        ids = np.arange(ROWS)
+        client.write_rows("st", "tw", ids, expected_rows(ids))
+        old = coordinator_map(cluster)
+        spec = next(t for md in old.models for t in md.tables if t.name == "tw")
+        victim = cluster.servers[0]
+        led = [rs for rs in old.partitions if rs.replicas[0] == victim.server_id]
+        assert led, "the victim leads no partition"
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while any(victim.server_id in rs.replicas for rs in coordinator_map(cluster)
+                      .partitions):
+                assert time.monotonic() < deadline, "stopped server never dropped"
+                time.sleep(0.1)
+            new = coordinator_map(cluster)
+            for rs in new.partitions:
+                if any(o.partition == rs.partition for o in led):
+                    assert rs.replicas[0] != victim.server_id
+                    assert rs.epoch > next(o.epoch for o in led if o.partition == rs.partition)
+            v2 = expected_rows(ids) + 0.5
+            assert client.write_rows("st", "tw", ids, v2) == ROWS   # acked without the victim
+            # The old leadership is fenced: a write routed with the old epochs is refused by
+            # the replica that took over.
+            p = led[0].partition
+            pid = ids[(ids & (spec.num_partitions - 1)) == p][:3]
+            heir = next(rs.replicas[0] for rs in new.partitions if rs.partition == p)
+            heir_addr = next(s.address for s in new.servers if s.server_id == heir)
+            with pytest.raises(grpc.RpcError) as e:
+                direct_write(old, heir_addr, spec, pid, expected_rows(pid) - 7)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        # Reads right after the resume never see the stopped server's stale rows.
+        for _ in range(20):
+            got = client.lookup_rows("st", "tw", ids[::97]).numpy()
+            np.testing.assert_array_equal(got, v2[::97])
+        # Once it has the new map, the resumed server refuses old-epoch writes as well.
+        deadline = time.monotonic() + 20
+        while True:
+            m = coordinator_map(cluster)
+            mine = next(s for s in m.servers if s.server_id == victim.server_id)
+            if mine.stats.map_version >= new.version:
+                break
+            assert time.monotonic() < deadline, "resumed server never took the new map"
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as e:
+            direct_write(old, victim.address, spec, pid, expected_rows(pid) - 7)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        np.testing.assert_array_equal(client.lookup_rows("st", "tw", ids).numpy(), v2)
+        client.close()
