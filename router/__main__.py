@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import logging
 import pathlib
-import signal
 import threading
 
 import grpc
@@ -18,7 +17,7 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import call_until_up, GRPC_OPTIONS, channel, make_aio_server, write_ready
+from shoal.serving import until_signalled, call_until_up, GRPC_OPTIONS, channel, make_aio_server, write_ready
 
 from router.mapcache import MapCache
 from router.service import RouterService
@@ -48,11 +47,7 @@ async def serve(args) -> None:
     stop_poll = threading.Event()
     threading.Thread(target=maps.poll_forever, args=(cfg.map_poll_interval_s, stop_poll),
                      daemon=True).start()
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
+    await until_signalled()
     stop_poll.set()
     await server.stop(grace=1.0)
 

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import pathlib
-import signal
 import threading
 
 import grpc
@@ -19,7 +18,7 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import call_until_up, channel, make_aio_server, write_ready
+from shoal.serving import until_signalled, call_until_up, channel, make_aio_server, write_ready
 
 from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
@@ -53,11 +52,7 @@ async def serve(args) -> None:
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,
                                               stop), daemon=True).start()
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
+    await until_signalled()
     stop.set()
     await server.stop(grace=1.0)
     store.close()

@@ -2,6 +2,7 @@
 options, and the ready file a parent process waits for."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -124,3 +125,12 @@ def call_until_up(call, deadline_s: float = 60.0):
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
                 raise
             time.sleep(0.1)
+
+
+async def until_signalled() -> None:
+    """Return when the process gets SIGTERM or SIGINT (asyncio processes)."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
