@@ -134,6 +134,9 @@ def main() -> int:
           f"restored {restore_s:.1f} s after the kill; {len(lost)} partitions, "
           f"{lost_bytes / 2**20:.0f} MiB rebuilt at {mb_s:.0f} MiB/s")
     print(f"router: {router.replica_retries} replica retries, {router.hedges} hedges")
+    slowest = sorted(((x, t0 - t_kill) for t0, x, ok in log if t0 >= t_kill - 1), reverse=True)[:12]
+    print("slowest after the kill (latency ms @ s after kill): " + ", ".join(
+        f"{x * 1e3:.0f}@{at:+.2f}" for x, at in slowest))
     windows = {"kill_to_dead": (t_kill, t_dead), "dead_to_restored": (t_dead, t_restored),
                "restored_on": (t_restored, t_kill + args.after_s)}
     phases = {}

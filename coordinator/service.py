@@ -56,17 +56,19 @@ class CoordinatorService(pbg.CoordinatorServicer):
                       if now - self._last_seen.get(s, -1e18) <= self._cfg.lease_s)
 
     def shard_map(self) -> pb.ShardMap:
-        with self._lock:
-            m = self._state.to_map()
-            alive = set(self.alive())
-            now = self._clock()
-            m.default_replication = self._default_replication
-            for s in m.servers:
-                s.state = "alive" if s.server_id in alive else "dead"
-                s.last_heartbeat_age_s = now - self._last_seen.get(s.server_id, now)
-                if s.server_id in self._stats:
-                    s.stats.CopyFrom(self._stats[s.server_id])
-            return m
+        """The current map with liveness and stats. Takes no lock: states are replaced, never
+        changed in place, so readers never wait for a change being saved (an fsync)."""
+        state, last_seen, stats = self._state, dict(self._last_seen), dict(self._stats)
+        m = state.to_map()
+        now = self._clock()
+        m.default_replication = self._default_replication
+        for s in m.servers:
+            seen = last_seen.get(s.server_id, -1e18)
+            s.state = "alive" if now - seen <= self._cfg.lease_s else "dead"
+            s.last_heartbeat_age_s = now - last_seen.get(s.server_id, now)
+            if s.server_id in stats:
+                s.stats.CopyFrom(stats[s.server_id])
+        return m
 
     # ------------------------------------------------------------ reconcile loop
     def reconcile(self) -> list[str]:

@@ -223,9 +223,10 @@ class ShardService:
                 self._put(table, parts[keep], ids[keep], rows[keep])
         return int(keep.size)
 
-    def scan(self, table_uid: int, partition: int,
-             map_version: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored row of a partition this server holds: (ids, rows [n, dim]).
+    def scan(self, table_uid: int, partition: int, map_version: int = 0, after: int = -1,
+             limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Stored rows of a partition this server holds, in id order, past id ``after``, at
+        most ``limit``: (ids, rows [n, dim]).
 
         First applies a map at least at ``map_version``; writes check their epoch and store
         their rows under the table's write mutex, and a new map's epochs are set under it too,
@@ -234,7 +235,7 @@ class ShardService:
         if map_version:
             self.refresh_map(at_least=map_version)
         table = self._table(table_uid)
-        ids, raw = self._store.scan_partition(table_uid, partition)
+        ids, raw = self._store.scan_partition(table_uid, partition, after, limit)
         rows = np.frombuffer(raw, dtype=table.spec.np_dtype).reshape(len(ids), table.spec.dim)
         return ids, rows
 
@@ -346,6 +347,9 @@ class ShardServicer(pbg.ShardServerServicer):
 
     async def _run(self, fn, request, context, in_thread: bool = False):
         try:
+            if request.map_version > self._svc.map_version:
+                # Fetch the newer map off the loop: other requests go on meanwhile.
+                await asyncio.to_thread(self._svc.refresh_map, request.map_version)
             return await asyncio.to_thread(fn, request) if in_thread else fn(request)
         except ShoalError as e:
             await abort_async(context, e)
@@ -369,12 +373,18 @@ class ShardServicer(pbg.ShardServerServicer):
         return pb.BuildReplicaReply(started=self._builder.start(request))
 
     async def ReadPartition(self, request, context):
-        try:
-            ids, rows = await asyncio.to_thread(self._svc.scan, request.table_uid,
-                                                request.partition, request.map_version)
-        except ShoalError as e:
-            await abort_async(context, e)
-            return
-        n = int(request.chunk_rows) if request.chunk_rows > 0 else 65_536
-        for lo in range(0, len(ids), n):
-            yield pb.PartitionChunk(ids=pack(ids[lo:lo + n]), rows=pack(rows[lo:lo + n]))
+        """Stream the partition a chunk at a time, each read from RocksDB only when the learner
+        has taken the last one (flow control), so a paced copy paces the source too."""
+        n = int(request.chunk_rows) if request.chunk_rows > 0 else 8_192
+        after, version = -1, request.map_version
+        while True:
+            try:
+                ids, rows = await asyncio.to_thread(self._svc.scan, request.table_uid,
+                                                    request.partition, version, after, n)
+            except ShoalError as e:
+                await abort_async(context, e)
+                return
+            if not len(ids):
+                return
+            yield pb.PartitionChunk(ids=pack(ids), rows=pack(rows))
+            after, version = int(ids[-1]), 0

@@ -57,8 +57,10 @@ class RowStore(abc.ABC):
         """Delete every row of one partition (one key range)."""
 
     @abc.abstractmethod
-    def scan_partition(self, table_uid: int, partition: int) -> tuple[np.ndarray, bytes]:
-        """All (ids, concatenated row bytes) stored in one partition, in id order."""
+    def scan_partition(self, table_uid: int, partition: int, after: int = -1,
+                       limit: int = 0) -> tuple[np.ndarray, bytes]:
+        """(ids, concatenated row bytes) stored in one partition, in id order: those with
+        id > ``after``, at most ``limit`` of them (0: all)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -142,14 +144,16 @@ class RocksRowStore(RowStore):
         lo, hi = partition_range(table_uid, partition)
         self._db.delete_range(lo, hi)
 
-    def scan_partition(self, table_uid, partition):
+    def scan_partition(self, table_uid, partition, after=-1, limit=0):
         lo, hi = partition_range(table_uid, partition)
+        if after >= 0:
+            lo = encode_keys(table_uid, np.array([partition]), np.array([after + 1]))[0]
         ro = rocksdict.ReadOptions()
         ro.set_iterate_upper_bound(hi)
         keys, values = [], []
         it = self._db.iter(ro)
         it.seek(lo)
-        while it.valid():
+        while it.valid() and (not limit or len(keys) < limit):
             keys.append(it.key())
             values.append(it.value())
             it.next()
