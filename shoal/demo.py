@@ -3,10 +3,13 @@
 Starts a local cluster (3 shard servers, replication 2), creates a DLRM-shaped model of 8
 tables, fills it with random rows, streams Zipf-distributed queries from 4 client threads and
 checks every answer against a local torchrec EmbeddingBagCollection with the same weights.
+Five seconds in, it SIGKILLs a shard server: the queries go on, and the coordinator declares it
+dead and rebuilds its replicas elsewhere.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -25,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bag", type=int, default=20, help="mean ids per bag")
     ap.add_argument("--seconds", type=float, default=15.0, help="how long to send queries")
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--kill-at", type=float, default=5.0,
+                    help="seconds into the queries to SIGKILL a shard server (-1: never)")
     args = ap.parse_args(argv)
+    if args.kill_at is not None and args.kill_at < 0:
+        args.kill_at = None
 
     import shoal
     from embeddings.synthetic import random_kjt
@@ -45,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     step(f"starting a local cluster: {args.servers} shard servers, replication "
          f"{args.replication}, a coordinator and a router")
-    with shoal.LocalCluster(servers=args.servers, replication=args.replication) as cluster:
+    # A short lease so the demo shows a failover in seconds (the default is 5 s).
+    config = shoal.ShoalConfig().replace(coordinator__lease_s=2.0,
+                                         server__heartbeat_interval_s=0.25)
+    with shoal.LocalCluster(servers=args.servers, replication=args.replication,
+                            config=config) as cluster:
         client = shoal.connect(cluster.router_address)
         placed = client.create_model("dlrm", tables)
         step(f"created model 'dlrm': 8 tables x {args.rows:,} rows x dim {args.dim} "
@@ -93,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         for th in threads:
             th.start()
+        failover = None
+        if args.kill_at is not None and args.servers >= 2 and args.replication >= 2:
+            time.sleep(args.kill_at)
+            failover = _kill_and_watch(cluster, client, step, stop_at)
         for th in threads:
             th.join()
         wall = time.monotonic() - t0
@@ -106,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.percentile(lat_ms, 99):.2f} ms per batch")
         print(f"    max |shoal - torchrec|: {max_diff[0]:.3g}")
         print(f"    router merged {st.router.requests:,} requests into "
-              f"{st.router.batches:,} batches")
+              f"{st.router.batches:,} batches; {st.router.replica_retries} reads retried on "
+              f"another replica, {st.router.hedges} hedged")
+        if failover:
+            print(f"    failover: {failover}")
         for s in st.map.servers:
-            print(f"    server {s.server_id}: {s.stats.partitions} partitions, "
+            print(f"    server {s.server_id} ({s.state}): {s.stats.partitions} partitions, "
                   f"{s.stats.raw_bytes / 2**20:.0f} MiB of rows, RSS "
                   f"{s.stats.rss_bytes / 2**20:.0f} MiB, {s.stats.ids_looked_up:,} ids served")
         client.close()
@@ -116,6 +134,34 @@ def main(argv: list[str] | None = None) -> int:
     step("stopped the cluster. " + ("OK: every answer matched torchrec." if ok
                                     else "FAILED: see the numbers above."))
     return 0 if ok else 1
+
+
+def _kill_and_watch(cluster, client, step, stop_at: float) -> str:
+    """SIGKILL one shard server while the queries run; wait (bounded) until the coordinator has
+    declared it dead and rebuilt its partitions' replicas elsewhere."""
+    import signal
+
+    victim = cluster.servers[1]
+    t_kill = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    step(f"killed shard server {victim.server_id} (SIGKILL, pid {victim.pid}); queries go on")
+    dead_at = restored_at = None
+    deadline = max(stop_at, t_kill + 60)
+    while time.monotonic() < deadline and restored_at is None:
+        m = client.status().map
+        if dead_at is None and not any(victim.server_id in rs.replicas for rs in m.partitions):
+            dead_at = time.monotonic() - t_kill
+            step(f"coordinator declared {victim.server_id} dead after {dead_at:.1f}s; other "
+                 "replicas lead its partitions, new copies are being built")
+        if dead_at is not None and all(len(rs.replicas) >= 2 and not rs.learners
+                                       for rs in m.partitions):
+            restored_at = time.monotonic() - t_kill
+            step(f"replication factor restored {restored_at:.1f}s after the kill")
+        time.sleep(0.2)
+    if restored_at is None:
+        return f"{victim.server_id} killed; replication not yet restored after 60 s"
+    return (f"{victim.server_id} killed; declared dead after {dead_at:.1f}s, every partition "
+            f"back to 2 replicas after {restored_at:.1f}s")
 
 
 if __name__ == "__main__":

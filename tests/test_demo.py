@@ -1,0 +1,15 @@
+"""The README's demo, small: it must finish with every answer matching torchrec and the
+killed server's replicas rebuilt."""
+from __future__ import annotations
+
+from shoal.demo import main
+
+
+def test_demo_small(capsys):
+    rc = main(["--rows", "5000", "--dim", "16", "--batch", "64", "--seconds", "8",
+               "--kill-at", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "(0 failed)" in out
+    assert "every partition back to 2 replicas" in out
+    assert "OK: every answer matched torchrec." in out
