@@ -5,7 +5,6 @@ request path. A background thread polls the coordinator for newer shard maps.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import pathlib
@@ -17,7 +16,9 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import until_signalled, call_until_up, GRPC_OPTIONS, channel, make_aio_server, write_ready
+from shoal.serving import (
+    GRPC_OPTIONS, call_until_up, channel, make_aio_server, process_args, until_signalled,
+    write_ready)
 
 from router.mapcache import MapCache
 from router.service import RouterService
@@ -53,13 +54,7 @@ async def serve(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m router")
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--coordinator", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--config", default="")
-    args = ap.parse_args()
+    args = process_args("python -m router")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(message)s")
     torch.set_num_threads(1)
     asyncio.run(serve(args))

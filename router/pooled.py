@@ -148,10 +148,10 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
             return [(s, items, reply)]
 
         async def send_hedged(s: int, items):
-            primary = asyncio.ensure_future(send(s, items))
             delay = hedger.delay(s)
             if delay is None:
-                return await primary
+                return await send(s, items)
+            primary = asyncio.ensure_future(send(s, items))
             done, _ = await asyncio.wait({primary}, timeout=delay)
             if done or not hedger.budget.withdraw():
                 return await primary

@@ -6,7 +6,6 @@ answers), load the partitions the map gives this server, then answer requests.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import pathlib
@@ -18,7 +17,8 @@ import torch
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import until_signalled, call_until_up, channel, make_aio_server, write_ready
+from shoal.serving import (
+    call_until_up, channel, make_aio_server, process_args, until_signalled, write_ready)
 
 from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
@@ -59,14 +59,7 @@ async def serve(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m shards")
-    ap.add_argument("--server-id", required=True)
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--coordinator", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--config", default="")
-    args = ap.parse_args()
+    args = process_args("python -m shards", server_id=True)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s shard {args.server_id} %(message)s")
     torch.set_num_threads(1)   # two OpenMP threads per process collapse under load here

@@ -2,6 +2,7 @@
 options, and the ready file a parent process waits for."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import json
@@ -134,3 +135,16 @@ async def until_signalled() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
     await done.wait()
+
+
+def process_args(prog: str, server_id: bool = False) -> argparse.Namespace:
+    """The command line every role process takes (``python -m shards|router``)."""
+    ap = argparse.ArgumentParser(prog=prog)
+    if server_id:
+        ap.add_argument("--server-id", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--config", default="")
+    return ap.parse_args()

@@ -65,6 +65,16 @@ def read_direct(m: pb.ShardMap, server_id: str, spec: pb.TableSpec, ids: np.ndar
     return np.frombuffer(t.data, t.dtype).reshape(tuple(t.shape))
 
 
+def fo_tables(seed: int):
+    """Table ``tq`` (read by the queries, held by the oracle) and ``tw`` (written to)."""
+    torch.manual_seed(seed)
+    read_cfg = EmbeddingBagConfig(name="tq", embedding_dim=DIM, num_embeddings=ROWS,
+                                  feature_names=["fq"])
+    write_cfg = EmbeddingBagConfig(name="tw", embedding_dim=DIM, num_embeddings=ROWS,
+                                   feature_names=["fw"])
+    return read_cfg, write_cfg, EmbeddingBagCollection(tables=[read_cfg])
+
+
 class Load:
     """4 query clients checking every answer against the oracle, and 1 writer writing each id
     of table ``tw`` once (rows ``id * 10 + column``) and remembering what was acknowledged."""
@@ -159,12 +169,7 @@ def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
     back (without it), then restarts it (it rejoins holding nothing, its old rows dropped when
     it is next made a learner)."""
     rng = np.random.default_rng(7)
-    torch.manual_seed(7)
-    read_cfg = EmbeddingBagConfig(name="tq", embedding_dim=DIM, num_embeddings=ROWS,
-                                  feature_names=["fq"])
-    write_cfg = EmbeddingBagConfig(name="tw", embedding_dim=DIM, num_embeddings=ROWS,
-                                   feature_names=["fw"])
-    oracle = EmbeddingBagCollection(tables=[read_cfg])
+    read_cfg, write_cfg, oracle = fo_tables(seed=7)
     with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
                             config=fast_failover_config()) as cluster:
         client = cluster.client()
@@ -287,12 +292,7 @@ def test_coordinator_crash_during_failover_resumes(tmp_path, when):
     """SIGKILL the coordinator while it handles a dead server (before it noticed, or while new
     replicas are being built); the restarted coordinator finishes the job from its durable map
     and every replica ends with the same rows."""
-    torch.manual_seed(5)
-    read_cfg = EmbeddingBagConfig(name="tq", embedding_dim=DIM, num_embeddings=ROWS,
-                                  feature_names=["fq"])
-    write_cfg = EmbeddingBagConfig(name="tw", embedding_dim=DIM, num_embeddings=ROWS,
-                                   feature_names=["fw"])
-    oracle = EmbeddingBagCollection(tables=[read_cfg])
+    read_cfg, write_cfg, oracle = fo_tables(seed=5)
     cfg = fast_failover_config().replace(server__rebuild_mib_per_s=0.5)   # a slow rebuild
     with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
                             config=cfg) as cluster:
