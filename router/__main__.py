@@ -30,7 +30,8 @@ async def serve(args) -> None:
     sync_coord = pbg.CoordinatorStub(channel(args.coordinator))
 
     def fetch(known: int):
-        reply = sync_coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
+        reply = sync_coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10,
+                                 wait_for_ready=True)  # ride out a coordinator restart
         return None if reply.unchanged else reply.map
 
     maps = MapCache(fetch)

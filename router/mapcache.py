@@ -9,6 +9,9 @@ import random
 import threading
 from typing import Callable
 
+import grpc
+
+from shoal.errors import Unavailable
 from shoal.proto import shoal_pb2 as pb
 
 from router.routing import RoutingTable
@@ -45,7 +48,12 @@ class MapCache:
         """``refresh`` from the event loop: the fetch runs in a worker thread."""
         if at_least and self._table.version >= at_least:
             return self._table
-        return await asyncio.to_thread(self.refresh, at_least)
+        try:
+            return await asyncio.to_thread(self.refresh, at_least)
+        except grpc.RpcError as e:
+            raise Unavailable(f"a server redirected this request to shard map version "
+                              f"{at_least}, and the coordinator could not be reached for it "
+                              f"({e.code().name}); retry") from None
 
     def poll_forever(self, interval: float, stop: threading.Event) -> None:
         while not stop.wait(interval * random.uniform(0.8, 1.2)):

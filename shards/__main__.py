@@ -34,7 +34,8 @@ async def serve(args) -> None:
     coord = pbg.CoordinatorStub(channel(args.coordinator))
 
     def fetch_map(known: int):
-        reply = coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10)
+        reply = coord.GetShardMap(pb.GetShardMapRequest(known_version=known), timeout=10,
+                                 wait_for_ready=True)  # ride out a coordinator restart
         return None if reply.unchanged else reply.map
 
     service = ShardService(args.server_id, store, cfg, fetch_map)
