@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable
 
+import grpc
 
 from shoal.config import CoordinatorConfig
 from shoal.errors import NotFound, ShoalError, abort_with
@@ -42,7 +43,7 @@ class CoordinatorService(pbg.CoordinatorServicer):
         self._stats: dict[str, pb.ServerStats] = {}   # soft: latest stats per server
         self._last_pass: float | None = None          # clock of the last reconcile pass
         self._build_replica = build_replica
-        self._build_sent: dict[tuple, float] = {}     # soft: (key, learner) -> clock asked
+        self._build_sent: dict[tuple, tuple] = {}     # soft: (key, learner) -> (clock, source)
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -132,16 +133,18 @@ class CoordinatorService(pbg.CoordinatorServicer):
             self._commit(state)
             addresses = {s.server_id: s.address for s in state.servers.values()}
             for key, rec in state.partitions.items():
-                source = next((r for r in rec.replicas if r in alive), None)
+                source = rec.replicas[0] if rec.replicas and rec.replicas[0] in alive else None
                 for learner in rec.learners:
                     sent = self._build_sent.get((key, learner))
                     if source is None or learner not in alive or (
-                            sent is not None and now - sent < self._cfg.build_resend_s):
+                            sent is not None and sent[1] == source
+                            and now - sent[0] < self._cfg.build_resend_s):
                         continue
-                    self._build_sent[(key, learner)] = now
+                    self._build_sent[(key, learner)] = (now, source)
                     requests.append((addresses[learner], pb.BuildReplicaRequest(
                         table_uid=key[0], partition=key[1], epoch=rec.epoch,
-                        source_address=addresses[source], map_version=state.version)))
+                        source_address=addresses[source], map_version=state.version,
+                        source_id=source)))
         for address, request in requests:
             if self._build_replica is None:
                 continue
@@ -162,17 +165,41 @@ class CoordinatorService(pbg.CoordinatorServicer):
     def ReplicaReady(self, request, context):
         key = (request.table_uid, request.partition)
         with self._lock:
+            rec = self._state.partitions.get(key)
+            if rec is not None and request.leader and rec.replicas[:1] != (request.leader,):
+                # It caught up with a server that no longer leads: the new leader does not send
+                # it writes. The next reconcile pass asks it to build again from the new one.
+                log.info("partition %s: %s caught up with %s, which no longer leads; not "
+                         "promoted", key, request.server_id, request.leader)
+                self._build_sent.pop((key, request.server_id), None)
+                return pb.ReplicaReadyReply(map_version=self._state.version)
             new = self._state.with_promoted(key, request.server_id)
             if new is not self._state:
                 self._commit(new)
                 self._build_sent.pop((key, request.server_id), None)
-                log.info("partition %s: %s copied %d rows and is now a replica (epoch %d)",
-                         key, request.server_id, request.rows, new.partitions[key].epoch)
+                log.info("partition %s: %s copied %d rows, replayed %d entries and is now a "
+                         "replica (epoch %d)", key, request.server_id, request.rows,
+                         request.entries, new.partitions[key].epoch)
             return pb.ReplicaReadyReply(map_version=self._state.version)
 
     def ReportFailure(self, request, context):
+        """A leader could not replicate a write to ``server_id``: drop it from those partitions
+        (epoch + 1) so the leader can acknowledge without it. Only the partitions' current,
+        live leader may ask; anyone else gets FAILED_PRECONDITION (it may be deposed itself)."""
         keys = [(request.table_uid, int(p)) for p in request.partitions]
         with self._lock:
+            if request.reporter not in self.alive():
+                abort_with(context, ShoalError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"reporter {request.reporter!r} is not a live server; it may not drop "
+                    f"replicas"))
+            bad = [k for k in keys if k not in self._state.partitions
+                   or self._state.partitions[k].replicas[:1] != (request.reporter,)]
+            if bad:
+                abort_with(context, ShoalError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"reporter {request.reporter!r} does not lead partition {bad[0][1]} of "
+                    f"table_uid {request.table_uid} at map version {self._state.version}"))
             new = self._state.without_replica(request.server_id, keys)
             if new is not self._state:
                 self._commit(new)

@@ -173,6 +173,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                     hedger.hedge_wins += 1
                 else:
                     other.cancel()
+                    other.add_done_callback(_retrieve)
                 return outcome
             rest = await other                  # the first failed: take the other's answer
             return [x for group in rest for x in group] if other is hedge else rest
@@ -207,6 +208,12 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                       f"{MAX_ATTEMPTS} attempts (servers that failed: "
                       f"{sorted(maps.current().server_ids[s] for s in exclude)}; last "
                       f"redirect: {last_redirect or 'none'})")
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a cancelled fan-out's outcome as seen (no 'exception was never retrieved')."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int],

@@ -1,14 +1,14 @@
-"""Unpooled paths: write rows to every replica (and learner), read rows from one replica per
+"""Unpooled paths: write rows through each partition's leader, read rows from one replica per
 partition.
 
-Writes: the router sends each replica of a partition the rows it holds, all in parallel, and
-acknowledges when every replica has them durable. (Leader-driven replication with sequence
-numbers replaces this in the Failover work.)
+Writes: the router sends each partition's rows to its leader, which sequences them, replicates
+them to the in-sync replicas and acknowledges once they all have them durable. Every request
+carries an idempotency key, so resending after a lost reply, a timeout or a change of leader
+applies each partition's rows once.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -23,58 +23,97 @@ from router.routing import routed
 from router.transport import ShardTransport
 
 WRITE_CHUNK_BYTES = 32 << 20
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 0.5
 
 
 async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
-                     maps: MapCache, transport: ShardTransport, timeout: float, stats: Stats,
-                     report: Callable[[str, int, np.ndarray, str], Awaitable[int]]) -> int:
-    """Write validated, unique ``ids`` to every replica of their partitions; return how many.
+                     maps: MapCache, transport: ShardTransport, stats: Stats, request_id: str,
+                     timeout: float, attempt_timeout: float) -> int:
+    """Write validated, unique ``ids``; return how many. Acknowledged when every partition's
+    leader has acknowledged its rows (so every in-sync replica has them durable).
 
-    Acknowledged only when every replica still in each partition's set has the rows durable. A
-    replica that cannot be reached is reported (``report(server_id, table_uid, partitions,
-    reason)`` returns the map version after the coordinator dropped it from those sets) and the
-    write is retried on the new map; writes are absolute values, so resending is harmless."""
-    last_error: ShoalError | None = None
-    for _ in range(MAX_ATTEMPTS):
+    A partition's rows go in one request of an idempotency key, so a resend is deduplicated
+    per partition. A partition with more rows than fit one request is written in rounds, one
+    key per round, each round holding at most one request's worth of every partition."""
+    tr = maps.current().model(model).table(table)
+    parts = partition_of(ids, tr.spec.num_partitions)
+    per_chunk = max(1, WRITE_CHUNK_BYTES // max(1, tr.spec.row_bytes))
+    order = np.argsort(parts, kind="stable")
+    sp = parts[order]
+    starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]])
+    rank = np.arange(len(sp)) - np.repeat(starts, np.diff(np.r_[starts, len(sp)]))
+    rounds = rank // per_chunk
+    deadline = asyncio.get_running_loop().time() + timeout
+    for r in range(int(rounds.max()) + 1 if len(ids) else 0):
+        await _write_round(model, table, ids, rows, np.sort(order[rounds == r]), maps,
+                           transport, stats, f"{request_id}.{r}", deadline, attempt_timeout)
+    return len(ids)
+
+
+async def _write_round(model, table, ids, rows, pending, maps, transport, stats, request_id,
+                       deadline, attempt_timeout) -> None:
+    loop = asyncio.get_running_loop()
+    backoff, last_error = FIRST_BACKOFF_S, None
+    while True:
         rt = maps.current()
         tr = rt.model(model).table(table)
-        parts = partition_of(ids, tr.spec.num_partitions)
-        order = np.argsort(parts, kind="stable")
-        chunk = max(1, WRITE_CHUNK_BYTES // max(1, tr.spec.row_bytes))
-        calls, targets = [], []
-        for slot in range(tr.writers.shape[1]):
-            servers = tr.writers[parts[order], slot]
-            for s in np.unique(servers[servers >= 0]):
-                sel = order[servers == s]
-                for lo in range(0, len(sel), chunk):
-                    c = np.sort(sel[lo:lo + chunk])
-                    req = pb.WriteRowsRequest(map_version=rt.version,
-                                              table_uid=tr.spec.table_uid, ids=pack(ids[c]),
-                                              rows=pack(rows[c]), routed=routed(tr, parts[c]))
-                    calls.append(transport.write_rows(rt.addresses[s], req, timeout))
-                    targets.append((int(s), parts[c]))
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        at_least, retry = 0, False
-        for (s, p), r in zip(targets, results):
+        parts = partition_of(ids[pending], tr.spec.num_partitions)
+        leaders = tr.replicas[parts, 0]
+        if leaders.size and leaders.min() < 0:
+            p = int(parts[np.flatnonzero(leaders < 0)[0]])
+            raise Unavailable(f"partition {p} of table {table!r} has no replica")
+        calls, sels = [], []
+        left = deadline - loop.time()
+        for s, sel in _requests(pending, parts, leaders, tr.spec.row_bytes):
+            c_parts = partition_of(ids[sel], tr.spec.num_partitions)
+            req = pb.WriteRowsRequest(map_version=rt.version, table_uid=tr.spec.table_uid,
+                                      ids=pack(ids[sel]), rows=pack(rows[sel]),
+                                      routed=routed(tr, c_parts), request_id=request_id)
+            calls.append(transport.write_rows(rt.addresses[s], req,
+                                              max(0.05, min(attempt_timeout, left))))
+            sels.append(sel)
+        failed, at_least, redirected = [], 0, False
+        for sel, r in zip(sels, await asyncio.gather(*calls, return_exceptions=True)):
             if isinstance(r, StaleMap):
                 stats.redirects += 1
-                at_least, retry = max(at_least, r.map_version), True
+                at_least, redirected = max(at_least, r.map_version), True
+                failed.append(sel)
             elif isinstance(r, ShoalError) and r.code in RETRYABLE:
                 stats.replica_retries += 1
-                last_error, retry = r, True
-                version = await report(rt.server_ids[s], tr.spec.table_uid, np.unique(p),
-                                       r.message)
-                at_least = max(at_least, version)
+                last_error = r
+                failed.append(sel)
             elif isinstance(r, BaseException):
                 raise r
-        if not retry:
-            return len(ids)
+        if not failed:
+            return
+        pending = np.sort(np.concatenate(failed))
+        left = deadline - loop.time()
+        if left <= 0:
+            raise Unavailable(f"write to table {table!r}: {len(pending)} rows not acknowledged "
+                              f"within the deadline; last error: "
+                              f"{last_error.message if last_error else 'the map kept changing'}")
+        if not redirected:               # a leader is down: wait for the coordinator to act
+            await asyncio.sleep(min(backoff, left))
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
         await maps.refresh_async(at_least=at_least)
-    if last_error is not None:
-        raise Unavailable(f"write to table {table!r}: a replica stayed unreachable after "
-                          f"{MAX_ATTEMPTS} attempts and could not be dropped from its "
-                          f"partitions' replica sets: {last_error.message}")
-    raise Unavailable(f"write to table {table!r}: the shard map kept changing; retry")
+
+
+def _requests(pending: np.ndarray, parts: np.ndarray, leaders: np.ndarray, row_bytes: int):
+    """(leader, selection) per request: ``pending`` grouped by leader, cut into requests of
+    about WRITE_CHUNK_BYTES at partition boundaries only."""
+    per_chunk = max(1, WRITE_CHUNK_BYTES // max(1, row_bytes))
+    order = np.lexsort((parts, leaders))
+    sl, sp = leaders[order], parts[order]
+    for s in np.unique(sl):
+        lo, hi = np.searchsorted(sl, [s, s + 1])
+        p = sp[lo:hi]
+        first = np.r_[True, p[1:] != p[:-1]]
+        starts = np.flatnonzero(first)
+        chunk_of_part = starts // per_chunk          # a partition's chunk: where it starts
+        chunk = np.repeat(chunk_of_part, np.diff(np.r_[starts, len(p)]))
+        for c in np.unique(chunk):
+            yield int(s), np.sort(pending[order[lo:hi][chunk == c]])
 
 
 async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,

@@ -2,9 +2,11 @@
 lookup / write paths against the shard servers."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import resource
+import uuid
 
 import numpy as np
 
@@ -41,6 +43,8 @@ class RouterService(pbg.RouterServicer):
                              RetryBudget(config.retry_budget_ratio,
                                          config.retry_budget_min_per_s))
         self._requests = 0
+        self._id = uuid.uuid4().hex[:12]        # this router's prefix for idempotency keys
+        self._write_ids = itertools.count()
         self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
                                 config.max_batch_ids)
 
@@ -133,9 +137,13 @@ class RouterService(pbg.RouterServicer):
             if len(uniq) != len(ids):
                 keep = len(ids) - 1 - last
                 ids, rows = ids[keep], rows[keep]
+            request_id = request.request_id or f"{self._id}:{next(self._write_ids)}"
+            if len(request_id) > 128:
+                raise InvalidArgument(f"request_id: {len(request_id)} characters exceed the "
+                                      "limit of 128")
             n = await write_rows(request.model, request.table, ids, rows, self._maps,
-                                 self._transport, self._cfg.rpc_timeout_s, self.stats,
-                                 self._report_failure)
+                                 self._transport, self.stats, request_id,
+                                 self._cfg.rpc_timeout_s, self._cfg.write_attempt_timeout_s)
             return pb.WriteRowsReply(written=n)
         except ShoalError as e:
             await abort_async(context, e)
@@ -155,19 +163,6 @@ class RouterService(pbg.RouterServicer):
             return pb.RouterLookupRowsReply(rows=pack(rows))
         except ShoalError as e:
             await abort_async(context, e)
-
-    async def _report_failure(self, server_id: str, table_uid: int, partitions: np.ndarray,
-                              reason: str) -> int:
-        """Tell the coordinator a replica failed a write; return the map version after."""
-        log.warning("replica %s failed a write to %d partitions of table_uid %d: %s; reporting "
-                    "it", server_id, len(partitions), table_uid, reason)
-        try:
-            reply = await self._coord.ReportFailure(pb.ReportFailureRequest(
-                server_id=server_id, reporter="router", table_uid=table_uid,
-                partitions=[int(p) for p in partitions], reason=reason[:500]), timeout=5)
-            return reply.map_version
-        except grpc.RpcError:          # coordinator unreachable: the replica stays in its sets
-            return 0
 
     # ------------------------------------------------------------ control
     async def CreateModel(self, request, context):

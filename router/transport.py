@@ -12,7 +12,7 @@ import grpc
 from shoal.errors import from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import GRPC_OPTIONS
+from shoal.serving import AioStubs
 
 
 class ShardTransport(abc.ABC):
@@ -33,14 +33,7 @@ class GrpcShardTransport(ShardTransport):
     """One grpc.aio channel per server address, created on first use (inside the loop)."""
 
     def __init__(self):
-        self._stubs: dict[str, pbg.ShardServerStub] = {}
-
-    def _stub(self, address: str) -> pbg.ShardServerStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = pbg.ShardServerStub(
-                grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
-        return stub
+        self._stub = AioStubs(pbg.ShardServerStub)
 
     @staticmethod
     async def _call(method, request, timeout):

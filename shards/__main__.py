@@ -15,11 +15,13 @@ import grpc
 import torch
 
 from shoal.config import ShoalConfig
+from shoal.errors import from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import (
     call_until_up, channel, make_aio_server, process_args, until_signalled, write_ready)
 
+from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
 from shards.storage import RocksRowStore
@@ -42,7 +44,16 @@ async def serve(args) -> None:
     server, address = make_aio_server(args.host, args.port)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),
                              cfg.rebuild_mib_per_s)
-    pbg.add_ShardServerServicer_to_server(ShardServicer(service, builder), server)
+
+    async def report(req: pb.ReportFailureRequest) -> pb.ReportFailureReply:
+        try:
+            return await asyncio.to_thread(coord.ReportFailure, req, timeout=10,
+                                           wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    replicator = Replicator(service, report, cfg.replicate_timeout_s)
+    pbg.add_ShardServerServicer_to_server(ShardServicer(service, replicator, builder), server)
     await server.start()
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
                                   memory_budget_bytes=cfg.memory_budget_bytes)

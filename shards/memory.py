@@ -54,6 +54,10 @@ class TableArena:
         self.slot = np.where(wanted, np.arange(self.num_partitions), -1)
         return new
 
+    def clear(self, partition: int) -> None:
+        """Zero a resident partition's rows (its copy is being replaced)."""
+        self._release(partition)
+
     def _release(self, partition: int) -> None:
         """Zero a partition's rows and give its whole pages back (MADV_DONTNEED)."""
         rpp = self.rows_per_partition

@@ -1,10 +1,13 @@
-"""Building a replica: a learner copies a partition from a source replica.
+"""Building a replica: a learner copies a partition from its leader.
 
-The coordinator makes this server a learner of the partition (every writer now sends it every
-write), then asks it to build. The builder streams the source's rows and stores each one the
-learner does not already have (a row it has came from a write after it joined, so it is at
-least as new), then reports ReplicaReady and the coordinator promotes it. Idempotent: asking
-again re-runs the copy, which changes nothing that is already there.
+The coordinator makes this server a learner of the partition and asks it to build, naming the
+leader. If the learner still holds a copy from an earlier membership whose last entry is in the
+leader's history, it only catches up: it replays the leader's log after that entry. Otherwise
+it drops its copy, streams a consistent snapshot (the leader's RocksDB checkpoint, taken
+between two writes, opened read-only), then catches up from the entry the snapshot ends at.
+When the catch-up reaches the leader's head, the leader attaches the learner (every later write
+goes to it too, and waits for it), and the learner reports ReplicaReady; the coordinator
+promotes it while that leader still leads. Asking again re-runs the build, which is harmless.
 """
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ from shards.service import ShardService
 
 log = logging.getLogger("shard.replication")
 CHUNK_ROWS = 8_192          # small chunks: the copy never holds the GIL or a lock for long
+CATCH_UP_BYTES = 4 << 20    # log entries per catch-up call, at most
+MAX_CATCH_UP_CALLS = 1_000
+
+
+class BuildFailed(Exception):
+    pass
 
 
 class ReplicaBuilder:
@@ -51,31 +60,83 @@ class ReplicaBuilder:
         try:
             self._svc.refresh_map(at_least=request.map_version)   # we know we are its learner
             ch = channel(request.source_address)
-            copied = total = 0
             try:
-                stream = pbg.ShardServerStub(ch).ReadPartition(pb.ReadPartitionRequest(
-                    table_uid=request.table_uid, partition=request.partition,
-                    chunk_rows=CHUNK_ROWS, map_version=request.map_version), timeout=3600)
-                nbytes = 0
-                for chunk in stream:
-                    ids = unpack(chunk.ids, "ids", "int64", 1)
-                    rows = unpack(chunk.rows, "rows", None, 2)
-                    copied += self._svc.put_if_absent(request.table_uid, request.partition,
-                                                      ids, rows)
-                    total += len(ids)
-                    nbytes += rows.nbytes
-                    ahead = t0 + nbytes / self._bytes_per_s - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
+                stub = pbg.ShardServerStub(ch)
+                copied, have = 0, self._svc.position(*key)
+                entries = self._catch_up(stub, request, have) if have is not None else None
+                mode = "caught up from its own copy"
+                if entries is None:
+                    mode = "snapshot"
+                    have, copied = self._snapshot(stub, request)
+                    entries = self._catch_up(stub, request, have)
+                    if entries is None:
+                        raise BuildFailed("the leader's log no longer reaches the snapshot")
             finally:
                 ch.close()
+            self._svc.count("builds_caught_up" if mode != "snapshot" else "builds_from_snapshot")
             self._report(pb.ReplicaReadyRequest(
                 server_id=self._svc.server_id, table_uid=request.table_uid,
-                partition=request.partition, epoch=request.epoch, rows=total))
-            log.info("built partition %s from %s: %d rows streamed, %d stored, %.1fs", key,
-                     request.source_address, total, copied, time.monotonic() - t0)
-        except Exception:                 # the coordinator asks again after build_resend_s
-            log.exception("building partition %s from %s failed", key, request.source_address)
+                partition=request.partition, epoch=request.epoch, rows=copied,
+                leader=request.source_id, entries=entries))
+            log.info("built partition %s from %s (%s): %d rows copied, %d entries replayed, "
+                     "%.1fs", key, request.source_id, mode, copied, entries,
+                     time.monotonic() - t0)
+        except Exception as e:            # the coordinator asks again after build_resend_s
+            log.warning("building partition %s from %s failed: %s", key, request.source_id, e)
         finally:
             with self._lock:
                 self._running.discard(key)
+
+    def _pace(self, t0: float, nbytes: int) -> None:
+        ahead = t0 + nbytes / self._bytes_per_s - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+    def _snapshot(self, stub, request) -> tuple[tuple[int, int], int]:
+        """Replace this server's copy with the leader's snapshot; ((seq, epoch) it ends at,
+        rows copied)."""
+        uid, p = request.table_uid, request.partition
+        self._svc.reset_partition(uid, p)
+        stream = stub.ReadPartition(pb.ReadPartitionRequest(
+            table_uid=uid, partition=p, chunk_rows=CHUNK_ROWS, map_version=request.map_version,
+            learner=self._svc.server_id), timeout=3600)
+        t0, nbytes, total, at = time.monotonic(), 0, 0, None
+        for chunk in stream:
+            if at is None:
+                at = (chunk.snapshot_seq, chunk.snapshot_epoch)
+            ids = unpack(chunk.ids, "ids", "int64", 1)
+            rows = unpack(chunk.rows, "rows", None, 2)
+            if len(ids):
+                self._svc.install_rows(uid, p, ids, rows)
+            total += len(ids)
+            nbytes += rows.nbytes
+            self._pace(t0, nbytes)
+        if at is None:
+            raise BuildFailed("the leader sent an empty snapshot stream")
+        self._svc.finish_snapshot(uid, p, *at)
+        return at, total
+
+    def _catch_up(self, stub, request, have: tuple[int, int]) -> int | None:
+        """Replay the leader's log after ``have`` until the leader attaches this server;
+        entries replayed, or None when the leader cannot (log too short, history differs)."""
+        uid, p = request.table_uid, request.partition
+        seq, epoch = have
+        t0, nbytes, n = time.monotonic(), 0, 0
+        for _ in range(MAX_CATCH_UP_CALLS):
+            reply = stub.CatchUp(pb.CatchUpRequest(
+                table_uid=uid, partition=p, after_seq=seq, after_epoch=epoch,
+                learner=self._svc.server_id, map_version=request.map_version,
+                max_bytes=CATCH_UP_BYTES), timeout=30)
+            if reply.unavailable:
+                return None
+            _, ok = self._svc.apply_caught_up(uid, list(reply.entries))
+            if not ok:
+                raise BuildFailed("catch-up entries did not follow this copy's last entry")
+            n += len(reply.entries)
+            if reply.attached:
+                return n
+            seq, epoch = self._svc.position(uid, p)
+            nbytes += sum(len(e.rows.data) for e in reply.entries)
+            self._pace(t0, nbytes)
+        raise BuildFailed(f"catch-up did not reach the leader's head in {MAX_CATCH_UP_CALLS} "
+                          "calls")

@@ -1,12 +1,14 @@
-"""The shard server's RPCs: write rows, look up rows, look up with pooling.
+"""The shard server's state and RPCs: the partitions it holds (from the shard map), lookups of
+rows and of pooled bags, and (through ``WritePath``) the replicated write path.
 
-Durability: rows are durable in RocksDB (``RowStore``) before a write returns; the memory tier
-and the held-partition table are soft state rebuilt from RocksDB and the coordinator's map on
-restart. Lookups and writes are idempotent.
+Durability: rows and each partition's replication position are durable in RocksDB
+(``RowStore``) before a write returns; the memory tier, the log of recent writes and the
+held-partition table are soft state rebuilt from RocksDB and the coordinator's map on restart.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import resource
 import threading
@@ -23,11 +25,12 @@ from shoal.config import ShardServerConfig
 from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable, abort_async
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import trim_heap
 from shoal.wire import is_set, pack, unpack
 
 from shards.memory import RWLock, TableArena
-from shards.storage import RowStore
+from shards.replog import ReplicationLog
+from shards.storage import Positions, RowStore
+from shards.writes import WritePath
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -37,11 +40,35 @@ class HeldTable:
     spec: TableSpec
     epochs: np.ndarray                  # int64 [P]: epoch of each partition held here, 0 = not held
     arena: TableArena
+    log: ReplicationLog
     lock: RWLock = field(default_factory=RWLock)          # arena readers vs. arena writers
     write_mutex: threading.Lock = field(default_factory=threading.Lock)   # one writer of rows
+    # From the map (replaced whole under write_mutex): the partitions this server leads, the
+    # leader of each partition held, and per other server the partitions it follows or learns
+    # of those this server leads.
+    leads: np.ndarray = None
+    leader_of: dict[int, str] = field(default_factory=dict)
+    peers: dict[str, np.ndarray] = field(default_factory=dict)
+    learners: dict[str, np.ndarray] = field(default_factory=dict)
+    # Soft, changed under write_mutex: learners caught up with this leader, which get every write.
+    attached: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def no_parts(self) -> np.ndarray:
+        return np.zeros(self.spec.num_partitions, dtype=bool)
+
+    def learner_mask(self, server: str) -> np.ndarray:
+        return self.learners.get(server, self.no_parts)
+
+    def attach(self, server: str, partition: int) -> None:
+        self.attached.setdefault(server, self.no_parts)[partition] = True
+
+    def detach(self, server: str, partition: int) -> None:
+        if server in self.attached:
+            self.attached[server][partition] = False
 
 
-class ShardService:
+class ShardService(WritePath):
     def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
                  fetch_map: Callable[[int], pb.ShardMap | None]):
         """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged."""
@@ -50,10 +77,14 @@ class ShardService:
         self._cfg = config
         self._fetch_map = fetch_map
         self._tables: dict[int, HeldTable] = {}
+        self._addresses: dict[str, str] = {}
+        self._on_disk: set[tuple[int, int]] = store.stored_partitions()
         self._map_version = 0
         self._map_lock = threading.Lock()
         self._ready = False
-        self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0}
+        self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0,
+                          "dropped_partitions": 0, "builds_from_snapshot": 0,
+                          "builds_caught_up": 0}
 
     # ------------------------------------------------------------ shard map
     @property
@@ -72,13 +103,13 @@ class ShardService:
 
     def _apply(self, m: pb.ShardMap) -> None:
         specs = {t.table_uid: TableSpec.from_proto(t) for md in m.models for t in md.tables}
-        held: dict[int, dict[int, int]] = {}
-        learning: set[tuple[int, int]] = set()
+        replication = {t.table_uid: md.replication for md in m.models for t in md.tables}
+        sets = {(rs.table_uid, rs.partition): rs for rs in m.partitions}
+        held: dict[int, dict[int, pb.ReplicaSet]] = {}
         for rs in m.partitions:
             if self.server_id in rs.replicas or self.server_id in rs.learners:
-                held.setdefault(rs.table_uid, {})[rs.partition] = rs.epoch
-            if self.server_id in rs.learners:
-                learning.add((rs.table_uid, rs.partition))
+                held.setdefault(rs.table_uid, {})[rs.partition] = rs
+        self._addresses = {s.server_id: s.address for s in m.servers}
         budget = self._cfg.memory_budget_bytes
         for uid in sorted(held):
             spec = specs[uid]
@@ -86,32 +117,65 @@ class ShardService:
             if table is None:
                 arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
                                    spec.num_partitions)
-                table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena)
-            for p in held[uid]:
-                if (uid, p) in learning and not table.epochs[p]:
-                    # Newly a learner: rows left on disk from an earlier membership (a server
-                    # that was dropped and came back) are stale; the copy must not keep them.
-                    self._store.drop_partition(uid, p)
+                seq, epoch = self._store.read_positions(uid, spec.num_partitions)
+                table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena,
+                                  ReplicationLog(seq, epoch, self._cfg.replication_log_bytes))
             resident = []
             for p in sorted(held[uid]):
                 size = table.arena.rows_per_partition * spec.row_bytes
                 if size <= budget:
                     resident.append(p)
                     budget -= size
-            epochs = np.zeros(spec.num_partitions, np.int64)
-            for p, e in held[uid].items():
-                epochs[p] = e
+            roles = self._roles(spec.num_partitions, held[uid])
             with table.write_mutex, table.lock.write():
                 for p in table.arena.set_partitions(resident):
                     ids, raw = self._store.scan_partition(uid, p)
                     rows = torch.frombuffer(bytearray(raw), dtype=table.arena.dtype) if raw else None
                     if rows is not None:
                         table.arena.fill(p, ids, rows.view(-1, spec.dim))
-                table.epochs = epochs
+                table.epochs, table.leads, table.leader_of, table.peers, table.learners = roles
+                table.attached = {s: a & table.learner_mask(s)
+                                  for s, a in table.attached.items() if s in table.learners}
             self._tables[uid] = table
         for uid in set(self._tables) - set(held):
             del self._tables[uid]
+        self._collect_garbage(specs, replication, sets, held)
         self._map_version = m.version
+
+    def _roles(self, num_partitions: int, held: dict[int, pb.ReplicaSet]):
+        epochs = np.zeros(num_partitions, np.int64)
+        leads = np.zeros(num_partitions, bool)
+        leader_of, peers, learners = {}, {}, {}
+        for p, rs in held.items():
+            epochs[p] = rs.epoch
+            leader_of[p] = rs.replicas[0] if rs.replicas else ""
+            if leader_of[p] != self.server_id:
+                continue
+            leads[p] = True
+            for s in rs.replicas[1:]:
+                peers.setdefault(s, np.zeros(num_partitions, bool))[p] = True
+            for s in rs.learners:
+                learners.setdefault(s, np.zeros(num_partitions, bool))[p] = True
+        return epochs, leads, leader_of, peers, learners
+
+    def _collect_garbage(self, specs, replication, sets, held) -> None:
+        """Delete the copies of partitions this server no longer holds once they are not
+        needed: the table is gone, or the partition has its full replica set elsewhere. (A copy
+        is kept until then: if this server is asked to rebuild it, it may only need to catch
+        up.)"""
+        for uid, p in sorted(self._on_disk):
+            if p in held.get(uid, {}):
+                continue
+            rs = sets.get((uid, p))
+            if uid in specs and (rs is None or len(rs.replicas) < replication[uid]):
+                continue
+            self._store.drop_partition(uid, p)
+            self._on_disk.discard((uid, p))
+            self._counters["dropped_partitions"] += 1
+            table = self._tables.get(uid)
+            if table is not None:
+                with table.write_mutex:
+                    table.log.reset(p, 0, 0)
 
     def _enter(self, map_version: int) -> None:
         if not self._ready:
@@ -175,32 +239,13 @@ class ShardService:
             bytearray(raw), dtype=table.arena.dtype).view(-1, spec.dim)
         return buf, np.arange(len(ids), dtype=np.int64)
 
-    # ------------------------------------------------------------ requests (raise ShoalError)
-    def write_rows(self, request: pb.WriteRowsRequest) -> pb.WriteRowsReply:
-        self._enter(request.map_version)
-        table = self._table(request.table_uid)
-        spec = table.spec
-        ids = unpack(request.ids, "ids", "int64", 1)
-        rows = unpack(request.rows, "rows", spec.dtype, 2)
-        if rows.shape != (len(ids), spec.dim):
-            raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
-                                  f"{spec.dim}] (one row of dim {spec.dim} per id)")
-        if len(ids) > self._cfg.max_ids_per_request:
-            raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
-                                  f"{self._cfg.max_ids_per_request}")
-        if len(np.unique(ids)) != len(ids):
-            raise InvalidArgument("ids: must be unique within one write")
-        with table.write_mutex:             # the epoch check and the store are one step
-            parts = self._check(table, ids, request.routed)
-            self._put(table, parts, ids, rows)
-        if len(ids) >= self._cfg.sst_threshold_rows:
-            trim_heap()
-        return pb.WriteRowsReply(written=len(ids))
-
-    def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray,
-             rows: np.ndarray) -> None:
-        """Store rows durably, then in the memory tier. Caller holds ``table.write_mutex``."""
-        self._store.write_rows(table.spec.table_uid, parts, ids, rows)
+    def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
+             positions: Positions | None = None) -> None:
+        """Store rows (and the partitions' new positions) durably, then in the memory tier.
+        Caller holds ``table.write_mutex``."""
+        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions)
+        if positions is not None:
+            self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
         idx = table.arena.rows_index(ids, parts)
         hot = np.flatnonzero(idx >= 0)
         if hot.size:
@@ -209,36 +254,7 @@ class ShardService:
                     0, torch.from_numpy(idx[hot]),
                     torch.from_numpy(np.ascontiguousarray(rows[hot])))
 
-    def put_if_absent(self, table_uid: int, partition: int, ids: np.ndarray,
-                      rows: np.ndarray) -> int:
-        """Copy rows into a partition this server is building, keeping any row it already has:
-        a learner receives every write from the moment it joins, so a row it holds is at least
-        as new as the copy's. Returns the rows written."""
-        table = self._table(table_uid)
-        parts = np.full(len(ids), partition, dtype=np.int64)
-        with table.write_mutex:
-            present = self._store.present(table_uid, parts, ids)
-            keep = np.flatnonzero(~present)
-            if keep.size:
-                self._put(table, parts[keep], ids[keep], rows[keep])
-        return int(keep.size)
-
-    def scan(self, table_uid: int, partition: int, map_version: int = 0, after: int = -1,
-             limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Stored rows of a partition this server holds, in id order, past id ``after``, at
-        most ``limit``: (ids, rows [n, dim]).
-
-        First applies a map at least at ``map_version``; writes check their epoch and store
-        their rows under the table's write mutex, and a new map's epochs are set under it too,
-        so once this returns from the refresh every write routed with an older epoch is either
-        stored (and in the scan) or refused."""
-        if map_version:
-            self.refresh_map(at_least=map_version)
-        table = self._table(table_uid)
-        ids, raw = self._store.scan_partition(table_uid, partition, after, limit)
-        rows = np.frombuffer(raw, dtype=table.spec.np_dtype).reshape(len(ids), table.spec.dim)
-        return ids, rows
-
+    # ------------------------------------------------------------ lookups (raise ShoalError)
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
         self._enter(request.map_version)
         out = []
@@ -304,13 +320,17 @@ class ShardService:
             raise InvalidArgument(f"ids: {n} ids exceed max_ids_per_request "
                                   f"{self._cfg.max_ids_per_request}")
 
+    def count(self, counter: str) -> None:
+        self._counters[counter] += 1
+
     def _count(self, n: int) -> None:
         self._counters["lookups"] += 1
         self._counters["ids_looked_up"] += n
 
     def stats(self) -> pb.ServerStats:
         rows = raw = resident = parts = resident_parts = 0
-        for t in list(self._tables.values()):
+        tables = list(self._tables.values())
+        for t in tables:
             held = np.flatnonzero(t.epochs)
             parts += held.size
             resident_parts += int((t.arena.slot[held] >= 0).sum())
@@ -324,6 +344,7 @@ class ShardService:
                               rss_bytes=_rss_bytes(), partitions=parts,
                               resident_partitions=resident_parts, map_version=self._map_version,
                               cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid(),
+                              replication_log_bytes=sum(t.log.nbytes for t in tables),
                               **self._counters)
 
 
@@ -336,13 +357,15 @@ def _rss_bytes() -> int:
 
 
 class ShardServicer(pbg.ShardServerServicer):
-    """The gRPC face of a ShardService on an asyncio server. Handlers run inline on the event
+    """The gRPC face of a ShardService on an asyncio server. Lookups run inline on the event
     loop: each is a short burst of vectorised work, and inline avoids a thread hand-off per
-    request."""
+    request. Writes and copies, which touch RocksDB at length, run in threads."""
 
-    def __init__(self, service: ShardService, builder=None):
-        """``builder``: a ``shards.replication.ReplicaBuilder`` for BuildReplica requests."""
+    def __init__(self, service: ShardService, replicator=None, builder=None):
+        """``replicator``: a ``shards.leader.Replicator`` (leads writes); ``builder``: a
+        ``shards.replication.ReplicaBuilder`` (builds replicas when asked)."""
         self._svc = service
+        self._replicator = replicator
         self._builder = builder
 
     async def _run(self, fn, request, context, in_thread: bool = False):
@@ -350,13 +373,23 @@ class ShardServicer(pbg.ShardServerServicer):
             if request.map_version > self._svc.map_version:
                 # Fetch the newer map off the loop: other requests go on meanwhile.
                 await asyncio.to_thread(self._svc.refresh_map, request.map_version)
-            return await asyncio.to_thread(fn, request) if in_thread else fn(request)
+            if in_thread:
+                return await asyncio.to_thread(fn, request)
+            out = fn(request)
+            return await out if inspect.isawaitable(out) else out
         except ShoalError as e:
             await abort_async(context, e)
 
     async def WriteRows(self, request, context):
-        # Writes can be large (SST build + ingest): run them off the loop so lookups go on.
-        return await self._run(self._svc.write_rows, request, context, in_thread=True)
+        if self._replicator is None:
+            await abort_async(context, Unavailable("this server cannot lead writes"))
+        return await self._run(self._replicator.write, request, context)
+
+    async def Replicate(self, request, context):
+        return await self._run(self._svc.replicate, request, context, in_thread=True)
+
+    async def CatchUp(self, request, context):
+        return await self._run(self._svc.catch_up, request, context, in_thread=True)
 
     async def LookupRows(self, request, context):
         return await self._run(self._svc.lookup_rows, request, context)
@@ -373,18 +406,30 @@ class ShardServicer(pbg.ShardServerServicer):
         return pb.BuildReplicaReply(started=self._builder.start(request))
 
     async def ReadPartition(self, request, context):
-        """Stream the partition a chunk at a time, each read from RocksDB only when the learner
-        has taken the last one (flow control), so a paced copy paces the source too."""
+        """Stream a consistent snapshot of the partition from a checkpoint, a chunk at a time,
+        each read only when the learner has taken the last one (flow control), so a paced copy
+        paces the leader too."""
         n = int(request.chunk_rows) if request.chunk_rows > 0 else 8_192
-        after, version = -1, request.map_version
-        while True:
-            try:
-                ids, rows = await asyncio.to_thread(self._svc.scan, request.table_uid,
-                                                    request.partition, version, after, n)
-            except ShoalError as e:
-                await abort_async(context, e)
-                return
-            if not len(ids):
-                return
-            yield pb.PartitionChunk(ids=pack(ids), rows=pack(rows))
-            after, version = int(ids[-1]), 0
+        try:
+            snap, seq, epoch = await asyncio.to_thread(
+                self._svc.open_snapshot, request.table_uid, request.partition,
+                request.map_version, request.learner)
+        except ShoalError as e:
+            await abort_async(context, e)
+            return
+        try:
+            spec = self._svc._table(request.table_uid).spec
+            after, first = -1, True
+            while True:
+                ids, raw = await asyncio.to_thread(snap.scan_partition, request.table_uid,
+                                                   request.partition, after, n)
+                rows = np.frombuffer(raw, dtype=spec.np_dtype).reshape(len(ids), spec.dim)
+                if first or len(ids):
+                    yield pb.PartitionChunk(ids=pack(ids), rows=pack(rows), snapshot_seq=seq,
+                                            snapshot_epoch=epoch)
+                first = False
+                if len(ids) < n:
+                    return
+                after = int(ids[-1])
+        finally:
+            await asyncio.to_thread(snap.close)

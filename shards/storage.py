@@ -2,7 +2,9 @@
 
 Keys are big-endian ``(table_uid u32, partition u32, row u64)``, so one partition is one
 contiguous key range that can be scanned, copied or dropped at once. Values are the raw row bytes
-in the table's dtype.
+in the table's dtype. Each partition's replication position (the sequence number and epoch of
+the last write applied) lives under ``(0xFFFFFFFF, table_uid, partition)``, after every row key,
+and is written in the same batch (or SST file) as the rows it describes.
 
 Durability: every write goes through the WAL (or is an ingested SST file) before ``write_rows``
 returns. rocksdict takes keys one Python ``bytes`` object at a time; building them is vectorised
@@ -13,12 +15,16 @@ from __future__ import annotations
 import abc
 import os
 import pathlib
+import shutil
 import tempfile
+import uuid
 
 import numpy as np
 import rocksdict
 
 KEY_DTYPE = np.dtype([("table", ">u4"), ("partition", ">u4"), ("row", ">u8")])
+META_TABLE = 0xFFFFFFFF
+POSITION_DTYPE = np.dtype("<i8")      # value: (seq, epoch)
 
 
 def encode_keys(table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> list[bytes]:
@@ -29,10 +35,22 @@ def encode_keys(table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> list
     return k.view("V16").tolist()
 
 
+def position_keys(table_uid: int, partitions: np.ndarray) -> list[bytes]:
+    return encode_keys(META_TABLE, np.full(len(partitions), table_uid), partitions)
+
+
+def position_values(seqs: np.ndarray, epochs: np.ndarray) -> list[bytes]:
+    v = np.stack([np.asarray(seqs, POSITION_DTYPE), np.asarray(epochs, POSITION_DTYPE)], 1)
+    return v.view("V16").reshape(len(v)).tolist()
+
+
 def partition_range(table_uid: int, partition: int) -> tuple[bytes, bytes]:
     lo = np.array([(table_uid, partition, 0)], dtype=KEY_DTYPE).tobytes()
     hi = np.array([(table_uid, partition + 1, 0)], dtype=KEY_DTYPE).tobytes()
     return lo, hi
+
+
+Positions = tuple[np.ndarray, np.ndarray, np.ndarray]     # (partitions, seqs, epochs)
 
 
 class RowStore(abc.ABC):
@@ -40,8 +58,26 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def write_rows(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
-                   rows: np.ndarray) -> None:
-        """Durably store ``rows[i]`` under ``(table_uid, partitions[i], ids[i])``. ids unique."""
+                   rows: np.ndarray, positions: Positions | None = None) -> None:
+        """Durably store ``rows[i]`` under ``(table_uid, partitions[i], ids[i])`` (ids unique)
+        and, atomically with them, the replication ``positions`` of the partitions written."""
+
+    @abc.abstractmethod
+    def read_positions(self, table_uid: int, num_partitions: int) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+        """(seq, epoch) int64 [num_partitions] of every partition; 0 where none is stored."""
+
+    @abc.abstractmethod
+    def set_position(self, table_uid: int, partition: int, seq: int, epoch: int) -> None: ...
+
+    @abc.abstractmethod
+    def stored_partitions(self) -> set[tuple[int, int]]:
+        """(table_uid, partition) of every partition with a stored position."""
+
+    @abc.abstractmethod
+    def checkpoint(self) -> "RowStore":
+        """A consistent read-only copy of the store as it is now (a RocksDB checkpoint: hard
+        links, cheap); ``close`` deletes it."""
 
     @abc.abstractmethod
     def read_rows(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
@@ -54,7 +90,7 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def drop_partition(self, table_uid: int, partition: int) -> None:
-        """Delete every row of one partition (one key range)."""
+        """Delete every row of one partition (one key range) and its position."""
 
     @abc.abstractmethod
     def scan_partition(self, table_uid: int, partition: int, after: int = -1,
@@ -68,14 +104,22 @@ class RowStore(abc.ABC):
 
 class RocksRowStore(RowStore):
     def __init__(self, path: str | os.PathLike, block_cache_bytes: int = 64 << 20,
-                 sst_threshold_rows: int = 50_000):
+                 sst_threshold_rows: int = 50_000, read_only_db: str | None = None):
+        """``read_only_db``: open that RocksDB directory read-only instead (a checkpoint)."""
         self._path = pathlib.Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
         self._sst_threshold = sst_threshold_rows
         self._options = self._make_options(block_cache_bytes)
+        self._read_only = read_only_db
         # Reopening with Rdict(path, options) drops table options; pass them per column family.
-        self._db = rocksdict.Rdict(str(self._path / "rocksdb"), self._options,
-                                   column_families={"default": self._options})
+        if read_only_db:
+            self._db = rocksdict.Rdict(read_only_db, self._options,
+                                       column_families={"default": self._options},
+                                       access_type=rocksdict.AccessType.read_only())
+        else:
+            self._db = rocksdict.Rdict(str(self._path / "rocksdb"), self._options,
+                                       column_families={"default": self._options})
+            shutil.rmtree(self._path / "checkpoints", ignore_errors=True)  # a crash's leftovers
         self._wopts = rocksdict.WriteOptions()
         self._wopts.sync = False      # WAL on, fsync left to the OS (survives kill -9)
         self._ingest_opts = rocksdict.IngestExternalFileOptions()
@@ -95,24 +139,60 @@ class RocksRowStore(RowStore):
         opts.set_max_background_jobs(2)
         return opts
 
-    def write_rows(self, table_uid, partitions, ids, rows):
+    def write_rows(self, table_uid, partitions, ids, rows, positions=None):
         n = len(ids)
-        if n == 0:
+        keys, values = [], []
+        if positions is not None:
+            order = np.argsort(positions[0])              # meta keys sort after every row key
+            keys = position_keys(table_uid, positions[0][order])
+            values = position_values(positions[1][order], positions[2][order])
+        if n == 0 and not keys:
             return
         rows = np.ascontiguousarray(rows)
-        row_bytes = rows.nbytes // n
+        row_bytes = rows.nbytes // max(n, 1)
         if n >= self._sst_threshold:
             order = np.lexsort((ids, partitions))          # SST keys must be sorted
-            keys = encode_keys(table_uid, partitions[order], ids[order])
-            values = rows[order].view(f"V{row_bytes}").reshape(n).tolist()
-            self._ingest(keys, values)
+            self._ingest(encode_keys(table_uid, partitions[order], ids[order]) + keys,
+                         rows[order].view(f"V{row_bytes}").reshape(n).tolist() + values)
         else:
-            keys = encode_keys(table_uid, partitions, ids)
-            values = rows.view(f"V{row_bytes}").reshape(n).tolist()
             wb = rocksdict.WriteBatch(raw_mode=True)
+            if n:
+                for k, v in zip(encode_keys(table_uid, partitions, ids),
+                                rows.view(f"V{row_bytes}").reshape(n).tolist()):
+                    wb.put(k, v)
             for k, v in zip(keys, values):
                 wb.put(k, v)
             self._db.write(wb, self._wopts)
+
+    def read_positions(self, table_uid, num_partitions):
+        values = self._db.get(position_keys(table_uid, np.arange(num_partitions)),
+                              default=bytes(16))
+        v = np.frombuffer(b"".join(values), dtype=POSITION_DTYPE).reshape(num_partitions, 2)
+        return v[:, 0].copy(), v[:, 1].copy()
+
+    def set_position(self, table_uid, partition, seq, epoch):
+        self.write_rows(table_uid, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                        np.zeros((0, 1), np.float32),
+                        (np.array([partition]), np.array([seq]), np.array([epoch])))
+
+    def stored_partitions(self):
+        lo = np.array([(META_TABLE, 0, 0)], dtype=KEY_DTYPE).tobytes()
+        it = self._db.iter(rocksdict.ReadOptions())
+        it.seek(lo)
+        keys = []
+        while it.valid():
+            keys.append(it.key())
+            it.next()
+        del it
+        k = np.frombuffer(b"".join(keys), dtype=KEY_DTYPE)
+        return set(zip(k["partition"].tolist(), k["row"].tolist()))
+
+    def checkpoint(self):
+        root = self._path / "checkpoints"
+        root.mkdir(exist_ok=True)
+        path = root / uuid.uuid4().hex
+        rocksdict.Checkpoint(self._db).create_checkpoint(str(path))
+        return RocksRowStore(path, 8 << 20, read_only_db=str(path))
 
     def _ingest(self, keys: list[bytes], values: list[bytes]) -> None:
         fd, path = tempfile.mkstemp(suffix=".sst", dir=self._tmp)
@@ -143,6 +223,7 @@ class RocksRowStore(RowStore):
     def drop_partition(self, table_uid, partition):
         lo, hi = partition_range(table_uid, partition)
         self._db.delete_range(lo, hi)
+        self._db.delete(position_keys(table_uid, np.array([partition]))[0])
 
     def scan_partition(self, table_uid, partition, after=-1, limit=0):
         lo, hi = partition_range(table_uid, partition)
@@ -163,3 +244,5 @@ class RocksRowStore(RowStore):
 
     def close(self):
         self._db.close()
+        if self._read_only:                 # a checkpoint: delete its files
+            shutil.rmtree(self._path, ignore_errors=True)

@@ -6,6 +6,7 @@ Tensors go over the wire as packed bytes; results come back as torch tensors (to
 """
 from __future__ import annotations
 
+import uuid
 from typing import Iterable
 
 import grpc
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from embeddings.specs import TableSpec, to_spec
-from shoal.errors import InvalidArgument, from_rpc_error
+from shoal.errors import InvalidArgument, ShoalError, from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import channel, tune_malloc
@@ -21,6 +22,7 @@ from shoal.wire import pack
 
 WRITE_CHUNK_BYTES = 64 << 20
 WRITE_CHUNK_IDS = 262_144
+WRITE_TRIES = 3
 
 
 def _np(x) -> np.ndarray:
@@ -68,19 +70,33 @@ class Client:
         return self._call(self._stub.Status, pb.StatusRequest())
 
     # ------------------------------------------------------------ rows
-    def write_rows(self, model: str, table: str, ids, rows, version: int = 0) -> int:
+    def write_rows(self, model: str, table: str, ids, rows, version: int = 0,
+                   request_id: str | None = None) -> int:
         """Write ``rows[i]`` as row ``ids[i]``; rows must be in the table's dtype. Large writes
-        are sent in chunks; each chunk is durable on every replica when it returns."""
+        are sent in chunks; each chunk is durable on every in-sync replica when it returns.
+
+        ``request_id`` (default: a fresh one per call) is the write's idempotency key: a chunk
+        that fails with UNAVAILABLE is resent under the same key, and calling again with the
+        same key and rows applies them once, however often the first call's replies were
+        lost."""
         ids, rows = _np(ids), _np(rows)
         if rows.ndim != 2 or len(rows) != len(ids):
             raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, dim]")
         step = max(1, min(WRITE_CHUNK_IDS, WRITE_CHUNK_BYTES // max(1, rows[:1].nbytes)))
+        key = request_id or uuid.uuid4().hex
         written = 0
-        for lo in range(0, max(len(ids), 1), step):
+        for i, lo in enumerate(range(0, max(len(ids), 1), step)):
             req = pb.RouterWriteRowsRequest(model=model, version=version, table=table,
                                             ids=pack(ids[lo:lo + step]),
-                                            rows=pack(rows[lo:lo + step]))
-            written += self._call(self._stub.WriteRows, req).written
+                                            rows=pack(rows[lo:lo + step]),
+                                            request_id=f"{key}/{i}")
+            for attempt in range(WRITE_TRIES):
+                try:
+                    written += self._call(self._stub.WriteRows, req).written
+                    break
+                except ShoalError as e:
+                    if e.code != grpc.StatusCode.UNAVAILABLE or attempt == WRITE_TRIES - 1:
+                        raise
         return written
 
     def lookup_rows(self, model: str, table: str, ids, version: int = 0) -> torch.Tensor:

@@ -19,6 +19,8 @@ class ShardServerConfig:
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
     max_ids_per_request: int = 4_000_000
     rebuild_mib_per_s: float = 24.0         # copying a partition to build a replica, at most
+    replication_log_bytes: int = 32 << 20   # per table: recent writes kept for catch-up / dedup
+    replicate_timeout_s: float = 2.0        # a peer slower than this to take a write is reported
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class RouterConfig:
     retry_budget_ratio: float = 0.1         # hedges + retries allowed per request served
     retry_budget_min_per_s: float = 10.0    # ... plus this many per second
     rpc_timeout_s: float = 30.0
+    write_attempt_timeout_s: float = 5.0    # one try at a leader; then refresh the map, retry
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,21 @@ def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=GRPC_OPTIONS)
 
 
+class AioStubs:
+    """One grpc.aio channel and stub per address, made on first use (inside the running loop)."""
+
+    def __init__(self, stub_class):
+        self._cls = stub_class
+        self._stubs: dict[str, object] = {}
+
+    def __call__(self, address: str):
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = self._cls(
+                grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        return stub
+
+
 def write_ready(path: str | os.PathLike, **info) -> None:
     """Atomically write the ready file that LocalCluster waits for."""
     path = pathlib.Path(path)

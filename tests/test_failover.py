@@ -1,9 +1,10 @@
 """Node loss on real processes: a shard server is SIGKILLed while clients query and write.
 
 The coordinator's failure detector (heartbeat lease) drops the dead server from its replica
-sets, the router fails reads over to another replica and reports replicas that fail writes, so
-queries keep succeeding and every acknowledged write is on every replica still in its set; then
-new replicas are built and the replication factor comes back."""
+sets and promotes a follower where it led; the router fails reads over to another replica and
+resends writes to the new leader; leaders report followers that fail a write. So queries keep
+succeeding and every acknowledged write is on every replica still in its set; then new replicas
+are built (snapshot + catch-up) and the replication factor comes back."""
 from __future__ import annotations
 
 import os
@@ -166,8 +167,8 @@ def check_replicas(m: pb.ShardMap, acked: list[np.ndarray]) -> None:
 @pytest.mark.parametrize("rounds", [10])
 def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
     """Each round SIGKILLs a random server under load, waits until the replication factor is
-    back (without it), then restarts it (it rejoins holding nothing, its old rows dropped when
-    it is next made a learner)."""
+    back (without it), then restarts it (it rejoins with its old copies, which are reused by
+    catching up when next it is made a learner, or deleted once not needed)."""
     rng = np.random.default_rng(7)
     read_cfg, write_cfg, oracle = fo_tables(seed=7)
     with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
@@ -327,7 +328,7 @@ def test_coordinator_crash_during_failover_resumes(tmp_path, when):
 
 
 def direct_write(m_routed: pb.ShardMap, address: str, spec: pb.TableSpec, ids: np.ndarray,
-                 rows: np.ndarray):
+                 rows: np.ndarray, timeout: float = 10):
     """WriteRows straight to one server, routed with the epochs of map ``m_routed``."""
     P = spec.num_partitions
     sets = {rs.partition: rs for rs in m_routed.partitions if rs.table_uid == spec.table_uid}
@@ -338,16 +339,17 @@ def direct_write(m_routed: pb.ShardMap, address: str, spec: pb.TableSpec, ids: n
         return pbg.ShardServerStub(ch).WriteRows(pb.WriteRowsRequest(
             map_version=m_routed.version, table_uid=spec.table_uid, ids=pack(ids),
             rows=pack(rows), routed=pb.PartitionEpochs(partitions=pack(parts),
-                                                       epochs=pack(epochs))), timeout=10)
+                                                       epochs=pack(epochs))), timeout=timeout)
     finally:
         ch.close()
 
 
 def test_stopped_leader_is_fenced(tmp_path):
     """SIGSTOP a leader past its lease: it is dropped (epoch + 1) and writes go on without it.
-    A write routed with the old epochs is refused by the surviving replicas, so the old
-    leadership can never get a write acknowledged; after SIGCONT the stopped server, once it
-    has the new map, refuses old-epoch writes too, and reads never see its stale rows."""
+    A write that reached it while stopped is not acknowledged after SIGCONT (its follower, now
+    at the new epoch, refuses the entry); a write routed with the old epochs is refused by the
+    new leader; once it has the new map, the resumed server refuses old-epoch writes too; reads
+    never see its stale rows. So no partition ever has two leaders acknowledging writes."""
     cfg = EmbeddingBagConfig(name="tw", embedding_dim=DIM, num_embeddings=ROWS,
                              feature_names=["fw"])
     conf = fast_failover_config().replace(coordinator__max_builds_per_server=0)  # no rebuild
@@ -362,7 +364,22 @@ def test_stopped_leader_is_fenced(tmp_path):
         victim = cluster.servers[0]
         led = [rs for rs in old.partitions if rs.replicas[0] == victim.server_id]
         assert led, "the victim leads no partition"
+        p = led[0].partition
+        pid = ids[(ids & (spec.num_partitions - 1)) == p][:3]
         os.kill(victim.pid, signal.SIGSTOP)
+        # A write reaches the stopped leader and waits in its socket until SIGCONT; by then it
+        # has been deposed, so it must not be acknowledged.
+        stale = {}
+
+        def write_to_stopped():
+            try:
+                stale["reply"] = direct_write(old, victim.address, spec, pid,
+                                              expected_rows(pid) - 9, timeout=60)
+            except grpc.RpcError as e:
+                stale["code"] = e.code()
+
+        writer = threading.Thread(target=write_to_stopped)
+        writer.start()
         try:
             deadline = time.monotonic() + 30
             while any(victim.server_id in rs.replicas for rs in coordinator_map(cluster)
@@ -378,8 +395,6 @@ def test_stopped_leader_is_fenced(tmp_path):
             assert client.write_rows("st", "tw", ids, v2) == ROWS   # acked without the victim
             # The old leadership is fenced: a write routed with the old epochs is refused by
             # the replica that took over.
-            p = led[0].partition
-            pid = ids[(ids & (spec.num_partitions - 1)) == p][:3]
             heir = next(rs.replicas[0] for rs in new.partitions if rs.partition == p)
             heir_addr = next(s.address for s in new.servers if s.server_id == heir)
             with pytest.raises(grpc.RpcError) as e:
@@ -387,6 +402,10 @@ def test_stopped_leader_is_fenced(tmp_path):
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         finally:
             os.kill(victim.pid, signal.SIGCONT)
+        writer.join(90)
+        assert "reply" not in stale, "a deposed leader acknowledged a write"
+        assert stale["code"] in (grpc.StatusCode.FAILED_PRECONDITION,
+                                 grpc.StatusCode.UNAVAILABLE)
         # Reads right after the resume never see the stopped server's stale rows.
         for _ in range(20):
             got = client.lookup_rows("st", "tw", ids[::97]).numpy()

@@ -778,19 +778,34 @@ def test_report_failure_drops_the_replica_from_named_partitions_only():
     clock = FakeClock()
     svc = _cluster(clock)
     m = svc.shard_map()
-    mine = sorted(rs.partition for rs in m.partitions if "s1" in rs.replicas)
+    # Partitions where s1 follows s0: s0, their leader, reports s1.
+    mine = sorted(rs.partition for rs in m.partitions if list(rs.replicas) == ["s0", "s1"])
+    assert len(mine) >= 2
     uid = m.partitions[0].table_uid
     reply = svc.ReportFailure(pb.ReportFailureRequest(
-        server_id="s1", reporter="router", table_uid=uid, partitions=mine[:1],
+        server_id="s1", reporter="s0", table_uid=uid, partitions=mine[:1],
         reason="connection refused"), FakeContext())
     after = {rs.partition: rs for rs in svc.shard_map().partitions}
     assert reply.map_version == m.version + 1
-    assert "s1" not in after[mine[0]].replicas
+    assert list(after[mine[0]].replicas) == ["s0"]
+    assert after[mine[0]].epoch == {rs.partition: rs for rs in m.partitions}[mine[0]].epoch + 1
     assert all("s1" in after[p].replicas for p in mine[1:])
-    # Reporting again, or for a partition it is not in, changes nothing.
+    # Reporting again changes nothing.
     again = svc.ReportFailure(pb.ReportFailureRequest(
-        server_id="s1", table_uid=uid, partitions=mine[:1]), FakeContext())
+        server_id="s1", reporter="s0", table_uid=uid, partitions=mine[:1]), FakeContext())
     assert again.map_version == reply.map_version
+    # Only the partition's live leader may report: a follower, or anyone else, is refused.
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        svc.ReportFailure(pb.ReportFailureRequest(
+            server_id="s0", reporter="s1", table_uid=uid, partitions=mine[1:2]), ctx)
+    assert ctx.code == grpc.StatusCode.FAILED_PRECONDITION and "does not lead" in ctx.details
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        svc.ReportFailure(pb.ReportFailureRequest(
+            server_id="s1", reporter="router", table_uid=uid, partitions=mine[1:2]), ctx)
+    assert ctx.code == grpc.StatusCode.FAILED_PRECONDITION and "not a live server" in ctx.details
+    assert svc.shard_map().version == reply.map_version
 
 
 # ================================================================ hedging and retry budget
@@ -890,17 +905,23 @@ def test_rebuild_adds_learners_then_promotes_them():
     assert sorted((req.partition, addr) for addr, req in asked) == sorted(
         (rs.partition, f"h:{rs.learners[0]}") for rs in m.partitions if rs.learners)
     now = {rs.partition: rs for rs in m.partitions}
-    for _, req in asked:                                 # the source is a surviving replica
-        assert req.source_address in {f"h:{r}" for r in now[req.partition].replicas}
+    for _, req in asked:                                 # the source is the partition's leader
+        assert req.source_address == f"h:{now[req.partition].replicas[0]}"
+        assert req.source_id == now[req.partition].replicas[0]
     svc.reconcile()
     assert len(asked) == len(lost)                       # not re-asked before build_resend_s
     # A learner reports: it becomes a replica, epoch + 1; a stranger's report changes nothing.
     rs = next(rs for rs in m.partitions if rs.learners)
     svc.ReplicaReady(pb.ReplicaReadyRequest(server_id="s9", table_uid=rs.table_uid,
                                             partition=rs.partition), FakeContext())
+    # Caught up with a server that does not lead the partition: not promoted.
+    svc.ReplicaReady(pb.ReplicaReadyRequest(
+        server_id=rs.learners[0], table_uid=rs.table_uid, partition=rs.partition,
+        epoch=rs.epoch, rows=10, leader="s3"), FakeContext())
+    assert svc.shard_map().version == m.version
     reply = svc.ReplicaReady(pb.ReplicaReadyRequest(
         server_id=rs.learners[0], table_uid=rs.table_uid, partition=rs.partition,
-        epoch=rs.epoch, rows=10), FakeContext())
+        epoch=rs.epoch, rows=10, leader=rs.replicas[0]), FakeContext())
     done = {x.partition: x for x in svc.shard_map().partitions}[rs.partition]
     assert list(done.replicas) == list(rs.replicas) + [rs.learners[0]]
     assert not done.learners and done.epoch == rs.epoch + 1

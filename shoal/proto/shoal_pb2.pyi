@@ -79,7 +79,7 @@ class ServerInfo(_message.Message):
     def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid")
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,10 @@ class ServerStats(_message.Message):
     REDIRECTS_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUILDS_FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    BUILDS_CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     rows: int
     raw_bytes: int
     resident_bytes: int
@@ -106,7 +110,11 @@ class ServerStats(_message.Message):
     redirects: int
     cpu_seconds: float
     pid: int
-    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+    dropped_partitions: int
+    replication_log_bytes: int
+    builds_from_snapshot: int
+    builds_caught_up: int
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ...) -> None: ...
 
 class ShardMap(_message.Message):
     __slots__ = ("version", "models", "servers", "partitions", "default_replication")
@@ -219,18 +227,22 @@ class ReportFailureReply(_message.Message):
     def __init__(self, map_version: _Optional[int] = ...) -> None: ...
 
 class ReplicaReadyRequest(_message.Message):
-    __slots__ = ("server_id", "table_uid", "partition", "epoch", "rows")
+    __slots__ = ("server_id", "table_uid", "partition", "epoch", "rows", "leader", "entries")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     table_uid: int
     partition: int
     epoch: int
     rows: int
-    def __init__(self, server_id: _Optional[str] = ..., table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+    leader: str
+    entries: int
+    def __init__(self, server_id: _Optional[str] = ..., table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., rows: _Optional[int] = ..., leader: _Optional[str] = ..., entries: _Optional[int] = ...) -> None: ...
 
 class ReplicaReadyReply(_message.Message):
     __slots__ = ("map_version",)
@@ -247,18 +259,20 @@ class PartitionEpochs(_message.Message):
     def __init__(self, partitions: _Optional[_Union[Tensor, _Mapping]] = ..., epochs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class WriteRowsRequest(_message.Message):
-    __slots__ = ("map_version", "table_uid", "ids", "rows", "routed")
+    __slots__ = ("map_version", "table_uid", "ids", "rows", "routed", "request_id")
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ROUTED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     map_version: int
     table_uid: int
     ids: Tensor
     rows: Tensor
     routed: PartitionEpochs
-    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WriteRowsReply(_message.Message):
     __slots__ = ("written",)
@@ -324,19 +338,93 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LogEntry(_message.Message):
+    __slots__ = ("request_id", "partitions", "seqs", "write_epochs", "ids", "rows", "prev_epochs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    PREV_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    partitions: Tensor
+    seqs: Tensor
+    write_epochs: Tensor
+    ids: Tensor
+    rows: Tensor
+    prev_epochs: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., partitions: _Optional[_Union[Tensor, _Mapping]] = ..., seqs: _Optional[_Union[Tensor, _Mapping]] = ..., write_epochs: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., prev_epochs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("map_version", "table_uid", "leader", "routed", "entries")
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    table_uid: int
+    leader: str
+    routed: PartitionEpochs
+    entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., leader: _Optional[str] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ...) -> None: ...
+
+class ReplicateReply(_message.Message):
+    __slots__ = ("applied_rows", "behind_partitions", "behind_seqs", "diverged_partitions")
+    APPLIED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_SEQS_FIELD_NUMBER: _ClassVar[int]
+    DIVERGED_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    applied_rows: int
+    behind_partitions: Tensor
+    behind_seqs: Tensor
+    diverged_partitions: Tensor
+    def __init__(self, applied_rows: _Optional[int] = ..., behind_partitions: _Optional[_Union[Tensor, _Mapping]] = ..., behind_seqs: _Optional[_Union[Tensor, _Mapping]] = ..., diverged_partitions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class CatchUpRequest(_message.Message):
+    __slots__ = ("table_uid", "partition", "after_seq", "after_epoch", "learner", "map_version", "max_bytes")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    after_seq: int
+    after_epoch: int
+    learner: str
+    map_version: int
+    max_bytes: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., after_seq: _Optional[int] = ..., after_epoch: _Optional[int] = ..., learner: _Optional[str] = ..., map_version: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class CatchUpReply(_message.Message):
+    __slots__ = ("entries", "attached", "unavailable")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    attached: bool
+    unavailable: bool
+    def __init__(self, entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., attached: _Optional[bool] = ..., unavailable: _Optional[bool] = ...) -> None: ...
+
 class BuildReplicaRequest(_message.Message):
-    __slots__ = ("table_uid", "partition", "epoch", "source_address", "map_version")
+    __slots__ = ("table_uid", "partition", "epoch", "source_address", "map_version", "source_id")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     table_uid: int
     partition: int
     epoch: int
     source_address: str
     map_version: int
-    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., source_address: _Optional[str] = ..., map_version: _Optional[int] = ...) -> None: ...
+    source_id: str
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., source_address: _Optional[str] = ..., map_version: _Optional[int] = ..., source_id: _Optional[str] = ...) -> None: ...
 
 class BuildReplicaReply(_message.Message):
     __slots__ = ("started",)
@@ -345,24 +433,30 @@ class BuildReplicaReply(_message.Message):
     def __init__(self, started: _Optional[bool] = ...) -> None: ...
 
 class ReadPartitionRequest(_message.Message):
-    __slots__ = ("table_uid", "partition", "chunk_rows", "map_version")
+    __slots__ = ("table_uid", "partition", "chunk_rows", "map_version", "learner")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_FIELD_NUMBER: _ClassVar[int]
     table_uid: int
     partition: int
     chunk_rows: int
     map_version: int
-    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., chunk_rows: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
+    learner: str
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., chunk_rows: _Optional[int] = ..., map_version: _Optional[int] = ..., learner: _Optional[str] = ...) -> None: ...
 
 class PartitionChunk(_message.Message):
-    __slots__ = ("ids", "rows")
+    __slots__ = ("ids", "rows", "snapshot_seq", "snapshot_epoch")
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     rows: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    snapshot_seq: int
+    snapshot_epoch: int
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., snapshot_seq: _Optional[int] = ..., snapshot_epoch: _Optional[int] = ...) -> None: ...
 
 class FeatureBatch(_message.Message):
     __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size")
@@ -393,18 +487,20 @@ class PooledReply(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RouterWriteRowsRequest(_message.Message):
-    __slots__ = ("model", "version", "table", "ids", "rows")
+    __slots__ = ("model", "version", "table", "ids", "rows", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     table: str
     ids: Tensor
     rows: Tensor
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., table: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RouterLookupRowsRequest(_message.Message):
     __slots__ = ("model", "version", "table", "ids")

@@ -394,6 +394,16 @@ class ShardServerStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.ReadPartitionRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.PartitionChunk.FromString,
                 _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/shoal.v1.ShardServer/Replicate',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicateReply.FromString,
+                _registered_method=True)
+        self.CatchUp = channel.unary_unary(
+                '/shoal.v1.ShardServer/CatchUp',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.CatchUpRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.CatchUpReply.FromString,
+                _registered_method=True)
 
 
 class ShardServerServicer:
@@ -435,6 +445,18 @@ class ShardServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CatchUp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -467,6 +489,16 @@ def add_ShardServerServicer_to_server(servicer, server):
                     servicer.ReadPartition,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReadPartitionRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.PartitionChunk.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicateRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicateReply.SerializeToString,
+            ),
+            'CatchUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.CatchUp,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.CatchUpRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.CatchUpReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +663,60 @@ class ShardServer:
             '/shoal.v1.ShardServer/ReadPartition',
             shoal_dot_proto_dot_shoal__pb2.ReadPartitionRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.PartitionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/Replicate',
+            shoal_dot_proto_dot_shoal__pb2.ReplicateRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ReplicateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatchUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/CatchUp',
+            shoal_dot_proto_dot_shoal__pb2.CatchUpRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.CatchUpReply.FromString,
             options,
             channel_credentials,
             insecure,
