@@ -35,6 +35,11 @@ def main() -> int:
     ap.add_argument("--steady-s", type=float, default=10.0)
     ap.add_argument("--after-s", type=float, default=10.0)
     ap.add_argument("--lease-s", type=float, default=2.0)
+    ap.add_argument("--rebuild-mib-per-s", type=float, default=24.0)
+    ap.add_argument("--data-dir", default=None, help="keep the cluster's files (and logs) here")
+    ap.add_argument("--profile-dir", default="",
+                    help="record the router and the surviving servers with py-spy (--gil) "
+                         "from the kill on, one raw profile per process, in this folder")
     args = ap.parse_args()
 
     import shoal
@@ -53,8 +58,10 @@ def main() -> int:
     batches = [random_kjt(rng, features, [args.rows] * args.tables, args.batch, args.bag)
                for _ in range(32)]
     cfg = shoal.ShoalConfig().replace(coordinator__lease_s=args.lease_s,
-                                      server__heartbeat_interval_s=args.lease_s / 8)
-    with shoal.LocalCluster(servers=3, replication=2, config=cfg) as cluster:
+                                      server__heartbeat_interval_s=args.lease_s / 8,
+                                      server__rebuild_mib_per_s=args.rebuild_mib_per_s)
+    with shoal.LocalCluster(servers=3, replication=2, config=cfg,
+                            data_dir=args.data_dir) as cluster:
         client = cluster.client()
         client.create_model("fo", tables)
         for t in tables:
@@ -96,6 +103,20 @@ def main() -> int:
             spec = next(t for md in before.models for t in md.tables
                         if t.table_uid == rs.table_uid)
             lost_bytes += -(-spec.num_embeddings // spec.num_partitions) * spec.dim * 4
+        profilers = []
+        if args.profile_dir:
+            import shutil
+            import subprocess
+            os.makedirs(args.profile_dir, exist_ok=True)
+            spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable),
+                                                         "py-spy")
+            for name, pid in [("router", cluster.router.pid)] + [
+                    (s.server_id, s.pid) for s in cluster.servers[1:]]:
+                profilers.append(subprocess.Popen(
+                    [spy, "record", "-p", str(pid), "-d", str(int(args.after_s)), "-r", "100",
+                     "--gil", "-f", "raw", "-o", os.path.join(args.profile_dir, f"{name}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)
         t_kill = time.perf_counter()
         os.kill(victim.pid, signal.SIGKILL)
         t_dead = t_restored = None
@@ -114,6 +135,8 @@ def main() -> int:
         stop.set()
         for t in threads:
             t.join(60)
+        for p in profilers:
+            p.wait(60)
         router = client.status().router
         client.close()
 
@@ -155,6 +178,8 @@ def main() -> int:
         "partitions_rebuilt": len(lost), "bytes_rebuilt": lost_bytes,
         "rebuild_mib_per_s": round(mb_s, 1) if mb_s else None,
         "phases": phases,
+        "timeline": [[round(t0 - t_kill, 3), round(x * 1e3, 1)] for t0, x, ok in log
+                     if t0 >= t_kill - 2],
         "router": {"replica_retries": router.replica_retries, "hedges": router.hedges}})
     print(f"wrote {path}")
     return 0 if failed == 0 else 1

@@ -27,7 +27,9 @@ from router.transport import ShardTransport
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-MAX_ATTEMPTS = 8        # each a redirect (with a newer map) or a retry on another replica
+MAX_ATTEMPTS = 8        # rounds of a request that end with a server failing
+MAX_REDIRECTS = 32      # rounds that end with a redirect to a newer map (each is progress; a
+                        # map changes many times in a row while replicas are being rebuilt)
 PROBE_EVERY = 128        # every 128th batch reads slow servers too, to notice when they recover
 
 
@@ -129,7 +131,10 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
     pending = [(w, None) for w in works]     # (work, occurrence indices or None for all)
     exclude: set[int] = set()
     last_redirect = ""
-    for attempt in range(MAX_ATTEMPTS):
+    failed_rounds = redirected_rounds = 0
+    for attempt in itertools.count():
+        if failed_rounds >= MAX_ATTEMPTS or redirected_rounds >= MAX_REDIRECTS:
+            break
         table = maps.current()
         model = table.model(model_name)
         rotation = next(stats.rotation)
@@ -181,6 +186,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
         outcomes = await asyncio.gather(*(send_hedged(s, items)
                                           for s, items in per_server.items()))
         pending = []
+        failed = False
         for s, items, reply in (x for outcome in outcomes for x in outcome):
             if isinstance(reply, StaleMap):
                 stats.redirects += 1
@@ -196,6 +202,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                 stats.replica_retries += 1
                 exclude.add(s)
                 pending += items
+                failed = True
                 continue
             if isinstance(reply, ShoalError):
                 raise reply
@@ -204,8 +211,11 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                        out=w.sums)
         if not pending:
             return
+        failed_rounds += failed
+        redirected_rounds += not failed
     raise Unavailable(f"lookup on model {model_name!r}: no replica answered after "
-                      f"{MAX_ATTEMPTS} attempts (servers that failed: "
+                      f"{failed_rounds} rounds with failures and {redirected_rounds} "
+                      f"redirects (servers that failed: "
                       f"{sorted(maps.current().server_ids[s] for s in exclude)}; last "
                       f"redirect: {last_redirect or 'none'})")
 

@@ -18,7 +18,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack
 
 from router.mapcache import MapCache
-from router.pooled import MAX_ATTEMPTS, RETRYABLE, Stats
+from router.pooled import MAX_ATTEMPTS, MAX_REDIRECTS, RETRYABLE, Stats
 from router.routing import routed
 from router.transport import ShardTransport
 
@@ -124,7 +124,8 @@ async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
     out = np.empty((len(uniq), tr0.spec.dim), dtype=tr0.spec.np_dtype)
     pending = np.arange(len(uniq))
     exclude: set[int] = set()
-    for _ in range(MAX_ATTEMPTS):
+    failed_rounds = redirected_rounds = 0
+    while failed_rounds < MAX_ATTEMPTS and redirected_rounds < MAX_REDIRECTS:
         rt = maps.current()
         tr = rt.model(model).table(table)
         parts = partition_of(uniq[pending], tr.spec.num_partitions)
@@ -140,7 +141,7 @@ async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
                 routed=routed(tr, partition_of(uniq[sel], tr.spec.num_partitions)))])
             calls.append(transport.lookup_rows(rt.addresses[s], req, timeout))
             sels.append((int(s), sel))
-        retry = []
+        retry, failed = [], False
         for (s, sel), reply in zip(sels, await asyncio.gather(*calls, return_exceptions=True)):
             if isinstance(reply, StaleMap):
                 stats.redirects += 1
@@ -151,6 +152,7 @@ async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
                 stats.replica_retries += 1
                 exclude.add(s)
                 retry.append(sel)
+                failed = True
                 continue
             if isinstance(reply, BaseException):
                 raise reply
@@ -158,5 +160,7 @@ async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
         if not retry:
             return out[inverse]
         pending = np.concatenate(retry)
+        failed_rounds += failed
+        redirected_rounds += not failed
     raise Unavailable(f"lookup_rows on table {table!r}: no replica answered after "
-                      f"{MAX_ATTEMPTS} attempts")
+                      f"{failed_rounds} rounds with failures and {redirected_rounds} redirects")

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import channel
@@ -26,6 +28,7 @@ from shards.service import ShardService
 log = logging.getLogger("shard.replication")
 CHUNK_ROWS = 8_192          # small chunks: the copy never holds the GIL or a lock for long
 CATCH_UP_BYTES = 4 << 20    # log entries per catch-up call, at most
+INSTALL_BYTES = 16 << 20    # snapshot rows are stored in SST files of about this size
 MAX_CATCH_UP_CALLS = 1_000
 
 
@@ -101,16 +104,29 @@ class ReplicaBuilder:
             table_uid=uid, partition=p, chunk_rows=CHUNK_ROWS, map_version=request.map_version,
             learner=self._svc.server_id), timeout=3600)
         t0, nbytes, total, at = time.monotonic(), 0, 0, None
+        ids_buf, rows_buf, buffered = [], [], 0
+
+        def install():
+            if ids_buf:
+                self._svc.install_rows(uid, p, np.concatenate(ids_buf), np.concatenate(rows_buf))
+            ids_buf.clear()
+            rows_buf.clear()
+
         for chunk in stream:
             if at is None:
                 at = (chunk.snapshot_seq, chunk.snapshot_epoch)
             ids = unpack(chunk.ids, "ids", "int64", 1)
             rows = unpack(chunk.rows, "rows", None, 2)
-            if len(ids):
-                self._svc.install_rows(uid, p, ids, rows)
+            ids_buf.append(ids)
+            rows_buf.append(rows)
+            buffered += rows.nbytes
+            if buffered >= INSTALL_BYTES:
+                install()
+                buffered = 0
             total += len(ids)
             nbytes += rows.nbytes
             self._pace(t0, nbytes)
+        install()
         if at is None:
             raise BuildFailed("the leader sent an empty snapshot stream")
         self._svc.finish_snapshot(uid, p, *at)

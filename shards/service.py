@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import logging
 import resource
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +34,7 @@ from shards.replog import ReplicationLog
 from shards.storage import Positions, RowStore
 from shards.writes import WritePath
 
+log = logging.getLogger("shard")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -98,7 +101,10 @@ class ShardService(WritePath):
                 return
             m = self._fetch_map(self._map_version)
             if m is not None:
+                t0 = time.perf_counter()
                 self._apply(m)
+                log.info("applied map version %d in %.1f ms", m.version,
+                         (time.perf_counter() - t0) * 1e3)
         self._ready = True
 
     def _apply(self, m: pb.ShardMap) -> None:
@@ -177,10 +183,13 @@ class ShardService(WritePath):
                 with table.write_mutex:
                     table.log.reset(p, 0, 0)
 
-    def _enter(self, map_version: int) -> None:
+    def _enter(self, map_version: int, refresh: bool = True) -> None:
+        """Admit a request routed with ``map_version``. ``refresh``: first apply that map if it
+        is newer than ours. Lookups do not wait for that: their routed epochs are checked
+        anyway, and only a mismatch (a StaleMap) makes the servicer refresh and retry."""
         if not self._ready:
             raise Unavailable(f"server {self.server_id} is starting; retry shortly")
-        if map_version > self._map_version:
+        if refresh and map_version > self._map_version:
             self.refresh_map(at_least=map_version)
 
     def _table(self, uid: int) -> HeldTable:
@@ -240,10 +249,10 @@ class ShardService(WritePath):
         return buf, np.arange(len(ids), dtype=np.int64)
 
     def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
-             positions: Positions | None = None) -> None:
+             positions: Positions | None = None, sst: bool = False) -> None:
         """Store rows (and the partitions' new positions) durably, then in the memory tier.
         Caller holds ``table.write_mutex``."""
-        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions)
+        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, sst)
         if positions is not None:
             self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
         idx = table.arena.rows_index(ids, parts)
@@ -256,7 +265,7 @@ class ShardService(WritePath):
 
     # ------------------------------------------------------------ lookups (raise ShoalError)
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
-        self._enter(request.map_version)
+        self._enter(request.map_version, refresh=False)
         out = []
         for i, seg in enumerate(request.segments):
             table = self._table(seg.table_uid)
@@ -271,7 +280,7 @@ class ShardService(WritePath):
         return pb.LookupRowsReply(rows=out)
 
     def lookup_pooled(self, request: pb.LookupPooledRequest) -> pb.LookupPooledReply:
-        self._enter(request.map_version)
+        self._enter(request.map_version, refresh=False)
         sums = []
         for i, seg in enumerate(request.segments):
             table = self._table(seg.table_uid)
@@ -368,15 +377,23 @@ class ShardServicer(pbg.ShardServerServicer):
         self._replicator = replicator
         self._builder = builder
 
-    async def _run(self, fn, request, context, in_thread: bool = False):
+    async def _run(self, fn, request, context, in_thread: bool = False, lazy: bool = False):
+        """Run ``fn(request)``. A request routed with a newer map first waits for this server
+        to fetch it (off the loop: other requests go on meanwhile), unless ``lazy``: then only a
+        StaleMap makes it fetch the map and try once more."""
         try:
-            if request.map_version > self._svc.map_version:
-                # Fetch the newer map off the loop: other requests go on meanwhile.
-                await asyncio.to_thread(self._svc.refresh_map, request.map_version)
-            if in_thread:
-                return await asyncio.to_thread(fn, request)
-            out = fn(request)
-            return await out if inspect.isawaitable(out) else out
+            for attempt in (0, 1):
+                try:
+                    if not lazy and request.map_version > self._svc.map_version:
+                        await asyncio.to_thread(self._svc.refresh_map, request.map_version)
+                    if in_thread:
+                        return await asyncio.to_thread(fn, request)
+                    out = fn(request)
+                    return await out if inspect.isawaitable(out) else out
+                except StaleMap:
+                    if attempt or request.map_version <= self._svc.map_version:
+                        raise
+                    await asyncio.to_thread(self._svc.refresh_map, request.map_version)
         except ShoalError as e:
             await abort_async(context, e)
 
@@ -392,10 +409,10 @@ class ShardServicer(pbg.ShardServerServicer):
         return await self._run(self._svc.catch_up, request, context, in_thread=True)
 
     async def LookupRows(self, request, context):
-        return await self._run(self._svc.lookup_rows, request, context)
+        return await self._run(self._svc.lookup_rows, request, context, lazy=True)
 
     async def LookupPooled(self, request, context):
-        return await self._run(self._svc.lookup_pooled, request, context)
+        return await self._run(self._svc.lookup_pooled, request, context, lazy=True)
 
     async def Stats(self, request, context):
         return self._svc.stats()
@@ -419,10 +436,9 @@ class ShardServicer(pbg.ShardServerServicer):
             return
         try:
             spec = self._svc._table(request.table_uid).spec
-            after, first = -1, True
+            first = True
             while True:
-                ids, raw = await asyncio.to_thread(snap.scan_partition, request.table_uid,
-                                                   request.partition, after, n)
+                ids, raw = await asyncio.to_thread(snap.read, n)
                 rows = np.frombuffer(raw, dtype=spec.np_dtype).reshape(len(ids), spec.dim)
                 if first or len(ids):
                     yield pb.PartitionChunk(ids=pack(ids), rows=pack(rows), snapshot_seq=seq,
@@ -430,6 +446,5 @@ class ShardServicer(pbg.ShardServerServicer):
                 first = False
                 if len(ids) < n:
                     return
-                after = int(ids[-1])
         finally:
             await asyncio.to_thread(snap.close)

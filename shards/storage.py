@@ -13,6 +13,7 @@ returns. rocksdict takes keys one Python ``bytes`` object at a time; building th
 from __future__ import annotations
 
 import abc
+import itertools
 import os
 import pathlib
 import shutil
@@ -25,6 +26,7 @@ import rocksdict
 KEY_DTYPE = np.dtype([("table", ">u4"), ("partition", ">u4"), ("row", ">u8")])
 META_TABLE = 0xFFFFFFFF
 POSITION_DTYPE = np.dtype("<i8")      # value: (seq, epoch)
+MEMTABLE_BYTES = 8 << 20
 
 
 def encode_keys(table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> list[bytes]:
@@ -58,9 +60,11 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def write_rows(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
-                   rows: np.ndarray, positions: Positions | None = None) -> None:
+                   rows: np.ndarray, positions: Positions | None = None,
+                   sst: bool = False) -> None:
         """Durably store ``rows[i]`` under ``(table_uid, partitions[i], ids[i])`` (ids unique)
-        and, atomically with them, the replication ``positions`` of the partitions written."""
+        and, atomically with them, the replication ``positions`` of the partitions written.
+        ``sst``: write an SST file and ingest it whatever the size (a copy's bulk rows)."""
 
     @abc.abstractmethod
     def read_positions(self, table_uid: int, num_partitions: int) -> tuple[np.ndarray,
@@ -75,9 +79,12 @@ class RowStore(abc.ABC):
         """(table_uid, partition) of every partition with a stored position."""
 
     @abc.abstractmethod
-    def checkpoint(self) -> "RowStore":
-        """A consistent read-only copy of the store as it is now (a RocksDB checkpoint: hard
-        links, cheap); ``close`` deletes it."""
+    def snapshot_partition(self, table_uid: int, partition: int,
+                           checkpoint: bool = False) -> "PartitionSnapshot":
+        """The partition's rows as they are now, to read later a chunk at a time while writes
+        go on. ``checkpoint``: read them from a RocksDB checkpoint opened read-only (hard links
+        plus a memtable flush) instead of a RocksDB iterator, which is itself a consistent
+        point-in-time view and costs nothing to take."""
 
     @abc.abstractmethod
     def read_rows(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
@@ -100,6 +107,33 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+class PartitionSnapshot:
+    """One partition's rows as of the moment this was made (a RocksDB iterator is a consistent
+    point-in-time view: later writes, deletes and flushes do not show through it), read in id
+    order a chunk at a time."""
+
+    def __init__(self, db: rocksdict.Rdict, table_uid: int, partition: int, on_close=None):
+        lo, hi = partition_range(table_uid, partition)
+        self._ro = rocksdict.ReadOptions()         # the iterator borrows its upper bound
+        self._ro.set_iterate_upper_bound(hi)
+        self._items = iter(db.items(from_key=lo, read_opt=self._ro))   # the view starts here
+        self._on_close = on_close
+
+    def read(self, limit: int) -> tuple[np.ndarray, bytes]:
+        """Up to ``limit`` more (ids, concatenated row bytes); no ids at the end."""
+        keys, values = [], []
+        for k, v in itertools.islice(self._items, limit):
+            keys.append(k)
+            values.append(v)
+        ids = np.frombuffer(b"".join(keys), dtype=KEY_DTYPE)["row"].astype(np.int64)
+        return ids, b"".join(values)
+
+    def close(self) -> None:
+        self._items = None
+        if self._on_close is not None:
+            self._on_close()
 
 
 class RocksRowStore(RowStore):
@@ -137,9 +171,12 @@ class RocksRowStore(RowStore):
         table.set_format_version(5)   # readable by Debian's ldb / sst_dump too
         opts.set_block_based_table_factory(table)
         opts.set_max_background_jobs(2)
+        # rocksdict holds the GIL while a checkpoint flushes the memtable (and while a batch is
+        # written): small memtables keep those pauses of the whole server short.
+        opts.set_write_buffer_size(MEMTABLE_BYTES)
         return opts
 
-    def write_rows(self, table_uid, partitions, ids, rows, positions=None):
+    def write_rows(self, table_uid, partitions, ids, rows, positions=None, sst=False):
         n = len(ids)
         keys, values = [], []
         if positions is not None:
@@ -150,7 +187,7 @@ class RocksRowStore(RowStore):
             return
         rows = np.ascontiguousarray(rows)
         row_bytes = rows.nbytes // max(n, 1)
-        if n >= self._sst_threshold:
+        if n >= self._sst_threshold or (sst and n):
             order = np.lexsort((ids, partitions))          # SST keys must be sorted
             self._ingest(encode_keys(table_uid, partitions[order], ids[order]) + keys,
                          rows[order].view(f"V{row_bytes}").reshape(n).tolist() + values)
@@ -187,12 +224,15 @@ class RocksRowStore(RowStore):
         k = np.frombuffer(b"".join(keys), dtype=KEY_DTYPE)
         return set(zip(k["partition"].tolist(), k["row"].tolist()))
 
-    def checkpoint(self):
+    def snapshot_partition(self, table_uid, partition, checkpoint=False):
+        if not checkpoint:
+            return PartitionSnapshot(self._db, table_uid, partition)
         root = self._path / "checkpoints"
         root.mkdir(exist_ok=True)
         path = root / uuid.uuid4().hex
         rocksdict.Checkpoint(self._db).create_checkpoint(str(path))
-        return RocksRowStore(path, 8 << 20, read_only_db=str(path))
+        copy = RocksRowStore(path, 8 << 20, read_only_db=str(path))
+        return PartitionSnapshot(copy._db, table_uid, partition, on_close=copy.close)
 
     def _ingest(self, keys: list[bytes], values: list[bytes]) -> None:
         fd, path = tempfile.mkstemp(suffix=".sst", dir=self._tmp)
@@ -232,13 +272,11 @@ class RocksRowStore(RowStore):
         ro = rocksdict.ReadOptions()
         ro.set_iterate_upper_bound(hi)
         keys, values = [], []
-        it = self._db.iter(ro)
-        it.seek(lo)
-        while it.valid() and (not limit or len(keys) < limit):
-            keys.append(it.key())
-            values.append(it.value())
-            it.next()
-        del it
+        for k, v in self._db.items(from_key=lo, read_opt=ro):
+            keys.append(k)
+            values.append(v)
+            if len(keys) == limit:
+                break
         ids = np.frombuffer(b"".join(keys), dtype=KEY_DTYPE)["row"].astype(np.int64)
         return ids, b"".join(values)
 

@@ -9,6 +9,8 @@ peer has them. Peers are the partition's other replicas and the learners attache
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,9 @@ from shoal.wire import pack, unpack
 
 from shards.replog import NONE, Entry
 from shards.storage import RowStore
+
+
+log = logging.getLogger("shard.writes")
 
 
 @dataclass
@@ -210,16 +215,21 @@ class WritePath:
         return pb.CatchUpReply(entries=[e.to_proto() for e in entries], attached=complete)
 
     def open_snapshot(self, table_uid: int, partition: int, map_version: int, learner: str):
-        """(checkpoint store, seq, epoch): a consistent copy of the store taken between two
-        writes, and the partition's position in it. The caller closes the store."""
+        """(PartitionSnapshot, seq, epoch): the partition as it is between two writes, and the
+        position of the last entry in it. The caller closes the snapshot."""
         self._enter(map_version)
         table = self._table(table_uid)
         self._check_partition(table, partition)
         with table.write_mutex:
             self._check_leader(table, np.array([partition]))
             table.detach(learner, partition)
-            return (self._store.checkpoint(), int(table.log.seq[partition]),
-                    int(table.log.epoch[partition]))
+            t0 = time.perf_counter()
+            snap = self._store.snapshot_partition(table_uid, partition,
+                                                  self._cfg.snapshot == "checkpoint")
+            log.info("%s snapshot for %s's copy of partition %d of table %r: %.1f ms",
+                     self._cfg.snapshot, learner, partition, table.spec.name,
+                     (time.perf_counter() - t0) * 1e3)
+            return snap, int(table.log.seq[partition]), int(table.log.epoch[partition])
 
     def _check_partition(self, table, p: int) -> None:
         if not 0 <= p < table.spec.num_partitions:
@@ -240,7 +250,8 @@ class WritePath:
         incomplete (seq -1) until ``finish_snapshot``."""
         table = self._table(table_uid)
         with table.write_mutex, table.lock.write():
-            self._store.drop_partition(table_uid, partition)
+            if (table_uid, partition) in self._on_disk:
+                self._store.drop_partition(table_uid, partition)
             self._store.set_position(table_uid, partition, -1, 0)
             self._on_disk.add((table_uid, partition))
             table.log.reset(partition, -1, 0)
@@ -249,9 +260,11 @@ class WritePath:
 
     def install_rows(self, table_uid: int, partition: int, ids: np.ndarray,
                      rows: np.ndarray) -> None:
+        """Store a run of snapshot rows (ascending ids) as one ingested SST file: no memtable
+        to flush later, no long batch write holding the GIL."""
         table = self._table(table_uid)
         with table.write_mutex:
-            self._put(table, np.full(len(ids), partition, dtype=np.int64), ids, rows)
+            self._put(table, np.full(len(ids), partition, dtype=np.int64), ids, rows, sst=True)
 
     def finish_snapshot(self, table_uid: int, partition: int, seq: int, epoch: int) -> None:
         table = self._table(table_uid)

@@ -21,6 +21,10 @@ class ShardServerConfig:
     rebuild_mib_per_s: float = 24.0         # copying a partition to build a replica, at most
     replication_log_bytes: int = 32 << 20   # per table: recent writes kept for catch-up / dedup
     replicate_timeout_s: float = 2.0        # a peer slower than this to take a write is reported
+    # How a leader takes the consistent snapshot it streams to a learner: "iterator" (a RocksDB
+    # iterator: a point-in-time view, free) or "checkpoint" (a RocksDB checkpoint opened
+    # read-only; flushes the memtable and fsyncs while holding the GIL: up to ~200 ms here).
+    snapshot: str = "iterator"
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,32 @@ def test_stalled_follower_is_reported_then_rejoins_by_catching_up(tmp_path):
         for got_ids, got in on_every_replica(m, "tr", mine):
             np.testing.assert_array_equal(got, v2[np.searchsorted(mine, got_ids)])
         client.close()
+
+
+def test_rebuild_from_checkpoint_snapshots_under_load(tmp_path):
+    """The other snapshot mode (RocksDB checkpoints opened read-only): kill -9 a server while 4
+    clients query and 1 writes; replicas rebuilt from checkpoints hold every acknowledged
+    write and equal rows."""
+    from tests.oracle import fill_from_oracle
+    from tests.test_failover import Load, check_replicas, fo_tables, wait_replicated
+
+    read_cfg, write_cfg, oracle = fo_tables(seed=9)
+    conf = fast_failover_config().replace(server__snapshot="checkpoint")
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
+                            config=conf) as cluster:
+        client = cluster.client()
+        client.create_model("fo", [read_cfg, write_cfg])
+        fill_from_oracle(client, "fo", oracle)
+        with Load(cluster, oracle) as load:
+            time.sleep(0.5)
+            victim = cluster.servers[2]
+            lost = sum(victim.server_id in rs.replicas
+                       for rs in coordinator_map(cluster).partitions)
+            os.kill(victim.pid, signal.SIGKILL)
+            m = wait_replicated(cluster, without=victim.server_id)
+            time.sleep(0.5)
+        assert load.failures == [] and load.answered > 10 and len(load.acked) > 5
+        built = sum(server_stats(cluster, s).builds_from_snapshot for s in cluster.servers[:2])
+        assert lost and built == lost                 # one snapshot copy per lost replica
+        check_replicas(m, load.acked)
+        client.close()

@@ -685,6 +685,54 @@ def test_rocks_row_store(tmp_path):
 
 # ================================================================ memory arena
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_partition_snapshot_is_a_point_in_time_view(tmp_path, checkpoint):
+    """What a leader streams to a learner: the partition as it was when the snapshot was taken,
+    whatever is written, deleted or flushed after (iterator or checkpoint alike)."""
+    store = RocksRowStore(tmp_path, block_cache_bytes=1 << 20, sst_threshold_rows=1000)
+    P = 4
+    ids = np.arange(0, 4000, P, dtype=np.int64)                  # partition 0
+    rows = np.repeat(ids[:, None], 3, 1).astype(np.float32)
+    store.write_rows(7, np.zeros(len(ids), np.int64), ids, rows)  # an SST file
+    store.write_rows(7, np.zeros(2, np.int64), ids[:2], rows[:2] + 0.5)   # the memtable
+    snap = store.snapshot_partition(7, 0, checkpoint=checkpoint)
+    store.write_rows(7, np.zeros(3, np.int64), ids[5:8], rows[5:8] * -1)  # after: unseen
+    store.write_rows(7, np.zeros(1, np.int64), np.array([4000]), np.ones((1, 3), np.float32))
+    first_ids, first = snap.read(100)
+    store.drop_partition(7, 0)                                    # even a drop mid-stream
+    rest_ids, rest = snap.read(10_000)
+    assert snap.read(10)[0].size == 0
+    snap.close()
+    got_ids = np.concatenate([first_ids, rest_ids])
+    got = np.frombuffer(first + rest, np.float32).reshape(-1, 3)
+    want = rows.copy()
+    want[:2] += 0.5
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got, want)
+    assert not list((tmp_path / "checkpoints").glob("*"))        # a checkpoint is deleted
+    store.close()
+
+
+def test_positions_are_stored_with_their_rows(tmp_path):
+    store = RocksRowStore(tmp_path, block_cache_bytes=1 << 20, sst_threshold_rows=4)
+    ids = np.arange(8, dtype=np.int64)
+    parts = ids & 1
+    rows = np.ones((8, 2), np.float32)
+    store.write_rows(3, parts[:2], ids[:2], rows[:2],              # a WriteBatch
+                     (np.array([0, 1]), np.array([5, 6]), np.array([2, 2])))
+    store.write_rows(3, parts, ids, rows,                          # an SST file
+                     (np.array([1]), np.array([7]), np.array([3])))
+    assert [x.tolist() for x in store.read_positions(3, 4)] == [[5, 7, 0, 0], [2, 3, 0, 0]]
+    assert store.stored_partitions() == {(3, 0), (3, 1)}
+    store.drop_partition(3, 1)
+    assert store.stored_partitions() == {(3, 0)}
+    assert [x.tolist() for x in store.read_positions(3, 2)] == [[5, 0], [2, 0]]
+    store.close()
+    reopened = RocksRowStore(tmp_path, block_cache_bytes=1 << 20)
+    assert reopened.read_positions(3, 2)[0].tolist() == [5, 0]
+    reopened.close()
+
+
 def test_table_arena_set_partitions_keeps_resident_rows():
     n, dim, P = 103, 3, 4
     arena = TableArena(n, dim, torch.float32, P)
