@@ -35,7 +35,8 @@ def main() -> int:
     ap.add_argument("--steady-s", type=float, default=10.0)
     ap.add_argument("--after-s", type=float, default=10.0)
     ap.add_argument("--lease-s", type=float, default=2.0)
-    ap.add_argument("--rebuild-mib-per-s", type=float, default=24.0)
+    ap.add_argument("--rebuild-mib-per-s", type=float, default=None,
+                    help="pace of each replica copy (default: the server config's)")
     ap.add_argument("--data-dir", default=None, help="keep the cluster's files (and logs) here")
     ap.add_argument("--profile-dir", default="",
                     help="record the router and the surviving servers with py-spy (--gil) "
@@ -58,8 +59,9 @@ def main() -> int:
     batches = [random_kjt(rng, features, [args.rows] * args.tables, args.batch, args.bag)
                for _ in range(32)]
     cfg = shoal.ShoalConfig().replace(coordinator__lease_s=args.lease_s,
-                                      server__heartbeat_interval_s=args.lease_s / 8,
-                                      server__rebuild_mib_per_s=args.rebuild_mib_per_s)
+                                      server__heartbeat_interval_s=args.lease_s / 8)
+    if args.rebuild_mib_per_s:
+        cfg = cfg.replace(server__rebuild_mib_per_s=args.rebuild_mib_per_s)
     with shoal.LocalCluster(servers=3, replication=2, config=cfg,
                             data_dir=args.data_dir) as cluster:
         client = cluster.client()

@@ -17,7 +17,7 @@ from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import (
-    GRPC_OPTIONS, call_until_up, channel, make_aio_server, process_args, until_signalled,
+    GRPC_OPTIONS, call_until_up, channel, make_aio_server, process_args, until_signalled, watch_loop_lag,
     write_ready)
 
 from router.mapcache import MapCache
@@ -49,7 +49,9 @@ async def serve(args) -> None:
     stop_poll = threading.Event()
     threading.Thread(target=maps.poll_forever, args=(cfg.map_poll_interval_s, stop_poll),
                      daemon=True).start()
+    lag = asyncio.create_task(watch_loop_lag())
     await until_signalled()
+    lag.cancel()
     stop_poll.set()
     await server.stop(grace=1.0)
 

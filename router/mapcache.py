@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from typing import Callable
 
 import grpc
@@ -36,13 +37,17 @@ class MapCache:
                 self._table = RoutingTable.build(m)
 
     def refresh(self, at_least: int = 0) -> RoutingTable:
+        t0 = time.perf_counter()
         with self._lock:
             if not at_least or self._table.version < at_least:
                 m = self._fetch(self._table.version)
                 self.refreshes += 1
                 if m is not None and m.version > self._table.version:
                     self._table = RoutingTable.build(m)
-            return self._table
+        took = time.perf_counter() - t0
+        if took > 0.05:
+            log.info("map refresh to version %d took %.0f ms", self._table.version, took * 1e3)
+        return self._table
 
     async def refresh_async(self, at_least: int = 0) -> RoutingTable:
         """``refresh`` from the event loop: the fetch runs in a worker thread."""

@@ -20,7 +20,7 @@ from shoal.errors import from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import (
-    call_until_up, channel, make_aio_server, process_args, until_signalled, write_ready)
+    call_until_up, channel, make_aio_server, process_args, until_signalled, watch_loop_lag, write_ready)
 
 from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
@@ -65,7 +65,9 @@ async def serve(args) -> None:
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,
                                               stop), daemon=True).start()
+    lag = asyncio.create_task(watch_loop_lag())
     await until_signalled()
+    lag.cancel()
     stop.set()
     await server.stop(grace=1.0)
     store.close()

@@ -28,7 +28,7 @@ from shards.service import ShardService
 log = logging.getLogger("shard.replication")
 CHUNK_ROWS = 8_192          # small chunks: the copy never holds the GIL or a lock for long
 CATCH_UP_BYTES = 4 << 20    # log entries per catch-up call, at most
-INSTALL_BYTES = 16 << 20    # snapshot rows are stored in SST files of about this size
+INSTALL_BYTES = 2 << 20     # snapshot rows are stored in write batches of about this size
 MAX_CATCH_UP_CALLS = 1_000
 
 

@@ -50,6 +50,7 @@ class HeldTable:
     # leader of each partition held, and per other server the partitions it follows or learns
     # of those this server leads.
     leads: np.ndarray = None
+    serves: np.ndarray = None           # bool [P]: a replica here (not a learner): may be read
     leader_of: dict[int, str] = field(default_factory=dict)
     peers: dict[str, np.ndarray] = field(default_factory=dict)
     learners: dict[str, np.ndarray] = field(default_factory=dict)
@@ -139,7 +140,8 @@ class ShardService(WritePath):
                     rows = torch.frombuffer(bytearray(raw), dtype=table.arena.dtype) if raw else None
                     if rows is not None:
                         table.arena.fill(p, ids, rows.view(-1, spec.dim))
-                table.epochs, table.leads, table.leader_of, table.peers, table.learners = roles
+                (table.epochs, table.leads, table.serves, table.leader_of, table.peers,
+                 table.learners) = roles
                 table.attached = {s: a & table.learner_mask(s)
                                   for s, a in table.attached.items() if s in table.learners}
             self._tables[uid] = table
@@ -151,9 +153,11 @@ class ShardService(WritePath):
     def _roles(self, num_partitions: int, held: dict[int, pb.ReplicaSet]):
         epochs = np.zeros(num_partitions, np.int64)
         leads = np.zeros(num_partitions, bool)
+        serves = np.zeros(num_partitions, bool)
         leader_of, peers, learners = {}, {}, {}
         for p, rs in held.items():
             epochs[p] = rs.epoch
+            serves[p] = self.server_id in rs.replicas
             leader_of[p] = rs.replicas[0] if rs.replicas else ""
             if leader_of[p] != self.server_id:
                 continue
@@ -162,7 +166,7 @@ class ShardService(WritePath):
                 peers.setdefault(s, np.zeros(num_partitions, bool))[p] = True
             for s in rs.learners:
                 learners.setdefault(s, np.zeros(num_partitions, bool))[p] = True
-        return epochs, leads, leader_of, peers, learners
+        return epochs, leads, serves, leader_of, peers, learners
 
     def _collect_garbage(self, specs, replication, sets, held) -> None:
         """Delete the copies of partitions this server no longer holds once they are not
@@ -199,8 +203,15 @@ class ShardService(WritePath):
                            f"map version {self._map_version}", self._map_version)
         return table
 
-    def _check(self, table: HeldTable, ids: np.ndarray, routed: pb.PartitionEpochs) -> np.ndarray:
-        """Validate ids and the routing; return each id's partition."""
+    def _check(self, table: HeldTable, ids: np.ndarray, routed: pb.PartitionEpochs,
+               read: bool = False) -> np.ndarray:
+        """Validate ids and the routing; return each id's partition.
+
+        Writes must be routed at exactly the partition's epoch here (fencing). A ``read`` may
+        also be routed at an older epoch if this server is still one of the partition's
+        replicas: every replica holds every acknowledged write, and the set changing around it
+        (a learner added or promoted, another replica dropped) does not change its rows. So a
+        map change does not turn every read in flight into a redirect."""
         spec = table.spec
         check_ids(ids, spec, "ids")
         rp = unpack(routed.partitions, "routed.partitions", "int32", 1)
@@ -210,7 +221,10 @@ class ShardService(WritePath):
         if rp.size and (rp.min() < 0 or rp.max() >= spec.num_partitions):
             raise InvalidArgument(f"routed.partitions: must be in [0, {spec.num_partitions})")
         held = table.epochs[rp]
-        stale = np.flatnonzero(held != re)
+        ok = held == re
+        if read:
+            ok |= table.serves[rp] & (held > re)
+        stale = np.flatnonzero(~ok)
         if stale.size:
             i = int(stale[0])
             self._counters["redirects"] += 1
@@ -249,10 +263,12 @@ class ShardService(WritePath):
         return buf, np.arange(len(ids), dtype=np.int64)
 
     def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
-             positions: Positions | None = None, sst: bool = False) -> None:
+             positions: Positions | None = None, sst: bool = False,
+             background: bool = False) -> None:
         """Store rows (and the partitions' new positions) durably, then in the memory tier.
         Caller holds ``table.write_mutex``."""
-        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, sst)
+        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, sst,
+                               background)
         if positions is not None:
             self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
         idx = table.arena.rows_index(ids, parts)
@@ -271,7 +287,7 @@ class ShardService(WritePath):
             table = self._table(seg.table_uid)
             ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
             self._limit(len(ids))
-            parts = self._check(table, ids, seg.routed)
+            parts = self._check(table, ids, seg.routed, read=True)
             with table.lock.read():
                 weight, idx = self._gather(table, ids, parts)
                 rows = weight.index_select(0, torch.from_numpy(idx))
@@ -310,7 +326,7 @@ class ShardService(WritePath):
             if len(w) != n_occ:
                 raise InvalidArgument(f"{where}.weights: {len(w)} weights for {n_occ} ids")
             weights = torch.from_numpy(w.copy())
-        parts = self._check(table, ids, seg.routed)
+        parts = self._check(table, ids, seg.routed, read=True)
         offsets = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
         with table.lock.read():

@@ -18,6 +18,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import uuid
 
 import numpy as np
@@ -26,7 +27,8 @@ import rocksdict
 KEY_DTYPE = np.dtype([("table", ">u4"), ("partition", ">u4"), ("row", ">u8")])
 META_TABLE = 0xFFFFFFFF
 POSITION_DTYPE = np.dtype("<i8")      # value: (seq, epoch)
-MEMTABLE_BYTES = 8 << 20
+MEMTABLE_BYTES = 32 << 20
+BACKGROUND_RETRY_S = 0.01
 
 
 def encode_keys(table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> list[bytes]:
@@ -61,10 +63,12 @@ class RowStore(abc.ABC):
     @abc.abstractmethod
     def write_rows(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
                    rows: np.ndarray, positions: Positions | None = None,
-                   sst: bool = False) -> None:
+                   sst: bool = False, background: bool = False) -> None:
         """Durably store ``rows[i]`` under ``(table_uid, partitions[i], ids[i])`` (ids unique)
         and, atomically with them, the replication ``positions`` of the partitions written.
-        ``sst``: write an SST file and ingest it whatever the size (a copy's bulk rows)."""
+        ``sst``: write an SST file and ingest it whatever the size. ``background``: a copy's
+        rows; if RocksDB would make the write wait (a write stall, with the GIL held), back off
+        and retry instead, so the server's other work goes on."""
 
     @abc.abstractmethod
     def read_positions(self, table_uid: int, num_partitions: int) -> tuple[np.ndarray,
@@ -156,6 +160,10 @@ class RocksRowStore(RowStore):
             shutil.rmtree(self._path / "checkpoints", ignore_errors=True)  # a crash's leftovers
         self._wopts = rocksdict.WriteOptions()
         self._wopts.sync = False      # WAL on, fsync left to the OS (survives kill -9)
+        self._bg_wopts = rocksdict.WriteOptions()
+        self._bg_wopts.sync = False
+        self._bg_wopts.no_slowdown = True     # fail rather than stall (see write_rows)
+        self._bg_wopts.low_pri = True
         self._ingest_opts = rocksdict.IngestExternalFileOptions()
         self._ingest_opts.set_move_files(True)   # hard-link the file in, do not copy it
         self._tmp = self._path / "sst-tmp"
@@ -171,12 +179,15 @@ class RocksRowStore(RowStore):
         table.set_format_version(5)   # readable by Debian's ldb / sst_dump too
         opts.set_block_based_table_factory(table)
         opts.set_max_background_jobs(2)
-        # rocksdict holds the GIL while a checkpoint flushes the memtable (and while a batch is
-        # written): small memtables keep those pauses of the whole server short.
+        # rocksdict holds the GIL while a write waits for RocksDB (a full memtable, too many L0
+        # files): room for three memtables keeps such write stalls, which pause the whole
+        # server, rare.
         opts.set_write_buffer_size(MEMTABLE_BYTES)
+        opts.set_max_write_buffer_number(3)
         return opts
 
-    def write_rows(self, table_uid, partitions, ids, rows, positions=None, sst=False):
+    def write_rows(self, table_uid, partitions, ids, rows, positions=None, sst=False,
+                   background=False):
         n = len(ids)
         keys, values = [], []
         if positions is not None:
@@ -199,7 +210,22 @@ class RocksRowStore(RowStore):
                     wb.put(k, v)
             for k, v in zip(keys, values):
                 wb.put(k, v)
-            self._db.write(wb, self._wopts)
+            if background:
+                self._write_in_background(wb)
+            else:
+                self._db.write(wb, self._wopts)
+
+    def _write_in_background(self, wb: rocksdict.WriteBatch) -> None:
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            try:
+                self._db.write(wb, self._bg_wopts)
+                return
+            except Exception as e:         # rocksdict raises a plain exception: "Incomplete"
+                if "ncomplete" not in str(e) and "slowdown" not in str(e).lower():
+                    raise
+            time.sleep(BACKGROUND_RETRY_S)  # without the GIL: the event loop runs meanwhile
+        self._db.write(wb, self._wopts)
 
     def read_positions(self, table_uid, num_partitions):
         values = self._db.get(position_keys(table_uid, np.arange(num_partitions)),

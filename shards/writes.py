@@ -260,11 +260,12 @@ class WritePath:
 
     def install_rows(self, table_uid: int, partition: int, ids: np.ndarray,
                      rows: np.ndarray) -> None:
-        """Store a run of snapshot rows (ascending ids) as one ingested SST file: no memtable
-        to flush later, no long batch write holding the GIL."""
+        """Store a run of snapshot rows as a background write: one that backs off rather than
+        wait, holding the GIL, for RocksDB to catch up."""
         table = self._table(table_uid)
         with table.write_mutex:
-            self._put(table, np.full(len(ids), partition, dtype=np.int64), ids, rows, sst=True)
+            self._put(table, np.full(len(ids), partition, dtype=np.int64), ids, rows,
+                      background=True)
 
     def finish_snapshot(self, table_uid: int, partition: int, seq: int, epoch: int) -> None:
         table = self._table(table_uid)

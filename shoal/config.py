@@ -18,7 +18,10 @@ class ShardServerConfig:
     heartbeat_interval_s: float = 0.5
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
     max_ids_per_request: int = 4_000_000
-    rebuild_mib_per_s: float = 24.0         # copying a partition to build a replica, at most
+    # Copying a partition to build a replica, at most (per copy; a server builds
+    # max_builds_per_server at once). Copies cost CPU (~2.7 us a row in rocksdict's per-key API)
+    # that serving needs: 8 keeps the p99 of lookups within ~3x of steady on 2 busy cores.
+    rebuild_mib_per_s: float = 8.0
     replication_log_bytes: int = 32 << 20   # per table: recent writes kept for catch-up / dedup
     replicate_timeout_s: float = 2.0        # a peer slower than this to take a write is reported
     # How a leader takes the consistent snapshot it streams to a learner: "iterator" (a RocksDB

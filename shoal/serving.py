@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -141,6 +142,19 @@ def call_until_up(call, deadline_s: float = 60.0):
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
                 raise
             time.sleep(0.1)
+
+
+async def watch_loop_lag(threshold_s: float = 0.1, period_s: float = 0.01) -> None:
+    """Log a warning whenever this event loop could not run a timer for more than
+    ``threshold_s`` (something held the loop or the GIL): every request waited as long."""
+    loop = asyncio.get_running_loop()
+    log = logging.getLogger("loop")
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period_s)
+        lag = loop.time() - t0 - period_s
+        if lag > threshold_s:
+            log.warning("event loop stalled %.0f ms", lag * 1e3)
 
 
 async def until_signalled() -> None:
