@@ -32,6 +32,7 @@ log = logging.getLogger("shard")
 
 async def serve(args) -> None:
     cfg = ShoalConfig.from_json(args.config).server
+    sys.setswitchinterval(cfg.gil_switch_interval_s)   # a copy adds little to lookup latency
     data = pathlib.Path(args.data_dir)
     store = RocksRowStore(data, cfg.block_cache_bytes, cfg.sst_threshold_rows)
     coord = pbg.CoordinatorStub(channel(args.coordinator))
@@ -78,9 +79,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s shard {args.server_id} %(message)s")
     torch.set_num_threads(1)   # two OpenMP threads per process collapse under load here
-    # Copies and writes run in threads beside the event loop that answers lookups; hand the
-    # GIL back to the loop after 1 ms instead of 5 so a copy adds little to a lookup's latency.
-    sys.setswitchinterval(0.001)
     asyncio.run(serve(args))
 
 

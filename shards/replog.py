@@ -5,7 +5,8 @@ partition's next sequence number and the epoch it was written at. ``(epoch, seq)
 entry: one server leads a partition at one epoch. Every replica keeps the same bookkeeping for
 the entries it applies, so any of them can lead next and any can answer a catch-up.
 
-The log keeps the newest entries within a byte budget. It serves three things: catching a
+The log keeps the newest entries within a byte budget (an entry larger than the whole budget,
+such as a bulk load's, is not kept). It serves three things: catching a
 replica up after it missed entries (``since``), checking that a returning replica's history is
 a prefix of the leader's (``epoch_at``), and deduplicating a resent write by its idempotency key
 (``by_request``). Pure bookkeeping, no I/O: the caller makes entries durable before
@@ -102,6 +103,11 @@ class ReplicationLog:
     def nbytes(self) -> int:
         return self._bytes
 
+    def set_budget(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        while self._bytes > self._max_bytes and self._entries:
+            self._evict()
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -139,7 +145,7 @@ class ReplicationLog:
         self._bytes += e.nbytes
         if e.request_id:
             self._by_request.setdefault(e.request_id, []).append(e)
-        while self._bytes > self._max_bytes and len(self._entries) > 1:
+        while self._bytes > self._max_bytes and self._entries:
             self._evict()
 
     def _evict(self) -> None:

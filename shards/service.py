@@ -118,6 +118,7 @@ class ShardService(WritePath):
                 held.setdefault(rs.table_uid, {})[rs.partition] = rs
         self._addresses = {s.server_id: s.address for s in m.servers}
         budget = self._cfg.memory_budget_bytes
+        log_bytes = self._cfg.replication_log_bytes // max(1, len(held))
         for uid in sorted(held):
             spec = specs[uid]
             table = self._tables.get(uid)
@@ -126,7 +127,7 @@ class ShardService(WritePath):
                                    spec.num_partitions)
                 seq, epoch = self._store.read_positions(uid, spec.num_partitions)
                 table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena,
-                                  ReplicationLog(seq, epoch, self._cfg.replication_log_bytes))
+                                  ReplicationLog(seq, epoch, log_bytes))
             resident = []
             for p in sorted(held[uid]):
                 size = table.arena.rows_per_partition * spec.row_bytes
@@ -144,6 +145,7 @@ class ShardService(WritePath):
                  table.learners) = roles
                 table.attached = {s: a & table.learner_mask(s)
                                   for s, a in table.attached.items() if s in table.learners}
+                table.log.set_budget(log_bytes)
             self._tables[uid] = table
         for uid in set(self._tables) - set(held):
             del self._tables[uid]

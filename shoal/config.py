@@ -22,12 +22,16 @@ class ShardServerConfig:
     # max_builds_per_server at once). Copies cost CPU (~2.7 us a row in rocksdict's per-key API)
     # that serving needs: 8 keeps the p99 of lookups within ~3x of steady on 2 busy cores.
     rebuild_mib_per_s: float = 8.0
-    replication_log_bytes: int = 32 << 20   # per table: recent writes kept for catch-up / dedup
+    replication_log_bytes: int = 64 << 20   # per server, shared by its tables: recent writes
+                                            # kept for catch-up and deduplication
     replicate_timeout_s: float = 2.0        # a peer slower than this to take a write is reported
     # How a leader takes the consistent snapshot it streams to a learner: "iterator" (a RocksDB
     # iterator: a point-in-time view, free) or "checkpoint" (a RocksDB checkpoint opened
     # read-only; flushes the memtable and fsyncs while holding the GIL: up to ~200 ms here).
     snapshot: str = "iterator"
+    # Copies and writes run in threads beside the event loop that answers lookups: a thread
+    # hands the GIL back after this long (Python's default is 5 ms).
+    gil_switch_interval_s: float = 0.001
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def call_until_up(call, deadline_s: float = 60.0):
             time.sleep(0.1)
 
 
-async def watch_loop_lag(threshold_s: float = 0.1, period_s: float = 0.01) -> None:
+async def watch_loop_lag(threshold_s: float = 0.1, period_s: float = 0.05) -> None:
     """Log a warning whenever this event loop could not run a timer for more than
     ``threshold_s`` (something held the loop or the GIL): every request waited as long."""
     loop = asyncio.get_running_loop()

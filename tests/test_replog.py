@@ -69,7 +69,7 @@ def test_since_returns_only_later_entries_of_wanted_partitions():
 
 
 def test_eviction_truncates_and_moves_the_floor():
-    log = fresh(max_bytes=1)                    # keeps only the newest entry
+    log = fresh(max_bytes=300)                  # room for one small entry
     write(log, [0], request_id="a")
     write(log, [4], request_id="b")
     write(log, [1])
@@ -82,6 +82,8 @@ def test_eviction_truncates_and_moves_the_floor():
     assert log.since(after) == ([], True)
     assert log.epoch_at(0, 2) == 1 and log.epoch_at(0, 1) is None
     assert log.by_request("a") == [] and log.by_request("b") == []
+    log.set_budget(0)                           # nothing fits: everything is evicted
+    assert len(log) == 0 and log.floor_seq.tolist() == [2, 1, 0, 0]
 
 
 def test_by_request_finds_a_resent_write():
