@@ -1,0 +1,98 @@
+"""The rebalancer on synthetic clusters (pure: no servers)."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from coordinator.placement import PartitionLoad, ServerLoad, place
+from coordinator.rebalance import ServerSpec, plan_moves
+from shoal.errors import ShoalError
+
+MIB = 2**20
+
+
+def cluster(n_servers: int, n_parts: int, replication: int = 2, size: int = 64 * MIB):
+    servers = [f"s{i:02d}" for i in range(n_servers)]
+    parts = [PartitionLoad(1, p, size) for p in range(n_parts)]
+    replicas = place(parts, [ServerLoad(s) for s in servers], replication)
+    return replicas, {k: size for k in replicas}, servers
+
+
+def check(plan, replicas):
+    """Apply the plan: replicas stay distinct, every move's source held the partition."""
+    now = {k: list(r) for k, r in replicas.items()}
+    for m in plan.moves:
+        assert m.source in now[m.key] and m.target not in now[m.key]
+        now[m.key] = [m.target if r == m.source else r for r in now[m.key]]
+    return now
+
+
+def test_adding_one_server_to_ten_moves_about_one_eleventh():
+    replicas, sizes, servers = cluster(10, 220)              # 440 replicas, 44 per server
+    plan = plan_moves(replicas, sizes, [ServerSpec(s) for s in servers + ["s10"]])
+    check(plan, replicas)
+    assert all(m.target == "s10" for m in plan.moves)
+    assert 38 <= len(plan.moves) <= 42                       # 440 / 11 = 40
+    assert plan.spread("after") <= 0.05 + 1 / 40
+
+
+def test_balanced_cluster_needs_no_moves():
+    replicas, sizes, servers = cluster(4, 64)
+    assert plan_moves(replicas, sizes, [ServerSpec(s) for s in servers]).moves == []
+
+
+def test_draining_empties_the_server_and_spreads_its_partitions():
+    replicas, sizes, servers = cluster(4, 32)
+    specs = [ServerSpec(s, draining=(s == "s03")) for s in servers]
+    plan = plan_moves(replicas, sizes, specs)
+    now = check(plan, replicas)
+    assert not any("s03" in r for r in now.values())
+    drained = [m for m in plan.moves if m.source == "s03"]
+    assert len(drained) == sum("s03" in r for r in replicas.values())
+    # Placement pairs servers, so s03's partitions cannot all land evenly: a few more moves
+    # even out the rest, no more than the drain itself.
+    assert len(plan.moves) - len(drained) <= len(drained) // 2
+    assert plan.spread("after") <= 0.1
+    assert set(plan.after) == {"s00", "s01", "s02"}
+
+
+def test_memory_budgets_are_respected_and_too_little_room_is_a_clear_error():
+    replicas, sizes, servers = cluster(3, 12, size=10 * MIB)     # 24 replicas, 240 MiB
+    small = [ServerSpec("s00", 100 * MIB), ServerSpec("s01", 100 * MIB),
+             ServerSpec("s02", 100 * MIB), ServerSpec("s03", 30 * MIB)]
+    plan = plan_moves(replicas, sizes, small)
+    now = check(plan, replicas)
+    on = {s.server_id: sum(sizes[k] for k, r in now.items() if s.server_id in r) for s in small}
+    assert on["s03"] <= 30 * MIB and all(on[s] <= 100 * MIB for s in on)
+    with pytest.raises(ShoalError) as e:
+        plan_moves(replicas, sizes, [ServerSpec("s00", 100 * MIB), ServerSpec("s01", 100 * MIB),
+                                     ServerSpec("s02", 100 * MIB, draining=True)])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "240.0 MiB" in e.value.message and "200.0 MiB" in e.value.message
+
+
+def test_a_partition_with_nowhere_to_go_is_a_clear_error():
+    replicas, sizes, servers = cluster(2, 4)                      # every server holds every one
+    with pytest.raises(ShoalError) as e:
+        plan_moves(replicas, sizes, [ServerSpec("s00"), ServerSpec("s01", draining=True)])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "fits on no other server" in e.value.message
+
+
+def test_model_quotas_are_respected():
+    replicas, sizes, servers = cluster(2, 8, replication=1, size=10 * MIB)
+    quota_of = {k: "m" for k in replicas}
+    plan = plan_moves(replicas, sizes, [ServerSpec(s) for s in servers + ["s02"]],
+                      quota_of=quota_of, quotas={"m": 20 * MIB})
+    now = check(plan, replicas)
+    assert sum(10 * MIB for r in now.values() if "s02" in r) <= 20 * MIB
+
+
+def test_load_moves_hot_partitions_off_a_hot_server():
+    replicas, sizes, servers = cluster(2, 8, replication=1)
+    hot = [k for k, r in replicas.items() if r[0] == "s00"]
+    load = {k: (100.0 if k in hot else 1.0) for k in replicas}
+    plan = plan_moves(replicas, sizes, [ServerSpec(s) for s in servers], load=load)
+    now = check(plan, replicas)
+    hot_on = {s: sum(1 for k in hot if now[k][0] == s) for s in servers}
+    assert abs(hot_on["s00"] - hot_on["s01"]) <= 1
