@@ -13,30 +13,21 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import percentiles, write_result  # noqa: E402
+from bench.common import (QueryLoad, add_load_args, load_workload, percentiles,  # noqa: E402
+                          write_result)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tables", type=int, default=4)
-    ap.add_argument("--rows", type=int, default=500_000)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--bag", type=int, default=20)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--steady-s", type=float, default=10.0)
+    add_load_args(ap)
     ap.add_argument("--after-s", type=float, default=10.0)
     ap.add_argument("--lease-s", type=float, default=2.0)
-    ap.add_argument("--rebuild-mib-per-s", type=float, default=None,
-                    help="pace of each replica copy (default: the server config's)")
     ap.add_argument("--data-dir", default=None, help="keep the cluster's files (and logs) here")
     ap.add_argument("--profile-dir", default="",
                     help="record the router and the surviving servers with py-spy (--gil) "
@@ -44,20 +35,12 @@ def main() -> int:
     args = ap.parse_args()
 
     import shoal
-    from embeddings.synthetic import random_kjt
     from shoal.proto import shoal_pb2 as pb
     from shoal.proto import shoal_pb2_grpc as pbg
     from shoal.serving import channel
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     torch.set_num_threads(1)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim,
-                                 num_embeddings=args.rows, feature_names=[f"f{i}"])
-              for i in range(args.tables)]
-    features = [f"f{i}" for i in range(args.tables)]
-    rng = np.random.default_rng(0)
-    batches = [random_kjt(rng, features, [args.rows] * args.tables, args.batch, args.bag)
-               for _ in range(32)]
+    tables, batches = load_workload(args)
     cfg = shoal.ShoalConfig().replace(coordinator__lease_s=args.lease_s,
                                       server__heartbeat_interval_s=args.lease_s / 8)
     if args.rebuild_mib_per_s:
@@ -74,28 +57,7 @@ def main() -> int:
         def shard_map():
             return coord.GetShardMap(pb.GetShardMapRequest(), timeout=10).map
 
-        log, lock, stop, errors = [], threading.Lock(), threading.Event(), []
-
-        def worker(i):
-            c = shoal.connect(cluster.router_address, timeout=30)
-            j = i
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    c.lookup("fo", batches[j % len(batches)])
-                    ok = True
-                except shoal.ShoalError as e:
-                    ok = False
-                    with lock:
-                        errors.append(f"{e.code.name}: {e.message[:300]}")
-                with lock:
-                    log.append((t0, time.perf_counter() - t0, ok))
-                j += args.clients
-            c.close()
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
-        for t in threads:
-            t.start()
+        load = QueryLoad(cluster.router_address, "fo", batches, args.clients).start()
         time.sleep(args.steady_s)
         before = shard_map()
         victim = cluster.servers[0]
@@ -134,14 +96,13 @@ def main() -> int:
                 break
             time.sleep(0.05)
         time.sleep(max(0.0, t_kill + args.after_s - time.perf_counter()))
-        stop.set()
-        for t in threads:
-            t.join(60)
+        load.stop()
         for p in profilers:
             p.wait(60)
         router = client.status().router
         client.close()
 
+    log, errors = load.log, load.errors
     steady = [lat for t0, lat, ok in log if t_kill - args.steady_s <= t0 < t_kill and ok]
     after = [lat for t0, lat, ok in log if t_kill <= t0 < t_kill + args.after_s and ok]
     failed = sum(1 for _, _, ok in log if not ok)

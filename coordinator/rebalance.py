@@ -118,8 +118,11 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
     plan = Plan(before={s.server_id: bytes_on[s.server_id] for s in active})
     owner: dict[Key, list[str]] = {k: list(r) for k, r in replicas.items()}
 
+    moved: set[Key] = set()      # a partition moves at most once per plan (one replica)
+
     def move(k: Key, src: str, dst: str) -> None:
         plan.moves.append(Move(k[0], k[1], src, dst, sizes[k]))
+        moved.add(k)
         held[src].discard(k)
         held[dst].add(k)
         bytes_on[src] -= sizes[k]
@@ -132,9 +135,10 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
         owner[k] = [dst if r == src else r for r in owner[k]]
 
     # 1. Empty the draining servers, largest partitions first, each to the active server
-    #    with the fewest bytes that can take it.
+    #    with the fewest bytes that can take it. (Two replicas of one partition on draining
+    #    servers would need two moves of it; the second waits for the next plan.)
     for s in (s.server_id for s in servers if s.draining):
-        for k in sorted(held[s], key=lambda k: (-sizes[k], k)):
+        for k in sorted(held[s] - moved, key=lambda k: (-sizes[k], k)):
             options = [t.server_id for t in active if fits(k, t.server_id)]
             if not options:
                 raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -159,14 +163,14 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
             if spread(metric, {}) <= tolerance:
                 return
             best, best_gap = None, gap
-            for k in sorted(held[hi]):
+            for k in sorted(held[hi] - moved):
                 d = of(k)
                 if fits(k, lo) and abs(gap - 2 * d) < best_gap - 1e-12 and \
                         guard({hi: -sizes[k], lo: sizes[k]}):
                     best, best_gap = (k, None), abs(gap - 2 * d)
             if best is None:
-                for k in sorted(held[hi]):
-                    for j in sorted(held[lo]):
+                for k in sorted(held[hi] - moved):
+                    for j in sorted(held[lo] - moved):
                         d = of(k) - of(j)
                         if k in held[lo] or j in held[hi] or \
                                 abs(gap - 2 * d) >= best_gap - 1e-12 or \

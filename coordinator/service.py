@@ -18,13 +18,14 @@ from shoal.errors import NotFound, ShoalError, abort_with
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 
+from coordinator.resize import ResizeRPCs
 from coordinator.state import ClusterState
 from coordinator.store import StateStore
 
 log = logging.getLogger("coordinator")
 
 
-class CoordinatorService(pbg.CoordinatorServicer):
+class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
     def __init__(self, store: StateStore, config: CoordinatorConfig,
                  default_replication: int = 0, clock: Callable[[], float] = time.monotonic,
                  build_replica: Callable[[str, pb.BuildReplicaRequest], None] | None = None):
@@ -44,6 +45,7 @@ class CoordinatorService(pbg.CoordinatorServicer):
         self._last_pass: float | None = None          # clock of the last reconcile pass
         self._build_replica = build_replica
         self._build_sent: dict[tuple, tuple] = {}     # soft: (key, learner) -> (clock, source)
+        self._move_started: dict[tuple, float] = {}   # soft: (key, target) -> clock
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -69,6 +71,7 @@ class CoordinatorService(pbg.CoordinatorServicer):
             s.last_heartbeat_age_s = now - last_seen.get(s.server_id, now)
             if s.server_id in stats:
                 s.stats.CopyFrom(stats[s.server_id])
+        self._fill_moves(m, stats)
         return m
 
     # ------------------------------------------------------------ reconcile loop
@@ -99,6 +102,8 @@ class CoordinatorService(pbg.CoordinatorServicer):
                     log.warning("server %s missed its lease (%.1fs): dropped from replica sets, "
                                 "map version %d (%.1f ms)", server_id, self._cfg.lease_s,
                                 new.version, (time.perf_counter() - t0) * 1e3)
+            self._commit(self._state.advance_moves(alive, self._cfg.max_builds_per_server))
+            self._continue_draining(alive)
         self._rebuild()
         return acted
 
@@ -113,13 +118,14 @@ class CoordinatorService(pbg.CoordinatorServicer):
             state = self._state
             building = collections.Counter(s for rec in state.partitions.values()
                                            for s in rec.learners)
+            serving = set(state.serving(sorted(alive)))
             loads = {s.server_id: s.bytes for s in state.server_loads(sorted(alive))}
             for key, rec in sorted(state.partitions.items()):
                 want = state.replication_of(key[0])
                 if len(rec.replicas) + len(rec.learners) >= want or \
                         not any(r in alive for r in rec.replicas):
                     continue
-                options = [s for s in sorted(alive) if s not in rec.replicas
+                options = [s for s in sorted(serving) if s not in rec.replicas
                            and s not in rec.learners
                            and building[s] < self._cfg.max_builds_per_server]
                 if not options:
@@ -141,6 +147,7 @@ class CoordinatorService(pbg.CoordinatorServicer):
                             and now - sent[0] < self._cfg.build_resend_s):
                         continue
                     self._build_sent[(key, learner)] = (now, source)
+                    self._move_started.setdefault((key, learner), now)
                     requests.append((addresses[learner], pb.BuildReplicaRequest(
                         table_uid=key[0], partition=key[1], epoch=rec.epoch,
                         source_address=addresses[source], map_version=state.version,
@@ -177,6 +184,10 @@ class CoordinatorService(pbg.CoordinatorServicer):
             if new is not self._state:
                 self._commit(new)
                 self._build_sent.pop((key, request.server_id), None)
+                self._move_started.pop((key, request.server_id), None)
+                # A move's source can be dropped now rather than at the next pass.
+                self._commit(self._state.advance_moves(set(self.alive()),
+                                                       self._cfg.max_builds_per_server))
                 log.info("partition %s: %s copied %d rows, replayed %d entries and is now a "
                          "replica (epoch %d)", key, request.server_id, request.rows,
                          request.entries, new.partitions[key].epoch)
@@ -232,7 +243,8 @@ class CoordinatorService(pbg.CoordinatorServicer):
     def CreateModel(self, request, context):
         try:
             with self._lock:
-                new, model = self._state.with_model(request.spec, self.alive(), self._cfg,
+                new, model = self._state.with_model(request.spec,
+                                                    self._state.serving(self.alive()), self._cfg,
                                                     self._default_replication)
                 self._commit(new)
         except ShoalError as e:

@@ -34,6 +34,7 @@ class ClusterState:
     servers: dict[str, pb.ServerInfo] = field(default_factory=dict)     # durable part: id, address
     models: dict[str, pb.ModelSpec] = field(default_factory=dict)
     partitions: dict[tuple[int, int], PartitionRecord] = field(default_factory=dict)
+    moves: dict[tuple[int, int], pb.Move] = field(default_factory=dict)   # one per partition
 
     # ------------------------------------------------------------ serialisation
     def to_map(self) -> pb.ShardMap:
@@ -41,11 +42,15 @@ class ClusterState:
             version=self.version,
             models=list(self.models.values()),
             servers=[pb.ServerInfo(server_id=s.server_id, address=s.address,
-                                   memory_budget_bytes=s.memory_budget_bytes)
+                                   memory_budget_bytes=s.memory_budget_bytes,
+                                   draining=s.draining)
                      for s in self.servers.values()],
             partitions=[pb.ReplicaSet(table_uid=uid, partition=p, replicas=list(r.replicas),
                                       epoch=r.epoch, learners=list(r.learners))
-                        for (uid, p), r in sorted(self.partitions.items())])
+                        for (uid, p), r in sorted(self.partitions.items())],
+            moves=[pb.Move(table_uid=m.table_uid, partition=m.partition, source=m.source,
+                           target=m.target, bytes=m.bytes)
+                   for _, m in sorted(self.moves.items())])
 
     @classmethod
     def from_map(cls, m: pb.ShardMap, next_table_uid: int) -> "ClusterState":
@@ -54,7 +59,8 @@ class ClusterState:
                    models={md.name: md for md in m.models},
                    partitions={(r.table_uid, r.partition): PartitionRecord(
                                    tuple(r.replicas), r.epoch, tuple(r.learners))
-                               for r in m.partitions})
+                               for r in m.partitions},
+                   moves={(mv.table_uid, mv.partition): mv for mv in m.moves})
 
     def copy(self) -> "ClusterState":
         return copy.deepcopy(self)
@@ -66,7 +72,8 @@ class ClusterState:
             return self
         new = self.copy()
         new.servers[server_id] = pb.ServerInfo(server_id=server_id, address=address,
-                                               memory_budget_bytes=memory_budget)
+                                               memory_budget_bytes=memory_budget,
+                                               draining=bool(old and old.draining))
         new.version += 1
         return new
 
@@ -176,6 +183,108 @@ class ClusterState:
                 replicas, rec.epoch + 1, tuple(s for s in rec.learners if s != server_id))
         new.version += 1
         return new
+
+    # ------------------------------------------------------------ resizing
+    def serving(self, alive: list[str]) -> list[str]:
+        """Live servers that may take new partitions (not draining)."""
+        return [s for s in alive if s in self.servers and not self.servers[s].draining]
+
+    def holdings(self, server_id: str) -> tuple[int, int]:
+        """(replicas, learners) this server has."""
+        return (sum(server_id in r.replicas for r in self.partitions.values()),
+                sum(server_id in r.learners for r in self.partitions.values()))
+
+    def with_draining(self, server_id: str, draining: bool) -> "ClusterState":
+        if server_id not in self.servers:
+            raise NotFound(f"server {server_id!r} is not a member (members: "
+                           f"{', '.join(sorted(self.servers))})")
+        if self.servers[server_id].draining == draining:
+            return self
+        new = self.copy()
+        new.servers[server_id].draining = draining
+        new.version += 1
+        return new
+
+    def without_server(self, server_id: str) -> "ClusterState":
+        if server_id not in self.servers:
+            return self
+        replicas, learners = self.holdings(server_id)
+        if replicas or learners:
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"server {server_id!r} still holds {replicas} replicas and builds "
+                             f"{learners} copies; drain it first (shoal drain {server_id})")
+        new = self.copy()
+        del new.servers[server_id]
+        new.version += 1
+        return new
+
+    def with_moves(self, moves: list) -> "ClusterState":
+        """Record planned moves (``coordinator.rebalance.Move``); they start as the reconcile
+        loop advances them."""
+        if not moves:
+            return self
+        new = self.copy()
+        for m in moves:
+            rec = new.partitions.get(m.key)
+            if rec is None or m.source not in rec.replicas or m.target in rec.replicas \
+                    or m.key in new.moves:
+                raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"move of partition {m.partition} of table_uid {m.table_uid} "
+                                 f"from {m.source} to {m.target} no longer fits the map")
+            new.moves[m.key] = pb.Move(table_uid=m.table_uid, partition=m.partition,
+                                       source=m.source, target=m.target, bytes=m.bytes)
+        new.version += 1
+        return new
+
+    def advance_moves(self, alive: set[str], max_per_server: int) -> "ClusterState":
+        """One step of every move: start it (its target becomes a learner, at most
+        ``max_per_server`` copies building per server), or, once the target is promoted, drop
+        the source; moves made moot (source gone) or impossible (target dead) are removed,
+        dropping the target's learner role."""
+        if not self.moves:
+            return self
+        new = self.copy()
+        building: dict[str, int] = {}
+        for rec in new.partitions.values():
+            for s in rec.learners:
+                building[s] = building.get(s, 0) + 1
+        for key, mv in sorted(self.moves.items()):
+            rec = new.partitions.get(key)
+            want = new.replication_of(key[0])
+            if rec is None or mv.source not in rec.replicas:
+                if rec is not None and mv.target in rec.learners and \
+                        len(rec.replicas) + len(rec.learners) > want:
+                    new = new.without_replica(mv.target, [key])
+                del new.moves[key]
+            elif mv.target not in alive:
+                if mv.target in rec.learners:
+                    new = new.without_replica(mv.target, [key])
+                del new.moves[key]
+            elif mv.target in rec.replicas:              # promoted: the source can go
+                if len(rec.replicas) > want:
+                    new = new.without_replica(mv.source, [key])
+                del new.moves[key]
+            elif mv.target not in rec.learners and building.get(mv.target, 0) < max_per_server:
+                new = new.with_learner(key, mv.target)
+                building[mv.target] = building.get(mv.target, 0) + 1
+        if new.moves == self.moves and new.partitions == self.partitions:
+            return self
+        new.version = self.version + 1
+        return new
+
+    def without_moves(self) -> tuple["ClusterState", int]:
+        """Cancel the moves not yet promoted: drop their learners. (cancelled count)"""
+        if not self.moves:
+            return self, 0
+        new = self.copy()
+        for key, mv in self.moves.items():
+            rec = new.partitions.get(key)
+            if rec is not None and mv.target in rec.learners:
+                new = new.without_replica(mv.target, [key])
+        n = len(new.moves)
+        new.moves = {}
+        new.version = self.version + 1
+        return new, n
 
     def server_loads(self, alive: list[str]) -> list[ServerLoad]:
         row_bytes = {t.table_uid: (-(-t.num_embeddings // t.num_partitions)) * t.dim *

@@ -62,6 +62,7 @@ class ReplicaBuilder:
         t0 = time.monotonic()
         try:
             self._svc.refresh_map(at_least=request.map_version)   # we know we are its learner
+            self._svc.building[key] = [0, self._svc.partition_bytes(*key)]
             ch = channel(request.source_address)
             try:
                 stub = pbg.ShardServerStub(ch)
@@ -87,6 +88,7 @@ class ReplicaBuilder:
         except Exception as e:            # the coordinator asks again after build_resend_s
             log.warning("building partition %s from %s failed: %s", key, request.source_id, e)
         finally:
+            self._svc.building.pop(key, None)
             with self._lock:
                 self._running.discard(key)
 
@@ -125,6 +127,7 @@ class ReplicaBuilder:
                 buffered = 0
             total += len(ids)
             nbytes += rows.nbytes
+            self._svc.building[(uid, p)][0] = nbytes
             self._pace(t0, nbytes)
         install()
         if at is None:

@@ -86,6 +86,7 @@ class ShardService(WritePath):
         self._map_version = 0
         self._map_lock = threading.Lock()
         self._ready = False
+        self.building: dict[tuple[int, int], list[int]] = {}  # (uid, p) -> [bytes done, total]
         self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0,
                           "dropped_partitions": 0, "builds_from_snapshot": 0,
                           "builds_caught_up": 0}
@@ -347,6 +348,11 @@ class ShardService(WritePath):
             raise InvalidArgument(f"ids: {n} ids exceed max_ids_per_request "
                                   f"{self._cfg.max_ids_per_request}")
 
+    def partition_bytes(self, table_uid: int, partition: int) -> int:
+        spec = self._table(table_uid).spec
+        return rows_in_partition(spec.num_embeddings, spec.num_partitions, partition) * \
+            spec.row_bytes
+
     def count(self, counter: str) -> None:
         self._counters[counter] += 1
 
@@ -372,6 +378,10 @@ class ShardService(WritePath):
                               resident_partitions=resident_parts, map_version=self._map_version,
                               cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid(),
                               replication_log_bytes=sum(t.log.nbytes for t in tables),
+                              stored_partitions=len(self._on_disk),
+                              builds=[pb.BuildProgress(table_uid=k[0], partition=k[1],
+                                                       bytes_done=v[0], bytes_total=v[1])
+                                      for k, v in list(self.building.items())],
                               **self._counters)
 
 

@@ -1,4 +1,5 @@
-"""The ``shoal`` command line: ``shoal up | down | status | models | demo``.
+"""The ``shoal`` command line: ``shoal up | down | status | models | demo | resize | add-server |
+drain | remove | rebalance | cancel``.
 
 ``shoal up`` starts a local cluster in the background and remembers it under $SHOAL_HOME
 (default ~/.shoal) so that later commands find it; ``--data-dir`` picks another cluster.
@@ -78,9 +79,15 @@ def cmd_status(args) -> int:
           f"{'rows':>12} {'raw MiB':>9} {'memory MiB':>10} {'RSS MiB':>8}")
     for s in m.servers:
         t = s.stats
-        print(f"{s.server_id:<8} {s.state:<6} {s.address:<21} {t.partitions:>5} "
+        state = "drain" if s.draining else s.state
+        print(f"{s.server_id:<8} {state:<6} {s.address:<21} {t.partitions:>5} "
               f"{t.resident_partitions:>8} {t.rows:>12} {t.raw_bytes / 2**20:>9.1f} "
               f"{t.resident_bytes / 2**20:>10.1f} {t.rss_bytes / 2**20:>8.1f}")
+    if m.moves:
+        from shoal.admin import describe_moves
+        print(f"\n{len(m.moves)} moves in flight:")
+        for line in describe_moves(m):
+            print(f"  {line}")
     names = {t.table_uid: (md.name, t.name) for md in m.models for t in md.tables}
     if args.partitions:
         print(f"\n{'model':<12} {'table':<16} {'part':>4} {'epoch':>5}  replicas (leader first)")
@@ -107,6 +114,92 @@ def cmd_models(args) -> int:
         for t in md.tables:
             print(f"  {t.name}: {t.num_embeddings} x {t.dim} {t.dtype} {t.pooling}, "
                   f"{t.num_partitions} partitions, features {', '.join(t.feature_names)}")
+    return 0
+
+
+def _local(args):
+    from shoal.local import LocalCluster
+    return LocalCluster.attach(_cluster_dir(args))
+
+
+def _print_plan(reply, dry_run: bool) -> None:
+    total = sum(mv.bytes for mv in reply.moves) / 2**20
+    verb = "would move" if dry_run else "moving"
+    print(f"shoal: {verb} {len(reply.moves)} partitions ({total:.1f} MiB)")
+    for mv in reply.moves:
+        print(f"  table_uid {mv.table_uid} partition {mv.partition}: {mv.source} -> "
+              f"{mv.target} ({mv.bytes / 2**20:.1f} MiB)")
+    if reply.bytes_before:
+        print("  MiB per server: " + ", ".join(
+            f"{s} {reply.bytes_before.get(s, 0) / 2**20:.0f} -> "
+            f"{reply.bytes_after.get(s, 0) / 2**20:.0f}" for s in sorted(reply.bytes_after)))
+
+
+def _progress():
+    from shoal.admin import describe_moves
+    last = [None]
+
+    def show(m):
+        lines = describe_moves(m)
+        text = f"{len(m.moves)} moves in flight" + ("".join(f"\n  {x}" for x in lines[:8]))
+        if text != last[0] and m.moves:
+            print(text, flush=True)
+            last[0] = text
+    return show
+
+
+def cmd_resize(args) -> int:
+    cluster = _local(args)
+    before = len(cluster.servers)
+    if args.dry_run:
+        if args.servers <= before:
+            print(f"shoal: would drain and stop "
+                  f"{', '.join(h.name for h in cluster.servers[args.servers:]) or 'nothing'}")
+        else:
+            print(f"shoal: would start {args.servers - before} servers, then rebalance")
+        return 0
+    cluster.resize(args.servers, progress=_progress())
+    print(f"shoal: {before} -> {len(cluster.servers)} servers "
+          f"({', '.join(h.name for h in cluster.servers)})")
+    return 0
+
+
+def cmd_add_server(args) -> int:
+    cluster = _local(args)
+    h = cluster.add_server()
+    print(f"shoal: started {h.name} at {h.address}")
+    if not args.no_rebalance:
+        _print_plan(cluster.rebalance(wait=True, progress=_progress()), False)
+    return 0
+
+
+def cmd_drain(args) -> int:
+    with _local(args).admin() as admin:
+        reply = admin.drain(args.server, dry_run=args.dry_run, undrain=args.undo)
+    _print_plan(reply, args.dry_run)
+    return 0
+
+
+def cmd_remove(args) -> int:
+    last = _local(args).remove_server(args.server, progress=_progress())
+    print(f"shoal: {args.server} drained ({last.dropped_partitions} copies deleted) and stopped")
+    return 0
+
+
+def cmd_rebalance(args) -> int:
+    cluster = _local(args)
+    with cluster.admin() as admin:
+        reply = admin.rebalance(dry_run=args.dry_run, tolerance=args.tolerance)
+        _print_plan(reply, args.dry_run)
+        if not args.dry_run and not args.no_wait:
+            admin.wait_for_moves(progress=_progress())
+            print("shoal: done")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    with _local(args).admin() as admin:
+        print(f"shoal: cancelled {admin.cancel()} moves")
     return 0
 
 
@@ -137,6 +230,31 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--partitions", action="store_true", help="list every replica set")
         p.set_defaults(fn=fn)
     sub.add_parser("demo", help="run the end-to-end demo").set_defaults(fn=cmd_demo)
+    rs = sub.add_parser("resize", help="grow or shrink the local cluster while it serves")
+    rs.add_argument("--servers", type=int, required=True)
+    rs.add_argument("--dry-run", action="store_true")
+    rs.set_defaults(fn=cmd_resize)
+    ad = sub.add_parser("add-server", help="start one more server and rebalance onto it")
+    ad.add_argument("--no-rebalance", action="store_true")
+    ad.set_defaults(fn=cmd_add_server)
+    dr = sub.add_parser("drain", help="move every partition off a server")
+    dr.add_argument("server")
+    dr.add_argument("--dry-run", action="store_true", help="print the plan only")
+    dr.add_argument("--undo", action="store_true", help="stop draining it")
+    dr.set_defaults(fn=cmd_drain)
+    rm = sub.add_parser("remove", help="drain a server, then stop it")
+    rm.add_argument("server")
+    rm.set_defaults(fn=cmd_remove)
+    rb = sub.add_parser("rebalance", help="even out bytes over the servers")
+    rb.add_argument("--dry-run", action="store_true", help="print the plan only")
+    rb.add_argument("--no-wait", action="store_true")
+    rb.add_argument("--tolerance", type=float, default=0.0,
+                    help="stop within this fraction of the mean (default 0.05)")
+    rb.set_defaults(fn=cmd_rebalance)
+    sub.add_parser("cancel", help="cancel the moves in flight").set_defaults(fn=cmd_cancel)
+    for p in (rs, ad, dr, rm, rb):
+        p.add_argument("--data-dir")
+    sub.choices["cancel"].add_argument("--data-dir")
     args = ap.parse_args(argv)
     from shoal.errors import ShoalError
     try:

@@ -147,6 +147,88 @@ class LocalCluster:
         self._save()
         return self.coordinator
 
+    # ------------------------------------------------------------ resizing
+    def admin(self):
+        from shoal.admin import Admin
+        return Admin(self.coordinator_address)
+
+    def add_server(self) -> ProcessHandle:
+        """Start one more shard server (a fresh id and data folder); it joins empty. Call
+        ``rebalance`` to move partitions onto it."""
+        used = {h.name for h in self.servers} | {p.name for p in self.data_dir.glob("s*")}
+        i = 0
+        while f"s{i}" in used:
+            i += 1
+        h = self._spawn("server", f"s{i}", [])
+        self._wait_ready(h)
+        self.servers.append(h)
+        self.num_servers = len(self.servers)
+        self._save()
+        return h
+
+    def rebalance(self, wait: bool = True, timeout: float = 600.0, progress=None):
+        """Plan and start moves that even out the servers; wait for them unless told not to."""
+        with self.admin() as admin:
+            reply = admin.rebalance()
+            if wait:
+                admin.wait_for_moves(timeout, progress)
+            return reply
+
+    def remove_server(self, server_id: str, timeout: float = 600.0, progress=None):
+        """Drain ``server_id`` (its partitions move to the others while queries and writes go
+        on), wait until it has deleted its copies, then stop its process and forget it.
+        Returns its last stats (``stored_partitions`` 0)."""
+        from shoal.admin import server_stats
+        h = self.server(server_id)
+        with self.admin() as admin:
+            admin.drain(server_id)
+            done = admin.wait_for_moves(timeout, progress,
+                                        until=lambda m: not any(server_id in rs.replicas or
+                                                                server_id in rs.learners
+                                                                for rs in m.partitions))
+            deadline = time.monotonic() + 30
+            while (last := server_stats(h.address)).map_version < done.version or \
+                    last.partitions or last.stored_partitions:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{server_id} still stores {last.stored_partitions} "
+                                       "partitions after it was drained")
+                time.sleep(0.1)
+            self._stop_one(h)
+            admin.remove_server(server_id)
+        self.servers.remove(h)
+        self.num_servers = len(self.servers)
+        shutil.rmtree(pathlib.Path(h.data_dir) / "rocksdb", ignore_errors=True)
+        self._save()
+        return last
+
+    def resize(self, servers: int, timeout: float = 600.0, progress=None) -> None:
+        """Grow or shrink to ``servers`` shard servers while the cluster serves: new servers
+        are started and partitions moved onto them; removed ones (the newest first) are
+        drained, then stopped."""
+        if servers < max(1, self.replication):
+            raise ValueError(f"servers: {servers} is fewer than the replication factor "
+                             f"{self.replication}")
+        while len(self.servers) < servers:
+            self.add_server()
+        if len(self.servers) > servers:
+            leaving = sorted(self.servers, key=lambda h: int(h.name[1:]))[servers:]
+            with self.admin() as admin:
+                for h in leaving:                       # drain all at once: one plan
+                    admin.drain(h.name)
+            for h in leaving:
+                self.remove_server(h.name, timeout, progress)
+        else:
+            self.rebalance(True, timeout, progress)
+
+    def _stop_one(self, h: ProcessHandle) -> None:
+        _signal(h.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _alive(h.pid, self._procs.get(h.name)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(h.pid, self._procs.get(h.name)):
+            _signal(h.pid, signal.SIGKILL)
+            _wait(h.pid, self._procs.get(h.name))
+
     # ------------------------------------------------------------ processes
     def _spawn(self, role: str, name: str, extra: list[str], port: int = 0) -> ProcessHandle:
         data = self.data_dir / name

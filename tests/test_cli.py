@@ -85,3 +85,38 @@ def test_up_status_models_down(tmp_path):
     # With nothing running, commands say so instead of failing obscurely.
     gone = shoal_cli(["status"], env)
     assert gone.returncode != 0 and "shoal up" in gone.stderr
+
+
+def test_add_server_drain_resize(tmp_path):
+    env = dict(os.environ, SHOAL_HOME=str(tmp_path / "home"))
+    data = tmp_path / "cluster"
+    up = shoal_cli(["up", "--servers", "2", "--data-dir", str(data)], env)
+    assert up.returncode == 0, up.stderr
+    address = up.stdout.split("router: ")[1].split()[0]
+    try:
+        client = shoal.connect(address)
+        client.create_model("rz", [TableSpec("t", 4000, 8, feature_names=("f",),
+                                             num_partitions=8)])
+        rows = torch.arange(32000, dtype=torch.float32).reshape(4000, 8)
+        client.write_rows("rz", "t", torch.arange(4000), rows)
+        added = shoal_cli(["add-server"], env)
+        assert added.returncode == 0, added.stderr
+        assert "started s2" in added.stdout and "moving" in added.stdout
+        m = client.status().map
+        assert sum("s2" in rs.replicas for rs in m.partitions) >= 4     # 16 replicas / 3
+        nothing = shoal_cli(["rebalance", "--dry-run"], env)
+        assert "would move 0 partitions" in nothing.stdout, nothing.stdout
+        plan = shoal_cli(["drain", "s2", "--dry-run"], env)
+        assert plan.returncode == 0 and "-> s" in plan.stdout and "would move" in plan.stdout
+        assert not client.status().map.moves                 # a dry run starts nothing
+        shrink = shoal_cli(["resize", "--servers", "2"], env)
+        assert shrink.returncode == 0, shrink.stderr
+        assert "3 -> 2 servers (s0, s1)" in shrink.stdout
+        m = client.status().map
+        assert sorted(s.server_id for s in m.servers) == ["s0", "s1"]
+        np.testing.assert_array_equal(client.lookup_rows("rz", "t", torch.arange(4000)).numpy(),
+                                      rows.numpy())
+        client.close()
+    finally:
+        down = shoal_cli(["down"], env)
+    assert down.returncode == 0, down.stderr

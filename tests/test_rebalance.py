@@ -96,3 +96,117 @@ def test_load_moves_hot_partitions_off_a_hot_server():
     now = check(plan, replicas)
     hot_on = {s: sum(1 for k in hot if now[k][0] == s) for s in servers}
     assert abs(hot_on["s00"] - hot_on["s01"]) <= 1
+
+
+# ---------------------------------------------------------------- moves in the coordinator
+# (a CoordinatorService with a fake clock; learners "finish" by calling ReplicaReady)
+
+def _coordinator(servers, parts=8):
+    from coordinator.service import CoordinatorService
+    from coordinator.store import MemoryStateStore
+    from shoal.config import CoordinatorConfig
+    from shoal.proto import shoal_pb2 as pb
+    from tests.test_units import FakeClock, FakeContext, _table
+
+    clock = FakeClock()
+    svc = CoordinatorService(MemoryStateStore(), CoordinatorConfig(max_builds_per_server=2),
+                             default_replication=2, clock=clock)
+    for s in servers:
+        svc.Register(pb.RegisterRequest(server_id=s, address=f"h:{s}"), FakeContext())
+    svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m", tables=[
+        _table("a", n=8000, parts=parts)])), FakeContext())
+    return svc, clock
+
+
+def _finish_copies(svc):
+    """Every learner reports its copy done, as its leader attached it."""
+    from shoal.proto import shoal_pb2 as pb
+    from tests.test_units import FakeContext
+
+    for rs in svc.shard_map().partitions:
+        for learner in rs.learners:
+            svc.ReplicaReady(pb.ReplicaReadyRequest(
+                server_id=learner, table_uid=rs.table_uid, partition=rs.partition,
+                epoch=rs.epoch, leader=rs.replicas[0]), FakeContext())
+
+
+def test_moves_run_learner_then_promote_then_drop_with_a_cap_per_server():
+    from shoal.proto import shoal_pb2 as pb
+    from tests.test_units import FakeContext
+
+    svc, clock = _coordinator(["s0", "s1", "s2"])
+    svc.Register(pb.RegisterRequest(server_id="s3", address="h:s3"), FakeContext())
+    before = {rs.partition: list(rs.replicas) for rs in svc.shard_map().partitions}
+    dry = svc.Rebalance(pb.RebalanceRequest(dry_run=True), FakeContext())
+    assert dry.moves and not svc.shard_map().moves             # a dry run changes nothing
+    reply = svc.Rebalance(pb.RebalanceRequest(), FakeContext())
+    assert [(m.partition, m.target) for m in reply.moves] == \
+        [(m.partition, m.target) for m in dry.moves]
+    assert all(m.target == "s3" for m in reply.moves) and len(reply.moves) == 4   # 16 / 4
+    with pytest.raises(Exception):                              # one rebalance at a time
+        svc.Rebalance(pb.RebalanceRequest(), FakeContext())
+    for _ in range(10):
+        clock.t += 1.0
+        for s in ("s0", "s1", "s2", "s3"):
+            svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
+        svc.reconcile()
+        m = svc.shard_map()
+        assert sum("s3" in rs.learners for rs in m.partitions) <= 2     # the cap
+        for rs in m.partitions:                   # a partition never has fewer than 2 replicas
+            assert len(rs.replicas) >= 2
+        _finish_copies(svc)
+    m = svc.shard_map()
+    assert not m.moves
+    assert sum("s3" in rs.replicas for rs in m.partitions) == 4
+    assert all(len(rs.replicas) == 2 and not rs.learners for rs in m.partitions)
+    moved = {mv.partition: mv.source for mv in reply.moves}
+    for rs in m.partitions:
+        if rs.partition in moved:
+            assert moved[rs.partition] not in rs.replicas
+        else:
+            assert list(rs.replicas) == before[rs.partition]
+
+
+def test_drain_then_remove_and_cancel():
+    from shoal.proto import shoal_pb2 as pb
+    from tests.test_units import Aborted, FakeContext
+
+    svc, clock = _coordinator(["s0", "s1", "s2", "s3"])
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        svc.RemoveServer(pb.RemoveServerRequest(server_id="s3"), ctx)
+    assert ctx.code == grpc.StatusCode.FAILED_PRECONDITION and "drain it first" in ctx.details
+    reply = svc.Drain(pb.DrainRequest(server_id="s3"), FakeContext())
+    assert reply.moves and {m.source for m in reply.moves} >= {"s3"}
+    assert {s.server_id: s.draining for s in svc.shard_map().servers}["s3"]
+    # Cancel: learners dropped, every partition keeps its replicas.
+    clock.t += 1.0
+    svc.reconcile()
+    assert any(rs.learners for rs in svc.shard_map().partitions)
+    assert svc.CancelMoves(pb.CancelMovesRequest(), FakeContext()).cancelled == len(reply.moves)
+    m = svc.shard_map()
+    assert not m.moves and not any(rs.learners for rs in m.partitions)
+    assert all(len(rs.replicas) == 2 for rs in m.partitions)
+    # Drain again and let it finish: s3 ends holding nothing, then it can be removed.
+    svc.Drain(pb.DrainRequest(server_id="s3"), FakeContext())
+    for _ in range(12):
+        clock.t += 1.0
+        for s in ("s0", "s1", "s2", "s3"):
+            svc.Heartbeat(pb.HeartbeatRequest(server_id=s), FakeContext())
+        svc.reconcile()
+        _finish_copies(svc)
+    m = svc.shard_map()
+    assert not m.moves and not any("s3" in rs.replicas or "s3" in rs.learners
+                                   for rs in m.partitions)
+    svc.RemoveServer(pb.RemoveServerRequest(server_id="s3"), FakeContext())
+    assert "s3" not in {s.server_id for s in svc.shard_map().servers}
+    # A new model is never placed on a draining server.
+    svc.Drain(pb.DrainRequest(server_id="s2"), FakeContext())
+    svc.CancelMoves(pb.CancelMovesRequest(), FakeContext())
+    from tests.test_units import _table
+    svc.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(name="m2", tables=[
+        _table("b", parts=8)])), FakeContext())
+    uid = next(t.table_uid for md in svc.shard_map().models if md.name == "m2"
+               for t in md.tables)
+    assert not any("s2" in rs.replicas for rs in svc.shard_map().partitions
+                   if rs.table_uid == uid)

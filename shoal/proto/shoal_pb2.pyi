@@ -63,23 +63,25 @@ class ReplicaSet(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., learners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats")
+    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats", "draining")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     address: str
     state: str
     last_heartbeat_age_s: float
     memory_budget_bytes: int
     stats: ServerStats
-    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up")
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,8 @@ class ServerStats(_message.Message):
     REPLICATION_LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUILDS_FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     BUILDS_CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    BUILDS_FIELD_NUMBER: _ClassVar[int]
+    STORED_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     raw_bytes: int
     resident_bytes: int
@@ -114,21 +118,57 @@ class ServerStats(_message.Message):
     replication_log_bytes: int
     builds_from_snapshot: int
     builds_caught_up: int
-    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ...) -> None: ...
+    builds: _containers.RepeatedCompositeFieldContainer[BuildProgress]
+    stored_partitions: int
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ...) -> None: ...
+
+class BuildProgress(_message.Message):
+    __slots__ = ("table_uid", "partition", "bytes_done", "bytes_total")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class Move(_message.Message):
+    __slots__ = ("table_uid", "partition", "source", "target", "bytes", "bytes_done", "seconds", "phase")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    source: str
+    target: str
+    bytes: int
+    bytes_done: int
+    seconds: float
+    phase: str
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., bytes: _Optional[int] = ..., bytes_done: _Optional[int] = ..., seconds: _Optional[float] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("version", "models", "servers", "partitions", "default_replication")
+    __slots__ = ("version", "models", "servers", "partitions", "default_replication", "moves")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
     version: int
     models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
     partitions: _containers.RepeatedCompositeFieldContainer[ReplicaSet]
     default_replication: int
-    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ...) -> None: ...
+    moves: _containers.RepeatedCompositeFieldContainer[Move]
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("server_id", "address", "memory_budget_bytes")
@@ -249,6 +289,74 @@ class ReplicaReadyReply(_message.Message):
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     map_version: int
     def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
+class RebalanceRequest(_message.Message):
+    __slots__ = ("dry_run", "tolerance")
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    tolerance: float
+    def __init__(self, dry_run: _Optional[bool] = ..., tolerance: _Optional[float] = ...) -> None: ...
+
+class RebalanceReply(_message.Message):
+    __slots__ = ("moves", "bytes_before", "bytes_after", "map_version")
+    class BytesBeforeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class BytesAfterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    moves: _containers.RepeatedCompositeFieldContainer[Move]
+    bytes_before: _containers.ScalarMap[str, int]
+    bytes_after: _containers.ScalarMap[str, int]
+    map_version: int
+    def __init__(self, moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ..., bytes_before: _Optional[_Mapping[str, int]] = ..., bytes_after: _Optional[_Mapping[str, int]] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("server_id", "undrain", "dry_run")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    UNDRAIN_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    undrain: bool
+    dry_run: bool
+    def __init__(self, server_id: _Optional[str] = ..., undrain: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RemoveServerRequest(_message.Message):
+    __slots__ = ("server_id",)
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    def __init__(self, server_id: _Optional[str] = ...) -> None: ...
+
+class RemoveServerReply(_message.Message):
+    __slots__ = ("map_version",)
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
+class CancelMovesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CancelMovesReply(_message.Message):
+    __slots__ = ("cancelled", "map_version")
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    cancelled: int
+    map_version: int
+    def __init__(self, cancelled: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
 
 class PartitionEpochs(_message.Message):
     __slots__ = ("partitions", "epochs")

@@ -69,6 +69,26 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyReply.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/shoal.v1.Coordinator/Rebalance',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceReply.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/shoal.v1.Coordinator/Drain',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.DrainRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceReply.FromString,
+                _registered_method=True)
+        self.RemoveServer = channel.unary_unary(
+                '/shoal.v1.Coordinator/RemoveServer',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.RemoveServerRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RemoveServerReply.FromString,
+                _registered_method=True)
+        self.CancelMoves = channel.unary_unary(
+                '/shoal.v1.Coordinator/CancelMoves',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -116,6 +136,30 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveServer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMoves(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +197,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReplicaReady,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicaReadyReply.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.DrainRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceReply.SerializeToString,
+            ),
+            'RemoveServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveServer,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.RemoveServerRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RemoveServerReply.SerializeToString,
+            ),
+            'CancelMoves': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMoves,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +408,114 @@ class Coordinator:
             '/shoal.v1.Coordinator/ReplicaReady',
             shoal_dot_proto_dot_shoal__pb2.ReplicaReadyRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.ReplicaReadyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/Rebalance',
+            shoal_dot_proto_dot_shoal__pb2.RebalanceRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RebalanceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/Drain',
+            shoal_dot_proto_dot_shoal__pb2.DrainRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RebalanceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/RemoveServer',
+            shoal_dot_proto_dot_shoal__pb2.RemoveServerRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RemoveServerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMoves(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/CancelMoves',
+            shoal_dot_proto_dot_shoal__pb2.CancelMovesRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.CancelMovesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,109 @@
+"""Cluster administration from Python: rebalance, drain, remove, cancel, watch moves.
+
+``Admin(coordinator_address)`` talks to the coordinator; ``shoal.LocalCluster`` uses it to
+resize the local deployment (starting and stopping server processes), and the CLI's
+``shoal resize | add-server | drain | remove | rebalance | cancel`` use both.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import grpc
+
+from shoal.errors import Unavailable, from_rpc_error
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.serving import channel
+
+
+class Admin:
+    def __init__(self, coordinator_address: str, timeout: float = 30.0):
+        self._channel = channel(coordinator_address)
+        self._stub = pbg.CoordinatorStub(self._channel)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def shard_map(self) -> pb.ShardMap:
+        return self._call(self._stub.GetShardMap, pb.GetShardMapRequest()).map
+
+    def rebalance(self, dry_run: bool = False, tolerance: float = 0.0) -> pb.RebalanceReply:
+        return self._call(self._stub.Rebalance,
+                          pb.RebalanceRequest(dry_run=dry_run, tolerance=tolerance))
+
+    def drain(self, server_id: str, dry_run: bool = False,
+              undrain: bool = False) -> pb.RebalanceReply:
+        return self._call(self._stub.Drain, pb.DrainRequest(server_id=server_id,
+                                                            dry_run=dry_run, undrain=undrain))
+
+    def remove_server(self, server_id: str) -> int:
+        return self._call(self._stub.RemoveServer,
+                          pb.RemoveServerRequest(server_id=server_id)).map_version
+
+    def cancel(self) -> int:
+        return self._call(self._stub.CancelMoves, pb.CancelMovesRequest()).cancelled
+
+    def holdings(self, server_id: str) -> int:
+        """Replicas plus copies being built on ``server_id``."""
+        m = self.shard_map()
+        return sum(server_id in rs.replicas or server_id in rs.learners for rs in m.partitions)
+
+    def wait_for_moves(self, timeout: float = 600.0,
+                       progress: Callable[[pb.ShardMap], None] | None = None,
+                       until: Callable[[pb.ShardMap], bool] | None = None) -> pb.ShardMap:
+        """Poll until no move is in flight and no copy is being built (and ``until(map)``, if
+        given); ``progress(map)`` is called on every poll."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.shard_map()
+            if progress is not None:
+                progress(m)
+            if not m.moves and not any(rs.learners for rs in m.partitions) and \
+                    (until is None or until(m)):
+                return m
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{len(m.moves)} moves still in flight after {timeout:.0f}s "
+                                  "(see `shoal status`)")
+            time.sleep(0.25)
+
+
+def server_stats(address: str, timeout: float = 10.0) -> pb.ServerStats:
+    ch = channel(address)
+    try:
+        return pbg.ShardServerStub(ch).Stats(pb.StatsRequest(), timeout=timeout)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        ch.close()
+
+
+def describe_moves(m: pb.ShardMap) -> list[str]:
+    """One line per move in flight: partition, source -> target, phase, bytes done, ETA."""
+    names = {t.table_uid: (md.name, t.name) for md in m.models for t in md.tables}
+    lines = []
+    for mv in m.moves:
+        model, table = names.get(mv.table_uid, ("?", "?"))
+        done = mv.bytes_done / 2**20
+        total = mv.bytes / 2**20
+        eta = ""
+        if mv.phase == "copying" and mv.bytes_done and mv.seconds > 0:
+            rate = mv.bytes_done / mv.seconds
+            eta = f", {rate / 2**20:.1f} MiB/s, ETA {(mv.bytes - mv.bytes_done) / rate:.0f}s"
+        lines.append(f"{model}/{table} partition {mv.partition}: {mv.source} -> {mv.target} "
+                     f"{mv.phase or 'queued'} {done:.1f}/{total:.1f} MiB{eta}")
+    return lines
+
