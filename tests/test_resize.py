@@ -76,3 +76,48 @@ def test_remove_server_reports_it_stored_nothing(tmp_path):
         assert all(len(rs.replicas) == 2 and "s2" not in rs.replicas for rs in m.partitions)
         np.testing.assert_array_equal(client.lookup_rows("fo", "tq", ids).numpy(), before)
         client.close()
+
+
+@pytest.mark.parametrize("victim", ["target", "source"])
+def test_killing_a_move_end_during_the_copy_loses_nothing(tmp_path, victim):
+    """SIGKILL the target (or the source) of moves while they copy: the moves roll back (target)
+    or turn into re-replication (source); every partition ends fully replicated, with its rows."""
+    import os
+    import signal
+
+    read_cfg, write_cfg, oracle = fo_tables(seed=23)
+    conf = shoal.ShoalConfig().replace(coordinator__lease_s=2.0,
+                                       server__heartbeat_interval_s=0.25,
+                                       server__rebuild_mib_per_s=0.25)   # a slow copy
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
+                            config=conf) as cluster:
+        client = cluster.client()
+        client.create_model("fo", [read_cfg, write_cfg])
+        fill_from_oracle(client, "fo", oracle)
+        new = cluster.add_server()
+        with cluster.admin() as admin:
+            plan = admin.rebalance()
+            assert plan.moves
+            deadline = time.monotonic() + 30
+            while not any(mv.phase == "copying" for mv in admin.shard_map().moves):
+                assert time.monotonic() < deadline, "no move started copying"
+                time.sleep(0.05)
+            moving = next(mv for mv in admin.shard_map().moves if mv.phase == "copying")
+            dead = new if victim == "target" else cluster.server(moving.source)
+            os.kill(dead.pid, signal.SIGKILL)
+            m = admin.wait_for_moves(
+                timeout=180, until=lambda m: all(len(rs.replicas) == 2 and
+                                                 dead.server_id not in rs.replicas
+                                                 for rs in m.partitions))
+        assert not m.moves
+        check_replicas(m, [])                       # equal rows on every replica
+        ids = np.arange(0, 20_000, 7)
+        with torch_no_grad():
+            want = oracle.embedding_bags["tq"].weight[ids].numpy()
+        np.testing.assert_array_equal(client.lookup_rows("fo", "tq", ids).numpy(), want)
+        client.close()
+
+
+def torch_no_grad():
+    import torch
+    return torch.no_grad()
