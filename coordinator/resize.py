@@ -94,7 +94,7 @@ class ResizeRPCs:
                     finally:
                         self._state = saved
                 if drained is self._state and self._state.moves:
-                    return pb.RebalanceReply(moves=self._state.to_map().moves,
+                    return pb.RebalanceReply(moves=list(self._state.moves.values()),
                                              map_version=self._state.version)
                 if drained is not self._state:
                     self._commit(drained)

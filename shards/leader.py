@@ -38,7 +38,6 @@ class Replicator:
         self._timeout = timeout_s
         self._stubs = stubs or AioStubs(pbg.ShardServerStub)
         self._locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self.counters = collections.Counter()
 
     async def write(self, request: pb.WriteRowsRequest) -> pb.WriteRowsReply:
         async with self._locks[request.table_uid]:
@@ -78,7 +77,6 @@ class Replicator:
             behind = unpack(reply.behind_partitions, "behind", "int32", 1)
             if not behind.size:
                 return None
-            self.counters["catch_ups"] += 1
             seqs = unpack(reply.behind_seqs, "behind_seqs", "int64", 1)
             request = await asyncio.to_thread(self._svc.catch_up_request, request.table_uid,
                                               behind, seqs)
@@ -91,7 +89,6 @@ class Replicator:
     async def _drop(self, t: Target, err: ShoalError) -> int:
         """Have the coordinator drop a failed peer from the partitions it was sent; the map
         version that no longer has it."""
-        self.counters["reported"] += 1
         log.warning("peer %s failed a write of table_uid %d (%s); reporting it",
                     t.server_id, t.request.table_uid, err)
         try:

@@ -266,12 +266,10 @@ class ShardService(WritePath):
         return buf, np.arange(len(ids), dtype=np.int64)
 
     def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
-             positions: Positions | None = None, sst: bool = False,
-             background: bool = False) -> None:
+             positions: Positions | None = None, background: bool = False) -> None:
         """Store rows (and the partitions' new positions) durably, then in the memory tier.
         Caller holds ``table.write_mutex``."""
-        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, sst,
-                               background)
+        self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, background)
         if positions is not None:
             self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
         idx = table.arena.rows_index(ids, parts)
@@ -348,8 +346,11 @@ class ShardService(WritePath):
             raise InvalidArgument(f"ids: {n} ids exceed max_ids_per_request "
                                   f"{self._cfg.max_ids_per_request}")
 
+    def spec(self, table_uid: int) -> TableSpec:
+        return self._table(table_uid).spec
+
     def partition_bytes(self, table_uid: int, partition: int) -> int:
-        spec = self._table(table_uid).spec
+        spec = self.spec(table_uid)
         return rows_in_partition(spec.num_embeddings, spec.num_partitions, partition) * \
             spec.row_bytes
 
@@ -463,7 +464,7 @@ class ShardServicer(pbg.ShardServerServicer):
             await abort_async(context, e)
             return
         try:
-            spec = self._svc._table(request.table_uid).spec
+            spec = self._svc.spec(request.table_uid)
             first = True
             while True:
                 ids, raw = await asyncio.to_thread(snap.read, n)

@@ -63,10 +63,10 @@ class RowStore(abc.ABC):
     @abc.abstractmethod
     def write_rows(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
                    rows: np.ndarray, positions: Positions | None = None,
-                   sst: bool = False, background: bool = False) -> None:
+                   background: bool = False) -> None:
         """Durably store ``rows[i]`` under ``(table_uid, partitions[i], ids[i])`` (ids unique)
         and, atomically with them, the replication ``positions`` of the partitions written.
-        ``sst``: write an SST file and ingest it whatever the size. ``background``: a copy's
+        ``background``: a copy's
         rows; if RocksDB would make the write wait (a write stall, with the GIL held), back off
         and retry instead, so the server's other work goes on."""
 
@@ -104,10 +104,8 @@ class RowStore(abc.ABC):
         """Delete every row of one partition (one key range) and its position."""
 
     @abc.abstractmethod
-    def scan_partition(self, table_uid: int, partition: int, after: int = -1,
-                       limit: int = 0) -> tuple[np.ndarray, bytes]:
-        """(ids, concatenated row bytes) stored in one partition, in id order: those with
-        id > ``after``, at most ``limit`` of them (0: all)."""
+    def scan_partition(self, table_uid: int, partition: int) -> tuple[np.ndarray, bytes]:
+        """(ids, concatenated row bytes) of every row stored in one partition, in id order."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -125,8 +123,8 @@ class PartitionSnapshot:
         self._items = iter(db.items(from_key=lo, read_opt=self._ro))   # the view starts here
         self._on_close = on_close
 
-    def read(self, limit: int) -> tuple[np.ndarray, bytes]:
-        """Up to ``limit`` more (ids, concatenated row bytes); no ids at the end."""
+    def read(self, limit: int | None) -> tuple[np.ndarray, bytes]:
+        """Up to ``limit`` (None: all) more (ids, concatenated row bytes); none at the end."""
         keys, values = [], []
         for k, v in itertools.islice(self._items, limit):
             keys.append(k)
@@ -186,8 +184,7 @@ class RocksRowStore(RowStore):
         opts.set_max_write_buffer_number(3)
         return opts
 
-    def write_rows(self, table_uid, partitions, ids, rows, positions=None, sst=False,
-                   background=False):
+    def write_rows(self, table_uid, partitions, ids, rows, positions=None, background=False):
         n = len(ids)
         keys, values = [], []
         if positions is not None:
@@ -198,7 +195,7 @@ class RocksRowStore(RowStore):
             return
         rows = np.ascontiguousarray(rows)
         row_bytes = rows.nbytes // max(n, 1)
-        if n >= self._sst_threshold or (sst and n):
+        if n >= self._sst_threshold:
             order = np.lexsort((ids, partitions))          # SST keys must be sorted
             self._ingest(encode_keys(table_uid, partitions[order], ids[order]) + keys,
                          rows[order].view(f"V{row_bytes}").reshape(n).tolist() + values)
@@ -291,20 +288,8 @@ class RocksRowStore(RowStore):
         self._db.delete_range(lo, hi)
         self._db.delete(position_keys(table_uid, np.array([partition]))[0])
 
-    def scan_partition(self, table_uid, partition, after=-1, limit=0):
-        lo, hi = partition_range(table_uid, partition)
-        if after >= 0:
-            lo = encode_keys(table_uid, np.array([partition]), np.array([after + 1]))[0]
-        ro = rocksdict.ReadOptions()
-        ro.set_iterate_upper_bound(hi)
-        keys, values = [], []
-        for k, v in self._db.items(from_key=lo, read_opt=ro):
-            keys.append(k)
-            values.append(v)
-            if len(keys) == limit:
-                break
-        ids = np.frombuffer(b"".join(keys), dtype=KEY_DTYPE)["row"].astype(np.int64)
-        return ids, b"".join(values)
+    def scan_partition(self, table_uid, partition):
+        return PartitionSnapshot(self._db, table_uid, partition).read(None)
 
     def close(self):
         self._db.close()

@@ -14,29 +14,13 @@ import grpc
 from shoal.errors import Unavailable, from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import channel
+from shoal.serving import RpcClient, channel
 
 
-class Admin:
+class Admin(RpcClient):
     def __init__(self, coordinator_address: str, timeout: float = 30.0):
-        self._channel = channel(coordinator_address)
-        self._stub = pbg.CoordinatorStub(self._channel)
-        self._timeout = timeout
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self._timeout, wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        # wait_for_ready: ride out a coordinator restart
+        super().__init__(coordinator_address, pbg.CoordinatorStub, timeout, wait_for_ready=True)
 
     def shard_map(self) -> pb.ShardMap:
         return self._call(self._stub.GetShardMap, pb.GetShardMapRequest()).map

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from embeddings.specs import TableSpec, to_spec
-from shoal.errors import InvalidArgument, ShoalError, from_rpc_error
+from shoal.errors import InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.serving import channel, tune_malloc
+from shoal.serving import RpcClient, tune_malloc
 from shoal.wire import pack
 
 WRITE_CHUNK_BYTES = 64 << 20
@@ -31,28 +31,10 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-class Client:
+class Client(RpcClient):
     def __init__(self, address: str, timeout: float = 120.0):
-        self.address = address
         tune_malloc()
-        self._timeout = timeout
-        self._channel = channel(address)
-        self._stub = pbg.RouterStub(self._channel)
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self._timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().__init__(address, pbg.RouterStub, timeout)
 
     # ------------------------------------------------------------ models
     def create_model(self, name: str, tables: Iterable, replication: int = 0) -> list[TableSpec]:

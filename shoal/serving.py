@@ -17,6 +17,7 @@ from concurrent import futures
 import grpc
 
 from shoal.config import MAX_MESSAGE_BYTES
+from shoal.errors import from_rpc_error
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -95,6 +96,32 @@ def make_server(threads: int, host: str = "127.0.0.1", port: int = 0) -> tuple[g
 
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+class RpcClient:
+    """A synchronous stub on its own channel; every failure is raised as a ShoalError."""
+
+    def __init__(self, address: str, stub_class, timeout: float, wait_for_ready: bool = False):
+        self.address = address
+        self._timeout = timeout
+        self._wait = wait_for_ready
+        self._channel = channel(address)
+        self._stub = stub_class(self._channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout, wait_for_ready=self._wait)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class AioStubs:
