@@ -136,6 +136,9 @@ class ShardService(WritePath):
                     resident.append(p)
                     budget -= size
             roles = self._roles(spec.num_partitions, held[uid])
+            # A map's epochs and the arena's slots change together under the write lock, and
+            # lookups check epochs and gather under the read lock: a lookup never passes the
+            # check against one map and then reads a slot the next map released.
             with table.write_mutex, table.lock.write():
                 for p in table.arena.set_partitions(resident):
                     ids, raw = self._store.scan_partition(uid, p)
@@ -149,7 +152,11 @@ class ShardService(WritePath):
                 table.log.set_budget(log_bytes)
             self._tables[uid] = table
         for uid in set(self._tables) - set(held):
-            del self._tables[uid]
+            gone = self._tables.pop(uid)
+            with gone.write_mutex, gone.lock.write():   # a request holding it is redirected
+                gone.epochs = np.zeros_like(gone.epochs)
+                gone.serves = np.zeros_like(gone.epochs, dtype=bool)
+                gone.leads = np.zeros_like(gone.epochs, dtype=bool)
         self._collect_garbage(specs, replication, sets, held)
         self._map_version = m.version
 
@@ -288,8 +295,8 @@ class ShardService(WritePath):
             table = self._table(seg.table_uid)
             ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
             self._limit(len(ids))
-            parts = self._check(table, ids, seg.routed, read=True)
-            with table.lock.read():
+            with table.lock.read():       # the check and the gather see one map (see _apply)
+                parts = self._check(table, ids, seg.routed, read=True)
                 weight, idx = self._gather(table, ids, parts)
                 rows = weight.index_select(0, torch.from_numpy(idx))
             out.append(pack(rows.numpy()))
@@ -327,10 +334,10 @@ class ShardService(WritePath):
             if len(w) != n_occ:
                 raise InvalidArgument(f"{where}.weights: {len(w)} weights for {n_occ} ids")
             weights = torch.from_numpy(w.copy())
-        parts = self._check(table, ids, seg.routed, read=True)
         offsets = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
-        with table.lock.read():
+        with table.lock.read():           # the check and the gather see one map (see _apply)
+            parts = self._check(table, ids, seg.routed, read=True)
             weight, idx = self._gather(table, ids, parts)
             if inverse is not None:
                 idx = idx[inverse]
