@@ -27,11 +27,15 @@ class ServerLoad:
 
 
 def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
-          replication: int) -> dict[tuple[int, int], tuple[str, ...]]:
-    """Replica sets for ``partitions``: ``replication`` distinct servers each, first the leader.
+          replication: int, server_quota: int = 0) -> dict[tuple[int, int], tuple[str, ...]]:
+    """Replica sets for the partitions of one model: ``replication`` distinct servers each,
+    first the leader.
 
-    Greedy on bytes: largest partitions first, each onto the least-loaded servers; the leader is
-    the replica with the fewest leaderships so reads and writes spread. Deterministic.
+    Greedy: largest partitions first, each onto the servers holding the fewest of this model's
+    bytes, then the fewest bytes overall, so every model is spread over all servers (one
+    model's hot traffic does not land on one of them) even when some servers are fuller than
+    others; the leader is the replica with the fewest leaderships so reads and writes spread.
+    ``server_quota``: bytes of this model one server may hold (0: no limit). Deterministic.
     """
     if replication < 1:
         raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -42,15 +46,28 @@ def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
                          f"{len(servers)} are alive ({', '.join(s.server_id for s in servers)}). "
                          "Start more servers or lower the replication factor.")
     load = {s.server_id: s.bytes for s in servers}
+    mine = {s.server_id: 0 for s in servers}
     leaders = {s.server_id: s.leaders for s in servers}
     out: dict[tuple[int, int], tuple[str, ...]] = {}
     for part in sorted(partitions, key=lambda p: (-p.bytes, p.table_uid, p.partition)):
-        order = sorted(load, key=lambda s: (load[s], leaders[s], s))
+        order = sorted((s for s in load if not server_quota or
+                        mine[s] + part.bytes <= server_quota),
+                       key=lambda s: (mine[s], load[s], leaders[s], s))
+        if len(order) < replication:
+            total = sum(p.bytes for p in partitions) * replication
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the model's {total / 2**20:,.1f} MiB of replicas do not fit "
+                             f"a server quota of {server_quota / 2**20:,.1f} MiB on "
+                             f"{len(servers)} servers: partition {part.partition} of "
+                             f"table_uid {part.table_uid} ({part.bytes / 2**20:,.1f} MiB) "
+                             f"has room on {len(order)} servers, needs {replication}; raise "
+                             "the quota or add servers")
         chosen = order[:replication]
         leader = min(chosen, key=lambda s: (leaders[s], load[s], s))
         replicas = (leader,) + tuple(s for s in chosen if s != leader)
         for s in chosen:
             load[s] += part.bytes
+            mine[s] += part.bytes
         leaders[leader] += 1
         out[(part.table_uid, part.partition)] = replicas
     return out

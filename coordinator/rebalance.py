@@ -7,8 +7,10 @@ source is dropped), so a plan changes where data lives, never what a query retur
 The plan moves as few partitions as it can: first every replica on a draining server (those
 must go), then, while the active servers with the most and the fewest bytes differ by more than
 the tolerance, the one partition whose move between them narrows the gap the most (or a swap,
-when no single move does); then, when lookup load per partition is known, the same for load,
-by moves and swaps that keep bytes within the tolerance. Replicas of a partition stay on
+when no single move does); then the same for each model's bytes (so every model is spread over
+the servers and one model's hot traffic does not land on one of them); then, when lookup load
+per partition is known, for load; those last two only by moves and swaps that keep bytes
+within the tolerance. Replicas of a partition stay on
 distinct servers, no server is planned past its memory budget, no model past its quota.
 """
 from __future__ import annotations
@@ -185,14 +187,31 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
             if best[1] is not None:
                 move(best[1], lo, hi)
 
-    # 2. Even out bytes; 3. then lookup load, without pushing bytes out of the tolerance.
+    # 2. Even out bytes; 3. then each model's bytes, so no model sits mostly on one server;
+    # 4. then lookup load; 3 and 4 without pushing bytes out of the tolerance.
     balance(bytes_on, lambda k: sizes[k], lambda changes: True)
+    limit = max(tolerance, spread(bytes_on, {}))
+
+    def keeps_bytes(changes: dict) -> bool:
+        return spread(bytes_on, changes) <= limit + 1e-12
+
+    for m in sorted(set(quota_of.values())) if quota_of else ():
+        balance(_ModelBytes(model_bytes, m), lambda k: sizes[k] if quota_of[k] == m else 0,
+                keeps_bytes)
     if load:
-        limit = max(tolerance, spread(bytes_on, {}))
-        balance(load_on, lambda k: load.get(k, 0.0),
-                lambda changes: spread(bytes_on, changes) <= limit + 1e-12)
+        balance(load_on, lambda k: load.get(k, 0.0), keeps_bytes)
     plan.after = {s: bytes_on[s] for s in ids}
     return plan
+
+
+class _ModelBytes:
+    """One model's bytes per server, a live view of the planner's ``model_bytes``."""
+
+    def __init__(self, model_bytes: dict[tuple[str, str], int], model: str):
+        self._b, self._m = model_bytes, model
+
+    def __getitem__(self, server: str) -> int:
+        return self._b.get((server, self._m), 0)
 
 
 def _mib(n: float) -> str:

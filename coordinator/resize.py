@@ -30,19 +30,25 @@ def partition_bytes(state: ClusterState) -> dict[tuple[int, int], int]:
     return {k: row_bytes.get(k[0], 0) for k in state.partitions}
 
 
-def plan_for(state: ClusterState, alive: set[str], tolerance: float = 0.0) -> Plan:
+def plan_for(state: ClusterState, alive: set[str], tolerance: float = 0.0,
+             load: dict[tuple[int, int], float] | None = None) -> Plan:
     """The rebalance plan for ``state``: live servers only (a dead server's partitions are the
-    failure detector's business)."""
+    failure detector's business), each model's server quota kept, ``load`` (lookups per
+    partition) evened out after bytes."""
     specs = [ServerSpec(s, info.memory_budget_bytes, info.draining)
              for s, info in sorted(state.servers.items()) if s in alive]
+    model_of = {t.table_uid: m.name for m in state.models.values() for t in m.tables}
     return plan_moves({k: r.replicas for k, r in state.partitions.items()},
-                      partition_bytes(state), specs,
-                      tolerance=tolerance or DEFAULT_TOLERANCE)
+                      partition_bytes(state), specs, load=load,
+                      tolerance=tolerance or DEFAULT_TOLERANCE,
+                      quota_of={k: model_of.get(k[0], "") for k in state.partitions},
+                      quotas={m.name: m.server_quota_bytes for m in state.models.values()
+                              if m.server_quota_bytes})
 
 
 class ResizeRPCs:
     """Needs from the host: ``_lock``, ``_state``, ``_commit``, ``alive``, ``_stats``,
-    ``_move_started``, ``_clock``."""
+    ``_move_started``, ``_clock``, ``_load`` (a ``LoadTracker``)."""
 
     def _rebalance(self, dry_run: bool, tolerance: float) -> pb.RebalanceReply:
         """Plan (and unless ``dry_run`` start) a rebalance. Caller holds ``_lock``."""
@@ -51,7 +57,8 @@ class ResizeRPCs:
                              f"{len(self._state.moves)} moves of an earlier rebalance are in "
                              "flight; wait for them (shoal status) or cancel them (shoal "
                              "cancel)")
-        plan = plan_for(self._state, set(self.alive()), tolerance)
+        plan = plan_for(self._state, set(self.alive()), tolerance,
+                        self._load.partition_load())
         if not dry_run and plan.moves:
             self._commit(self._state.with_moves(plan.moves))
             log.info("rebalance: %d moves, %.1f MiB; bytes per server %s -> %s",
@@ -111,6 +118,7 @@ class ResizeRPCs:
             with self._lock:
                 self._commit(self._state.without_server(request.server_id))
                 self._stats.pop(request.server_id, None)
+                self._load.forget(request.server_id)
                 log.info("server %s removed from the cluster", request.server_id)
                 return pb.RemoveServerReply(map_version=self._state.version)
         except ShoalError as e:

@@ -18,6 +18,7 @@ from shoal.errors import NotFound, ShoalError, abort_with
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 
+from coordinator.loadstats import LoadTracker
 from coordinator.resize import ResizeRPCs
 from coordinator.state import ClusterState
 from coordinator.store import StateStore
@@ -46,6 +47,7 @@ class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
         self._build_replica = build_replica
         self._build_sent: dict[tuple, tuple] = {}     # soft: (key, learner) -> (clock, source)
         self._move_started: dict[tuple, float] = {}   # soft: (key, target) -> clock
+        self._load = LoadTracker()                     # soft: lookups per partition
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -233,6 +235,7 @@ class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
                                              " register first"))
             self._last_seen[request.server_id] = self._clock()
             self._stats[request.server_id] = request.stats
+            self._load.observe(request.server_id, self._clock(), request.stats.table_loads)
             return pb.HeartbeatReply(map_version=self._state.version)
 
     def GetShardMap(self, request, context):

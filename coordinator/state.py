@@ -106,11 +106,22 @@ class ClusterState:
         loads = [PartitionLoad(t.table_uid, p, -(-t.num_embeddings // t.num_partitions)
                                * t.row_bytes)
                  for t in placed_tables for p in range(t.num_partitions)]
-        plan = place(loads, new.server_loads(alive), replication)
+        if spec.memory_quota_bytes < 0 or spec.server_quota_bytes < 0:
+            raise InvalidArgument(f"model {spec.name!r}: memory_quota_bytes and "
+                                  "server_quota_bytes must be >= 0 (0 = no quota)")
+        total = sum(p.bytes for p in loads) * replication
+        if spec.memory_quota_bytes and total > spec.memory_quota_bytes:
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"model {spec.name!r} needs {total / 2**20:,.1f} MiB ("
+                             f"{replication} replicas of {len(loads)} partitions) but its "
+                             f"memory_quota_bytes is {spec.memory_quota_bytes / 2**20:,.1f} MiB")
+        plan = place(loads, new.server_loads(alive), replication, spec.server_quota_bytes)
         for key, replicas in plan.items():
             new.partitions[key] = PartitionRecord(replicas, 1)
         model = pb.ModelSpec(name=spec.name, version=1, replication=replication,
-                             tables=[t.to_proto() for t in placed_tables])
+                             tables=[t.to_proto() for t in placed_tables],
+                             memory_quota_bytes=spec.memory_quota_bytes,
+                             server_quota_bytes=spec.server_quota_bytes)
         new.models[spec.name] = model
         new.version += 1
         return new, model

@@ -56,6 +56,12 @@ class HeldTable:
     learners: dict[str, np.ndarray] = field(default_factory=dict)
     # Soft, changed under write_mutex: learners caught up with this leader, which get every write.
     attached: dict[str, np.ndarray] = field(default_factory=dict)
+    looked_up: np.ndarray = None        # int64 [P]: ids looked up per partition (load), cumulative
+    frozen: bool = False                # being split: writes wait for the cut-over
+
+    def __post_init__(self):
+        if self.looked_up is None:
+            self.looked_up = np.zeros(self.spec.num_partitions, np.int64)
 
     @property
     def no_parts(self) -> np.ndarray:
@@ -299,6 +305,7 @@ class ShardService(WritePath):
                 parts = self._check(table, ids, seg.routed, read=True)
                 weight, idx = self._gather(table, ids, parts)
                 rows = weight.index_select(0, torch.from_numpy(idx))
+            table.looked_up += np.bincount(parts, minlength=table.spec.num_partitions)
             out.append(pack(rows.numpy()))
             self._count(len(ids))
         return pb.LookupRowsReply(rows=out)
@@ -345,6 +352,7 @@ class ShardService(WritePath):
                 weights = weights.to(weight.dtype)
             out = F.embedding_bag(torch.from_numpy(idx), weight, torch.from_numpy(offsets),
                                   mode="sum", per_sample_weights=weights)
+        table.looked_up += np.bincount(parts, minlength=table.spec.num_partitions)
         self._count(n_occ)
         return out.float().numpy()
 
@@ -390,6 +398,9 @@ class ShardService(WritePath):
                               builds=[pb.BuildProgress(table_uid=k[0], partition=k[1],
                                                        bytes_done=v[0], bytes_total=v[1])
                                       for k, v in list(self.building.items())],
+                              table_loads=[pb.TableLoad(table_uid=t.spec.table_uid,
+                                                        ids_looked_up=pack(t.looked_up))
+                                           for t in tables],
                               **self._counters)
 
 

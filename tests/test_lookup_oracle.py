@@ -281,10 +281,31 @@ def test_table_with_several_partitions(client):
     # every row reads back exactly, in a shuffled order
     w = ebc.embedding_bags["big"].weight.detach()
     ids = torch.from_numpy(np.random.default_rng(10).permutation(n))
+    uid = placed["big"].table_uid
+    before, hedges = _looked_up(client, uid, 64), client.status().router.hedges
     assert_close(client.lookup_rows(model, "big", ids), w[ids], rtol=0, atol=0)
+    # each server counts the ids it looked up per partition (the rebalancer's load figures):
+    # every id once, on one of its partition's replicas (more only if a read was hedged)
+    delta = _looked_up(client, uid, 64) - before
+    want = np.bincount(ids.numpy() & 63, minlength=64)
+    assert (delta >= want).all()
+    if client.status().router.hedges == hedges:
+        np.testing.assert_array_equal(delta, want)
     # pooled bags that each cross many partitions
     rng = np.random.default_rng(11)
     check(client, model, ebc, random_kjt(rng, ["big", "bigd"], [n, 4000], 16, 64, hot=3))
+
+
+def _looked_up(client, uid: int, parts: int) -> np.ndarray:
+    from shoal.admin import server_stats
+    from shoal.wire import unpack
+
+    total = np.zeros(parts, np.int64)
+    for s in client.status().map.servers:
+        for tl in server_stats(s.address).table_loads:
+            if tl.table_uid == uid:
+                total += unpack(tl.ids_looked_up, "ids_looked_up", "int64", 1)
+    return total
 
 
 # ---------------------------------------------------------------- unpooled rows

@@ -210,3 +210,124 @@ def test_drain_then_remove_and_cancel():
                for t in md.tables)
     assert not any("s2" in rs.replicas for rs in svc.shard_map().partitions
                    if rs.table_uid == uid)
+
+
+# ---------------------------------------------------------------- several models, quotas, load
+
+def test_placement_spreads_each_model_even_when_servers_are_unequal():
+    # s00 already holds 1 GiB of another model: a new model still lands on every server.
+    servers = [ServerLoad("s00", 1024 * MIB), ServerLoad("s01"), ServerLoad("s02")]
+    parts = [PartitionLoad(2, p, 8 * MIB) for p in range(12)]
+    replicas = place(parts, servers, 2)
+    per = {s.server_id: sum(s.server_id in r for r in replicas.values()) for s in servers}
+    assert per == {"s00": 8, "s01": 8, "s02": 8}
+
+
+def test_server_quota_in_placement_and_a_clear_error_when_it_cannot_fit():
+    servers = [ServerLoad(f"s{i:02d}") for i in range(4)]
+    parts = [PartitionLoad(1, p, 10 * MIB) for p in range(8)]        # 160 MiB of replicas
+    replicas = place(parts, servers, 2, server_quota=40 * MIB)
+    assert all(sum(s.server_id in r for r in replicas.values()) * 10 * MIB <= 40 * MIB
+               for s in servers)
+    with pytest.raises(ShoalError) as e:
+        place(parts, servers, 2, server_quota=30 * MIB)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "30.0 MiB" in e.value.message and "160.0 MiB" in e.value.message
+
+
+def test_rebalance_spreads_each_model_and_keeps_quotas():
+    # Two models, each placed alone on its own pair of servers; a rebalance must leave every
+    # model spread over all four servers, the bytes still even, and model b within its quota.
+    replicas = {(1, p): ("s00", "s01") for p in range(8)}
+    replicas.update({(2, p): ("s02", "s03") for p in range(8)})
+    sizes = {k: 10 * MIB for k in replicas}
+    quota_of = {k: ("a" if k[0] == 1 else "b") for k in replicas}
+    plan = plan_moves(replicas, sizes, [ServerSpec(f"s{i:02d}") for i in range(4)],
+                      quota_of=quota_of, quotas={"b": 60 * MIB})
+    now = check(plan, replicas)
+    for m in ("a", "b"):
+        per = [sum(sizes[k] for k, r in now.items() if quota_of[k] == m and s in r)
+               for s in ("s00", "s01", "s02", "s03")]
+        assert min(per) > 0 and max(per) - min(per) <= 10 * MIB, (m, per)
+        if m == "b":
+            assert max(per) <= 60 * MIB
+    assert plan.spread("after") <= 0.05
+    # The fewest that can do it: half of each model's 16 replicas change sides (swaps).
+    assert len(plan.moves) == 16
+
+
+def test_memory_quota_of_a_model_is_checked_when_it_is_created():
+    from coordinator.state import ClusterState
+    from shoal.config import CoordinatorConfig
+    from shoal.proto import shoal_pb2 as pb
+    from tests.test_units import _table
+
+    s = ClusterState()
+    for i in range(3):
+        s = s.with_server(f"s{i}", f"h:{i}", 0)
+    spec = pb.ModelSpec(name="m", tables=[_table("a", n=1024, dim=8)],   # 32 KiB, x2 replicas
+                        memory_quota_bytes=48 << 10)
+    with pytest.raises(ShoalError) as e:
+        s.with_model(spec, ["s0", "s1", "s2"], CoordinatorConfig(), 2)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "0.1 MiB" in e.value.message and "memory_quota_bytes" in e.value.message
+    spec.memory_quota_bytes = 64 << 10
+    _, model = s.with_model(spec, ["s0", "s1", "s2"], CoordinatorConfig(), 2)
+    assert model.memory_quota_bytes == 64 << 10
+
+
+def test_load_tracker_turns_counters_into_rates():
+    import numpy as np
+
+    from coordinator.loadstats import LoadTracker
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.wire import pack
+
+    def tl(counts):
+        return [pb.TableLoad(table_uid=7, ids_looked_up=pack(np.array(counts, np.int64)))]
+
+    lt = LoadTracker(time_constant_s=1e-9)          # no smoothing: the last interval's rate
+    lt.observe("a", 0.0, tl([0, 0, 0, 0]))
+    lt.observe("b", 0.0, tl([0, 0, 0, 0]))
+    assert lt.partition_load() == {}
+    lt.observe("a", 2.0, tl([200, 0, 20, 0]))
+    lt.observe("b", 2.0, tl([100, 0, 0, 0]))
+    assert lt.partition_load() == {(7, 0): 150.0, (7, 2): 10.0}
+    assert lt.server_load() == {"a": 110.0, "b": 50.0}
+    lt.observe("a", 3.0, tl([0, 0, 0, 0]))          # a restarted: counters went back; skipped
+    assert lt.server_load()["a"] == 110.0
+    lt.forget("b")
+    assert lt.partition_load() == {(7, 0): 100.0, (7, 2): 10.0}
+
+
+def test_rebalance_uses_the_lookup_load_servers_report():
+    """Heartbeats carry per-partition counters; a rebalance moves hot partitions apart even
+    when bytes are already even."""
+    import numpy as np
+
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.wire import pack
+    from tests.test_units import FakeContext
+
+    svc, clock = _coordinator(["s0", "s1", "s2", "s3"], parts=16)
+    m = svc.shard_map()
+    uid = m.models[0].tables[0].table_uid
+    leaders = {rs.partition: rs.replicas[0] for rs in m.partitions}
+    hot_server = leaders[0]
+    hot = [p for p, s in leaders.items() if s == hot_server]     # every partition s? leads
+    assert svc.Rebalance(pb.RebalanceRequest(dry_run=True), FakeContext()).moves == []
+    for t in (0.0, 5.0):
+        clock.t += 5.0
+        for s in ("s0", "s1", "s2", "s3"):
+            counts = np.zeros(16, np.int64)
+            if s == hot_server:
+                counts[hot] = int(t * 1000)
+            svc.Heartbeat(pb.HeartbeatRequest(server_id=s, stats=pb.ServerStats(
+                table_loads=[pb.TableLoad(table_uid=uid, ids_looked_up=pack(counts))])),
+                FakeContext())
+    plan = svc.Rebalance(pb.RebalanceRequest(dry_run=True), FakeContext())
+    out = [mv.partition for mv in plan.moves if mv.source == hot_server]
+    back = [mv.partition for mv in plan.moves if mv.target == hot_server]
+    assert out and all(p in hot for p in out)            # hot partitions leave the hot server
+    assert not any(p in hot for p in back)               # cold ones come back (swaps)
+    assert plan.bytes_after[hot_server] == plan.bytes_before[hot_server]

@@ -37,16 +37,20 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., pooling: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_partitions: _Optional[int] = ..., table_uid: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "tables", "replication")
+    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
     replication: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ...) -> None: ...
+    memory_quota_bytes: int
+    server_quota_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ...) -> None: ...
 
 class ReplicaSet(_message.Message):
     __slots__ = ("table_uid", "partition", "replicas", "epoch", "learners")
@@ -81,7 +85,7 @@ class ServerInfo(_message.Message):
     def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions")
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +105,8 @@ class ServerStats(_message.Message):
     BUILDS_CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     BUILDS_FIELD_NUMBER: _ClassVar[int]
     STORED_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_LOADS_FIELD_NUMBER: _ClassVar[int]
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     raw_bytes: int
     resident_bytes: int
@@ -120,7 +126,31 @@ class ServerStats(_message.Message):
     builds_caught_up: int
     builds: _containers.RepeatedCompositeFieldContainer[BuildProgress]
     stored_partitions: int
-    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ...) -> None: ...
+    table_loads: _containers.RepeatedCompositeFieldContainer[TableLoad]
+    splits: _containers.RepeatedCompositeFieldContainer[SplitProgress]
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ...) -> None: ...
+
+class TableLoad(_message.Message):
+    __slots__ = ("table_uid", "ids_looked_up")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    IDS_LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    ids_looked_up: Tensor
+    def __init__(self, table_uid: _Optional[int] = ..., ids_looked_up: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SplitProgress(_message.Message):
+    __slots__ = ("table_uid", "partition", "built_seq", "seq", "map_version")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    BUILT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    built_seq: int
+    seq: int
+    map_version: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., built_seq: _Optional[int] = ..., seq: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
 
 class BuildProgress(_message.Message):
     __slots__ = ("table_uid", "partition", "bytes_done", "bytes_total")
@@ -155,20 +185,86 @@ class Move(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., bytes: _Optional[int] = ..., bytes_done: _Optional[int] = ..., seconds: _Optional[float] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("version", "models", "servers", "partitions", "default_replication", "moves")
+    __slots__ = ("version", "models", "servers", "partitions", "default_replication", "moves", "splits", "autoscale")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_REPLICATION_FIELD_NUMBER: _ClassVar[int]
     MOVES_FIELD_NUMBER: _ClassVar[int]
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
     version: int
     models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
     partitions: _containers.RepeatedCompositeFieldContainer[ReplicaSet]
     default_replication: int
     moves: _containers.RepeatedCompositeFieldContainer[Move]
-    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ...) -> None: ...
+    splits: _containers.RepeatedCompositeFieldContainer[Split]
+    autoscale: AutoscaleStatus
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., autoscale: _Optional[_Union[AutoscaleStatus, _Mapping]] = ...) -> None: ...
+
+class Split(_message.Message):
+    __slots__ = ("model", "table", "table_uid", "new_table", "frozen", "frozen_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    NEW_TABLE_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    table: str
+    table_uid: int
+    new_table: TableSpec
+    frozen: bool
+    frozen_version: int
+    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., table_uid: _Optional[int] = ..., new_table: _Optional[_Union[TableSpec, _Mapping]] = ..., frozen: _Optional[bool] = ..., frozen_version: _Optional[int] = ...) -> None: ...
+
+class AutoscalePolicy(_message.Message):
+    __slots__ = ("enabled", "min_servers", "max_servers", "memory_target", "load_target", "band", "window_s", "cooldown_s")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MIN_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TARGET_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TARGET_FIELD_NUMBER: _ClassVar[int]
+    BAND_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    min_servers: int
+    max_servers: int
+    memory_target: float
+    load_target: float
+    band: float
+    window_s: float
+    cooldown_s: float
+    def __init__(self, enabled: _Optional[bool] = ..., min_servers: _Optional[int] = ..., max_servers: _Optional[int] = ..., memory_target: _Optional[float] = ..., load_target: _Optional[float] = ..., band: _Optional[float] = ..., window_s: _Optional[float] = ..., cooldown_s: _Optional[float] = ...) -> None: ...
+
+class AutoscaleDecision(_message.Message):
+    __slots__ = ("at_unix_s", "from_servers", "to_servers", "reason", "drained")
+    AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FROM_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    TO_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    at_unix_s: float
+    from_servers: int
+    to_servers: int
+    reason: str
+    drained: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, at_unix_s: _Optional[float] = ..., from_servers: _Optional[int] = ..., to_servers: _Optional[int] = ..., reason: _Optional[str] = ..., drained: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AutoscaleStatus(_message.Message):
+    __slots__ = ("policy", "desired_servers", "decisions", "utilisation")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    UTILISATION_FIELD_NUMBER: _ClassVar[int]
+    policy: AutoscalePolicy
+    desired_servers: int
+    decisions: _containers.RepeatedCompositeFieldContainer[AutoscaleDecision]
+    utilisation: float
+    def __init__(self, policy: _Optional[_Union[AutoscalePolicy, _Mapping]] = ..., desired_servers: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[AutoscaleDecision, _Mapping]]] = ..., utilisation: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("server_id", "address", "memory_budget_bytes")
@@ -357,6 +453,32 @@ class CancelMovesReply(_message.Message):
     cancelled: int
     map_version: int
     def __init__(self, cancelled: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class SplitTableRequest(_message.Message):
+    __slots__ = ("model", "table", "cancel")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    table: str
+    cancel: bool
+    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class SplitTableReply(_message.Message):
+    __slots__ = ("split", "map_version")
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    split: Split
+    map_version: int
+    def __init__(self, split: _Optional[_Union[Split, _Mapping]] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class SetAutoscaleRequest(_message.Message):
+    __slots__ = ("policy", "status_only")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    policy: AutoscalePolicy
+    status_only: bool
+    def __init__(self, policy: _Optional[_Union[AutoscalePolicy, _Mapping]] = ..., status_only: _Optional[bool] = ...) -> None: ...
 
 class PartitionEpochs(_message.Message):
     __slots__ = ("partitions", "epochs")

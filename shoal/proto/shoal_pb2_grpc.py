@@ -89,6 +89,16 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesReply.FromString,
                 _registered_method=True)
+        self.SplitTable = channel.unary_unary(
+                '/shoal.v1.Coordinator/SplitTable',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.SplitTableRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.SplitTableReply.FromString,
+                _registered_method=True)
+        self.SetAutoscale = channel.unary_unary(
+                '/shoal.v1.Coordinator/SetAutoscale',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.SetAutoscaleRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.AutoscaleStatus.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -160,6 +170,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitTable(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAutoscale(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +239,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CancelMoves,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.CancelMovesReply.SerializeToString,
+            ),
+            'SplitTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitTable,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.SplitTableRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.SplitTableReply.SerializeToString,
+            ),
+            'SetAutoscale': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAutoscale,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.SetAutoscaleRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.AutoscaleStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +548,60 @@ class Coordinator:
             '/shoal.v1.Coordinator/CancelMoves',
             shoal_dot_proto_dot_shoal__pb2.CancelMovesRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.CancelMovesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/SplitTable',
+            shoal_dot_proto_dot_shoal__pb2.SplitTableRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.SplitTableReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAutoscale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/SetAutoscale',
+            shoal_dot_proto_dot_shoal__pb2.SetAutoscaleRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.AutoscaleStatus.FromString,
             options,
             channel_credentials,
             insecure,
