@@ -57,6 +57,10 @@ class ResizeRPCs:
                              f"{len(self._state.moves)} moves of an earlier rebalance are in "
                              "flight; wait for them (shoal status) or cancel them (shoal "
                              "cancel)")
+        if self._state.splits and not dry_run:
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{len(self._state.splits)} tables are being split; moves wait "
+                             "until the splits are done (shoal status)")
         plan = plan_for(self._state, set(self.alive()), tolerance,
                         self._load.partition_load())
         if not dry_run and plan.moves:

@@ -20,13 +20,14 @@ from shoal.proto import shoal_pb2_grpc as pbg
 
 from coordinator.loadstats import LoadTracker
 from coordinator.resize import ResizeRPCs
+from coordinator.split import SplitRPCs
 from coordinator.state import ClusterState
 from coordinator.store import StateStore
 
 log = logging.getLogger("coordinator")
 
 
-class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
+class CoordinatorService(ResizeRPCs, SplitRPCs, pbg.CoordinatorServicer):
     def __init__(self, store: StateStore, config: CoordinatorConfig,
                  default_replication: int = 0, clock: Callable[[], float] = time.monotonic,
                  build_replica: Callable[[str, pb.BuildReplicaRequest], None] | None = None):
@@ -48,6 +49,7 @@ class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
         self._build_sent: dict[tuple, tuple] = {}     # soft: (key, learner) -> (clock, source)
         self._move_started: dict[tuple, float] = {}   # soft: (key, target) -> clock
         self._load = LoadTracker()                     # soft: lookups per partition
+        self._split_frozen_at: dict[int, float] = {}   # soft: table_uid -> clock of its freeze
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -106,6 +108,7 @@ class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
                                 new.version, (time.perf_counter() - t0) * 1e3)
             self._commit(self._state.advance_moves(alive, self._cfg.max_builds_per_server))
             self._continue_draining(alive)
+            self._advance_splits()
         self._rebuild()
         return acted
 
@@ -236,6 +239,8 @@ class CoordinatorService(ResizeRPCs, pbg.CoordinatorServicer):
             self._last_seen[request.server_id] = self._clock()
             self._stats[request.server_id] = request.stats
             self._load.observe(request.server_id, self._clock(), request.stats.table_loads)
+            if request.stats.splits:
+                self._advance_splits()
             return pb.HeartbeatReply(map_version=self._state.version)
 
     def GetShardMap(self, request, context):

@@ -35,6 +35,7 @@ class ClusterState:
     models: dict[str, pb.ModelSpec] = field(default_factory=dict)
     partitions: dict[tuple[int, int], PartitionRecord] = field(default_factory=dict)
     moves: dict[tuple[int, int], pb.Move] = field(default_factory=dict)   # one per partition
+    splits: dict[int, pb.Split] = field(default_factory=dict)     # by the table_uid being split
 
     # ------------------------------------------------------------ serialisation
     def to_map(self) -> pb.ShardMap:
@@ -50,7 +51,8 @@ class ClusterState:
                         for (uid, p), r in sorted(self.partitions.items())],
             moves=[pb.Move(table_uid=m.table_uid, partition=m.partition, source=m.source,
                            target=m.target, bytes=m.bytes)
-                   for _, m in sorted(self.moves.items())])
+                   for _, m in sorted(self.moves.items())],
+            splits=[sp for _, sp in sorted(self.splits.items())])
 
     @classmethod
     def from_map(cls, m: pb.ShardMap, next_table_uid: int) -> "ClusterState":
@@ -60,7 +62,8 @@ class ClusterState:
                    partitions={(r.table_uid, r.partition): PartitionRecord(
                                    tuple(r.replicas), r.epoch, tuple(r.learners))
                                for r in m.partitions},
-                   moves={(mv.table_uid, mv.partition): mv for mv in m.moves})
+                   moves={(mv.table_uid, mv.partition): mv for mv in m.moves},
+                   splits={sp.table_uid: sp for sp in m.splits})
 
     def copy(self) -> "ClusterState":
         return copy.deepcopy(self)

@@ -25,6 +25,7 @@ from shoal.serving import (
 from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
+from shards.split import SplitBuilder
 from shards.storage import RocksRowStore
 
 log = logging.getLogger("shard")
@@ -66,6 +67,8 @@ async def serve(args) -> None:
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,
                                               stop), daemon=True).start()
+    threading.Thread(target=SplitBuilder(service, cfg.rebuild_mib_per_s).run, args=(stop,),
+                     daemon=True, name="split-builder").start()
     lag = asyncio.create_task(watch_loop_lag())
     await until_signalled()
     lag.cancel()

@@ -93,6 +93,11 @@ class ShardService(WritePath):
         self._map_lock = threading.Lock()
         self._ready = False
         self.building: dict[tuple[int, int], list[int]] = {}  # (uid, p) -> [bytes done, total]
+        # Splits (see shards.split): the builds this server owes, (uid, p, new uid), and the new
+        # table's partitions it keeps for them; progress as the builder last published it.
+        self._split_work: list[tuple[int, int, int]] = []
+        self._shadow: set[tuple[int, int]] = set()
+        self.split_progress: dict[tuple[int, int], pb.SplitProgress] = {}
         self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0,
                           "dropped_partitions": 0, "builds_from_snapshot": 0,
                           "builds_caught_up": 0}
@@ -126,8 +131,11 @@ class ShardService(WritePath):
         self._addresses = {s.server_id: s.address for s in m.servers}
         budget = self._cfg.memory_budget_bytes
         log_bytes = self._cfg.replication_log_bytes // max(1, len(held))
-        for uid in sorted(held):
-            spec = specs[uid]
+        splits = {sp.table_uid: sp for sp in m.splits}
+        shadows = self._shadows(splits, held)
+        for uid in sorted(held) + sorted(shadows):
+            spec = specs[uid] if uid in held else TableSpec.from_proto(shadows[uid][0])
+            parts = held[uid] if uid in held else {q: None for q in shadows[uid][1]}
             table = self._tables.get(uid)
             if table is None:
                 arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
@@ -136,12 +144,12 @@ class ShardService(WritePath):
                 table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena,
                                   ReplicationLog(seq, epoch, log_bytes))
             resident = []
-            for p in sorted(held[uid]):
+            for p in sorted(parts):
                 size = table.arena.rows_per_partition * spec.row_bytes
                 if size <= budget:
                     resident.append(p)
                     budget -= size
-            roles = self._roles(spec.num_partitions, held[uid])
+            roles = self._roles(spec.num_partitions, held.get(uid, {}))
             # A map's epochs and the arena's slots change together under the write lock, and
             # lookups check epochs and gather under the read lock: a lookup never passes the
             # check against one map and then reads a slot the next map released.
@@ -156,8 +164,13 @@ class ShardService(WritePath):
                 table.attached = {s: a & table.learner_mask(s)
                                   for s, a in table.attached.items() if s in table.learners}
                 table.log.set_budget(log_bytes)
+                table.frozen = uid in splits and splits[uid].frozen
             self._tables[uid] = table
-        for uid in set(self._tables) - set(held):
+        self._split_work = [(uid, p, sp.new_table.table_uid) for uid, sp in sorted(splits.items())
+                            for p in sorted(held.get(uid, {}))
+                            if self.server_id in held[uid][p].replicas]
+        self._shadow = {(uid, q) for uid, (_, qs) in shadows.items() for q in qs}
+        for uid in set(self._tables) - set(held) - set(shadows):
             gone = self._tables.pop(uid)
             with gone.write_mutex, gone.lock.write():   # a request holding it is redirected
                 gone.epochs = np.zeros_like(gone.epochs)
@@ -165,6 +178,19 @@ class ShardService(WritePath):
                 gone.leads = np.zeros_like(gone.epochs, dtype=bool)
         self._collect_garbage(specs, replication, sets, held)
         self._map_version = m.version
+
+    def _shadows(self, splits: dict[int, pb.Split], held) -> dict[int, tuple[pb.TableSpec,
+                                                                           list[int]]]:
+        """The doubled tables of splits this server builds: new uid -> (spec, the partitions p
+        and p + P for every old partition p it holds a replica of)."""
+        out = {}
+        for uid, sp in splits.items():
+            half = sp.new_table.num_partitions // 2
+            mine = [p for p, rs in held.get(uid, {}).items() if self.server_id in rs.replicas]
+            if mine:
+                out[sp.new_table.table_uid] = (sp.new_table,
+                                               sorted(mine + [p + half for p in mine]))
+        return out
 
     def _roles(self, num_partitions: int, held: dict[int, pb.ReplicaSet]):
         epochs = np.zeros(num_partitions, np.int64)
@@ -190,7 +216,7 @@ class ShardService(WritePath):
         is kept until then: if this server is asked to rebuild it, it may only need to catch
         up.)"""
         for uid, p in sorted(self._on_disk):
-            if p in held.get(uid, {}):
+            if p in held.get(uid, {}) or (uid, p) in self._shadow:
                 continue
             rs = sets.get((uid, p))
             if uid in specs and (rs is None or len(rs.replicas) < replication[uid]):
@@ -292,6 +318,59 @@ class ShardService(WritePath):
                 table.arena.weight.index_copy_(
                     0, torch.from_numpy(idx[hot]),
                     torch.from_numpy(np.ascontiguousarray(rows[hot])))
+
+    # ------------------------------------------------------------ splits (see shards.split)
+    @property
+    def store(self) -> RowStore:
+        return self._store
+
+    def held(self, uid: int) -> HeldTable:
+        return self._table(uid)
+
+    def split_work(self) -> list[tuple[int, int, int]]:
+        """(old uid, old partition, new uid) of every split build this server owes."""
+        return list(self._split_work)
+
+    def reset_split_partitions(self, uid2: int, parts: tuple[int, ...]) -> bool:
+        """Empty the new table's partitions ``parts`` before a build (marked incomplete, seq
+        -1); False if they are no longer a build's."""
+        table = self._table(uid2)
+        with table.write_mutex, table.lock.write():
+            if not all((uid2, q) in self._shadow for q in parts):
+                return False
+            for q in parts:
+                self._store.drop_partition(uid2, q)
+                self._store.set_position(uid2, q, -1, 0)
+                self._on_disk.add((uid2, q))
+                table.log.reset(q, -1, 0)
+                if table.arena.resident(q):
+                    table.arena.clear(q)
+        return True
+
+    def put_split_rows(self, uid2: int, ids: np.ndarray, rows: np.ndarray | None,
+                       at: tuple[int, int, int] | None) -> bool:
+        """Store rows of an old partition into the new table, each under ``id & (2P - 1)``;
+        ``at`` = (old partition p, seq, epoch): stamp new partitions p and p + P with that
+        position, in the same batch. False (nothing stored) once the new table is no longer a
+        build's: the split was cancelled or cut over, or this server left p's replicas."""
+        table = self._table(uid2)
+        spec = table.spec
+        half = spec.num_partitions // 2
+        if rows is None:
+            rows = np.zeros((0, spec.dim), dtype=spec.dtype)
+        positions = None
+        if at is not None:
+            parts = np.array([at[0], at[0] + half])
+            positions = (parts, np.full(2, at[1], np.int64), np.full(2, at[2], np.int64))
+        with table.write_mutex:
+            qs = (at[0], at[0] + half) if at is not None else ()
+            if table.serves.any() or not all((uid2, q) in self._shadow for q in qs):
+                return False
+            self._put(table, partition_of(ids, spec.num_partitions), ids, rows, positions,
+                      background=at is None)
+            for q in qs:
+                table.log.reset(q, at[1], at[2])
+        return True
 
     # ------------------------------------------------------------ lookups (raise ShoalError)
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
@@ -398,6 +477,7 @@ class ShardService(WritePath):
                               builds=[pb.BuildProgress(table_uid=k[0], partition=k[1],
                                                        bytes_done=v[0], bytes_total=v[1])
                                       for k, v in list(self.building.items())],
+                              splits=list(self.split_progress.values()),
                               table_loads=[pb.TableLoad(table_uid=t.spec.table_uid,
                                                         ids_looked_up=pack(t.looked_up))
                                            for t in tables],

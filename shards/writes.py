@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.errors import InvalidArgument, StaleMap
+from shoal.errors import InvalidArgument, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.serving import trim_heap
 from shoal.wire import pack, unpack
@@ -66,6 +66,9 @@ class WritePath:
             raise InvalidArgument("ids: must be unique within one write")
         with table.write_mutex:             # the checks, the sequence and the store are one step
             row_parts = self._check(table, ids, request.routed)
+            if table.frozen:
+                raise Unavailable(f"table {spec.name!r} is being split: its writes pause for "
+                                  "the cut-over to the new partitions; retry shortly")
             routed = unpack(request.routed.partitions, "routed.partitions", "int32", 1)
             self._check_leader(table, routed)
             mine = np.zeros(spec.num_partitions, dtype=bool)

@@ -41,6 +41,31 @@ class Admin(RpcClient):
     def cancel(self) -> int:
         return self._call(self._stub.CancelMoves, pb.CancelMovesRequest()).cancelled
 
+    def split_table(self, model: str, table: str, wait: bool = True, timeout: float = 600.0,
+                    progress: Callable[[pb.ShardMap], None] | None = None) -> pb.Split:
+        """Double the partition count of ``model``'s ``table``, live; with ``wait``, return
+        once the model serves from the doubled table. The ``pb.Split`` names the new
+        table_uid and partition count."""
+        sp = self._call(self._stub.SplitTable,
+                        pb.SplitTableRequest(model=model, table=table)).split
+        if wait:
+            deadline = time.monotonic() + timeout
+            while True:
+                m = self.shard_map()
+                if progress is not None:
+                    progress(m)
+                if not any(s.table_uid == sp.table_uid for s in m.splits):
+                    break
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the split of {model}/{table} is still running after "
+                                      f"{timeout:.0f}s (see `shoal status`)")
+                time.sleep(0.1)
+        return sp
+
+    def cancel_split(self, model: str, table: str) -> None:
+        self._call(self._stub.SplitTable,
+                   pb.SplitTableRequest(model=model, table=table, cancel=True))
+
     def holdings(self, server_id: str) -> int:
         """Replicas plus copies being built on ``server_id``."""
         m = self.shard_map()
@@ -73,6 +98,23 @@ def server_stats(address: str, timeout: float = 10.0) -> pb.ServerStats:
         raise from_rpc_error(e) from None
     finally:
         ch.close()
+
+
+def describe_splits(m: pb.ShardMap) -> list[str]:
+    """One line per split in flight: table, partitions, copies built, frozen or not."""
+    lines = []
+    for sp in m.splits:
+        built = total = 0
+        for s in m.servers:
+            for pr in s.stats.splits:
+                if pr.table_uid == sp.table_uid:
+                    total += 1
+                    built += 0 <= pr.built_seq == pr.seq
+        half = sp.new_table.num_partitions // 2
+        lines.append(f"{sp.model}/{sp.table}: {half} -> {sp.new_table.num_partitions} "
+                     f"partitions, {built}/{total} copies caught up"
+                     f"{', writes paused for the cut-over' if sp.frozen else ''}")
+    return lines
 
 
 def describe_moves(m: pb.ShardMap) -> list[str]:

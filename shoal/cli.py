@@ -88,6 +88,11 @@ def cmd_status(args) -> int:
         print(f"\n{len(m.moves)} moves in flight:")
         for line in describe_moves(m):
             print(f"  {line}")
+    if m.splits:
+        from shoal.admin import describe_splits
+        print(f"\n{len(m.splits)} tables being split:")
+        for line in describe_splits(m):
+            print(f"  {line}")
     names = {t.table_uid: (md.name, t.name) for md in m.models for t in md.tables}
     if args.partitions:
         print(f"\n{'model':<12} {'table':<16} {'part':>4} {'epoch':>5}  replicas (leader first)")
@@ -203,6 +208,28 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    with _local(args).admin() as admin:
+        if args.cancel:
+            admin.cancel_split(args.model, args.table)
+            print(f"shoal: split of {args.model}/{args.table} cancelled")
+            return 0
+        from shoal.admin import describe_splits
+        shown = []
+
+        def show(m):
+            lines = describe_splits(m)
+            if lines and lines != shown[-1:]:
+                print(f"  {lines[0]}")
+                shown.append(lines)
+
+        sp = admin.split_table(args.model, args.table, wait=not args.no_wait, progress=show)
+        print(f"shoal: {args.model}/{args.table} "
+              f"{'serves' if not args.no_wait else 'will serve'} from "
+              f"{sp.new_table.num_partitions} partitions (table_uid {sp.new_table.table_uid})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from shoal.demo import main as demo
     return demo([])
@@ -252,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop within this fraction of the mean (default 0.05)")
     rb.set_defaults(fn=cmd_rebalance)
     sub.add_parser("cancel", help="cancel the moves in flight").set_defaults(fn=cmd_cancel)
-    for p in (rs, ad, dr, rm, rb):
+    sp = sub.add_parser("split", help="double a table's partition count while it serves")
+    sp.add_argument("model")
+    sp.add_argument("table")
+    sp.add_argument("--no-wait", action="store_true")
+    sp.add_argument("--cancel", action="store_true", help="stop a split not yet cut over")
+    sp.set_defaults(fn=cmd_split)
+    for p in (rs, ad, dr, rm, rb, sp):
         p.add_argument("--data-dir")
     sub.choices["cancel"].add_argument("--data-dir")
     args = ap.parse_args(argv)

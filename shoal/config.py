@@ -60,6 +60,7 @@ class CoordinatorConfig:
     default_replication: int = 0            # 0 = 2 when there are >= 2 servers, else 1
     max_builds_per_server: int = 2          # replica copies one server builds at once
     build_resend_s: float = 10.0            # re-ask a learner that has not reported by then
+    split_freeze_s: float = 10.0            # a split's cut-over pauses writes at most this long
 
 
 @dataclass(frozen=True)

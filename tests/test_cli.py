@@ -116,6 +116,14 @@ def test_add_server_drain_resize(tmp_path):
         assert sorted(s.server_id for s in m.servers) == ["s0", "s1"]
         np.testing.assert_array_equal(client.lookup_rows("rz", "t", torch.arange(4000)).numpy(),
                                       rows.numpy())
+        split = shoal_cli(["split", "rz", "t"], env)
+        assert split.returncode == 0, split.stderr
+        assert "rz/t serves from 16 partitions" in split.stdout, split.stdout
+        assert client.models()[0].tables[0].num_partitions == 16
+        np.testing.assert_array_equal(client.lookup_rows("rz", "t", torch.arange(4000)).numpy(),
+                                      rows.numpy())
+        none = shoal_cli(["split", "rz", "nope"], env)
+        assert none.returncode == 1 and "no table 'nope'" in none.stderr
         client.close()
     finally:
         down = shoal_cli(["down"], env)
