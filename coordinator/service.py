@@ -18,6 +18,7 @@ from shoal.errors import NotFound, ShoalError, abort_with
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 
+from coordinator.autoscale import AutoscaleRPCs
 from coordinator.loadstats import LoadTracker
 from coordinator.resize import ResizeRPCs
 from coordinator.split import SplitRPCs
@@ -27,7 +28,7 @@ from coordinator.store import StateStore
 log = logging.getLogger("coordinator")
 
 
-class CoordinatorService(ResizeRPCs, SplitRPCs, pbg.CoordinatorServicer):
+class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, pbg.CoordinatorServicer):
     def __init__(self, store: StateStore, config: CoordinatorConfig,
                  default_replication: int = 0, clock: Callable[[], float] = time.monotonic,
                  build_replica: Callable[[str, pb.BuildReplicaRequest], None] | None = None):
@@ -109,6 +110,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, pbg.CoordinatorServicer):
             self._commit(self._state.advance_moves(alive, self._cfg.max_builds_per_server))
             self._continue_draining(alive)
             self._advance_splits()
+            self._autoscale(alive)
         self._rebuild()
         return acted
 

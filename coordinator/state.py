@@ -36,6 +36,7 @@ class ClusterState:
     partitions: dict[tuple[int, int], PartitionRecord] = field(default_factory=dict)
     moves: dict[tuple[int, int], pb.Move] = field(default_factory=dict)   # one per partition
     splits: dict[int, pb.Split] = field(default_factory=dict)     # by the table_uid being split
+    autoscale: pb.AutoscaleStatus = field(default_factory=pb.AutoscaleStatus)
 
     # ------------------------------------------------------------ serialisation
     def to_map(self) -> pb.ShardMap:
@@ -52,7 +53,7 @@ class ClusterState:
             moves=[pb.Move(table_uid=m.table_uid, partition=m.partition, source=m.source,
                            target=m.target, bytes=m.bytes)
                    for _, m in sorted(self.moves.items())],
-            splits=[sp for _, sp in sorted(self.splits.items())])
+            splits=[sp for _, sp in sorted(self.splits.items())], autoscale=self.autoscale)
 
     @classmethod
     def from_map(cls, m: pb.ShardMap, next_table_uid: int) -> "ClusterState":
@@ -63,7 +64,7 @@ class ClusterState:
                                    tuple(r.replicas), r.epoch, tuple(r.learners))
                                for r in m.partitions},
                    moves={(mv.table_uid, mv.partition): mv for mv in m.moves},
-                   splits={sp.table_uid: sp for sp in m.splits})
+                   splits={sp.table_uid: sp for sp in m.splits}, autoscale=m.autoscale)
 
     def copy(self) -> "ClusterState":
         return copy.deepcopy(self)

@@ -66,6 +66,12 @@ class Admin(RpcClient):
         self._call(self._stub.SplitTable,
                    pb.SplitTableRequest(model=model, table=table, cancel=True))
 
+    def set_autoscale(self, policy: pb.AutoscalePolicy) -> pb.AutoscaleStatus:
+        return self._call(self._stub.SetAutoscale, pb.SetAutoscaleRequest(policy=policy))
+
+    def autoscale_status(self) -> pb.AutoscaleStatus:
+        return self._call(self._stub.SetAutoscale, pb.SetAutoscaleRequest(status_only=True))
+
     def holdings(self, server_id: str) -> int:
         """Replicas plus copies being built on ``server_id``."""
         m = self.shard_map()

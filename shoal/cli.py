@@ -10,6 +10,7 @@ import argparse
 import json
 import pathlib
 import sys
+import time
 
 from shoal.config import ShoalConfig, shoal_home
 
@@ -230,6 +231,38 @@ def cmd_split(args) -> int:
     return 0
 
 
+def cmd_autoscale(args) -> int:
+    cluster = _local(args)
+    if not args.status:
+        if args.off:
+            cluster.autoscale(0, 0, enabled=False)
+        else:
+            if args.min is None or args.max is None:
+                sys.exit("shoal: autoscale needs --min and --max (or --off, or --status)")
+            cluster.autoscale(args.min, args.max, memory_target=args.memory_target,
+                              load_target=args.load_target, band=args.band,
+                              window_s=args.window, cooldown_s=args.cooldown)
+    with cluster.admin() as admin:
+        st = admin.autoscale_status()
+    p = st.policy
+    if not p.enabled:
+        print("shoal: autoscaling is off")
+    else:
+        targets = ", ".join(t for t in (
+            f"memory {p.memory_target:.0%} of budget" if p.memory_target else "",
+            f"load {p.load_target:,.0f} ids/s per server" if p.load_target else "") if t)
+        print(f"shoal: autoscaling {p.min_servers}..{p.max_servers} servers, targets: "
+              f"{targets}; band +-{p.band:.0%}, window {p.window_s:.0f} s, cool-down "
+              f"{p.cooldown_s:.0f} s")
+        print(f"  wanted {st.desired_servers} servers; utilisation {st.utilisation:.0%} of "
+              "target")
+    for d in st.decisions[-10:]:
+        when = time.strftime("%H:%M:%S", time.localtime(d.at_unix_s))
+        print(f"  {when} {d.from_servers} -> {d.to_servers}: {d.reason}"
+              f"{' (draining ' + ', '.join(d.drained) + ')' if d.drained else ''}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from shoal.demo import main as demo
     return demo([])
@@ -285,7 +318,22 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--no-wait", action="store_true")
     sp.add_argument("--cancel", action="store_true", help="stop a split not yet cut over")
     sp.set_defaults(fn=cmd_split)
-    for p in (rs, ad, dr, rm, rb, sp):
+    au = sub.add_parser("autoscale", help="let the coordinator resize the cluster by load")
+    au.add_argument("--min", type=int)
+    au.add_argument("--max", type=int)
+    au.add_argument("--memory-target", type=float, default=0.0,
+                    help="wanted share of each server's memory budget in use, e.g. 0.7")
+    au.add_argument("--load-target", type=float, default=0.0,
+                    help="wanted ids looked up per second per server")
+    au.add_argument("--band", type=float, default=0.0, help="hysteresis (default 0.2)")
+    au.add_argument("--window", type=float, default=0.0,
+                    help="seconds a condition must hold (default 30)")
+    au.add_argument("--cooldown", type=float, default=0.0,
+                    help="seconds between decisions (default 120)")
+    au.add_argument("--off", action="store_true")
+    au.add_argument("--status", action="store_true", help="show the policy and decisions")
+    au.set_defaults(fn=cmd_autoscale)
+    for p in (rs, ad, dr, rm, rb, sp, au):
         p.add_argument("--data-dir")
     sub.choices["cancel"].add_argument("--data-dir")
     args = ap.parse_args(argv)

@@ -14,10 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
 from shoal.config import ShoalConfig
+from shoal.proto import shoal_pb2 as pb
 
 READY_TIMEOUT_S = 120.0
 
@@ -51,6 +53,8 @@ class LocalCluster:
         self.coordinator: ProcessHandle | None = None
         self.router: ProcessHandle | None = None
         self.servers: list[ProcessHandle] = []
+        self.provisioner: ProcessHandle | None = None      # the autoscaler's hands (detached)
+        self._provisioning: tuple[threading.Thread, threading.Event] | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         if start:
             self.start()
@@ -75,7 +79,9 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and remove a data folder we created."""
-        handles = [h for h in [self.router, *self.servers, self.coordinator] if h and h.pid]
+        self._stop_provisioning()
+        handles = [h for h in [self.provisioner, self.router, *self.servers, self.coordinator]
+                   if h and h.pid]
         for h in handles:
             _signal(h.pid, signal.SIGCONT)
             _signal(h.pid, signal.SIGTERM)
@@ -220,6 +226,51 @@ class LocalCluster:
         else:
             self.rebalance(True, timeout, progress)
 
+    def server_ids(self) -> list[str]:
+        return [h.name for h in self.servers]
+
+    def autoscale(self, min_servers: int, max_servers: int, memory_target: float = 0.0,
+                  load_target: float = 0.0, band: float = 0.0, window_s: float = 0.0,
+                  cooldown_s: float = 0.0, enabled: bool = True):
+        """Turn on (or off, ``enabled=False``) autoscaling: the coordinator decides
+        (``coordinator.autoscale``: targets for memory use, a share of each server's budget,
+        and lookup load, ids/s per server; 0 = not used) and a provisioner starts and stops
+        servers to follow it — a thread of this object, or for a detached cluster (``shoal
+        up``) a process that ``stop`` ends. Returns the ``pb.AutoscaleStatus``."""
+        from shoal.provisioner import Provisioner
+        policy = pb.AutoscalePolicy(enabled=enabled, min_servers=min_servers,
+                                    max_servers=max_servers, memory_target=memory_target,
+                                    load_target=load_target, band=band, window_s=window_s,
+                                    cooldown_s=cooldown_s)
+        with self.admin() as admin:
+            status = admin.set_autoscale(policy)
+        self._stop_provisioning()
+        if enabled and self.detach:
+            # It names itself in cluster.json, which it keeps up to date from then on.
+            self.provisioner = self._spawn("provisioner", "provisioner",
+                                           ["--cluster-dir", str(self.data_dir)])
+            self._wait_ready(self.provisioner)
+        elif enabled:
+            stop = threading.Event()
+            t = threading.Thread(target=Provisioner(self, interval_s=0.5).run, args=(stop,),
+                                 daemon=True, name="provisioner")
+            t.start()
+            self._provisioning = (t, stop)
+        return status
+
+    def _stop_provisioning(self) -> None:
+        if self._provisioning is not None:
+            t, stop = self._provisioning
+            stop.set()
+            t.join(60)
+            self._provisioning = None
+        if self.provisioner is not None and self.provisioner.pid:
+            self._stop_one(self.provisioner)
+            self.provisioner = None
+            if (self.data_dir / "cluster.json").exists():     # the servers it left running
+                self.servers = LocalCluster.attach(self.data_dir).servers
+                self._save()
+
     def _stop_one(self, h: ProcessHandle) -> None:
         _signal(h.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -234,12 +285,13 @@ class LocalCluster:
         data = self.data_dir / name
         data.mkdir(parents=True, exist_ok=True)
         (data / "ready.json").unlink(missing_ok=True)
-        module = {"coordinator": "coordinator", "server": "shards", "router": "router"}[role]
+        module = {"coordinator": "coordinator", "server": "shards", "router": "router",
+                  "provisioner": "shoal.provisioner"}[role]
         cmd = [sys.executable, "-m", module, "--data-dir", str(data), "--port", str(port),
                "--config", self.config.to_json(), *extra]
         if role == "server":
             cmd += ["--server-id", name]
-        if role != "coordinator":
+        if role in ("server", "router"):
             cmd += ["--coordinator", self.coordinator.address]
         log = open(data / "process.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -270,7 +322,8 @@ class LocalCluster:
         state = {"data_dir": str(self.data_dir), "replication": self.replication,
                  "config": self.config.to_json(),
                  "coordinator": asdict(self.coordinator), "router": asdict(self.router),
-                 "servers": [asdict(h) for h in self.servers]}
+                 "servers": [asdict(h) for h in self.servers],
+                 "provisioner": asdict(self.provisioner) if self.provisioner else None}
         (self.data_dir / "cluster.json").write_text(json.dumps(state, indent=1))
 
     @classmethod
@@ -283,6 +336,8 @@ class LocalCluster:
         c.coordinator = ProcessHandle(**state["coordinator"])
         c.router = ProcessHandle(**state["router"])
         c.servers = [ProcessHandle(**h) for h in state["servers"]]
+        if state.get("provisioner"):
+            c.provisioner = ProcessHandle(**state["provisioner"])
         return c
 
 

@@ -87,18 +87,24 @@ def test_up_status_models_down(tmp_path):
     assert gone.returncode != 0 and "shoal up" in gone.stderr
 
 
-def test_add_server_drain_resize(tmp_path):
+def up_with_model(tmp_path, model: str, *up_args):
+    """`shoal up` 2 servers; a model with one 4000 x 8 table of 8 partitions, written.
+    (env, data dir, client, rows)"""
     env = dict(os.environ, SHOAL_HOME=str(tmp_path / "home"))
     data = tmp_path / "cluster"
-    up = shoal_cli(["up", "--servers", "2", "--data-dir", str(data)], env)
+    up = shoal_cli(["up", "--servers", "2", "--data-dir", str(data), *up_args], env)
     assert up.returncode == 0, up.stderr
-    address = up.stdout.split("router: ")[1].split()[0]
+    client = shoal.connect(up.stdout.split("router: ")[1].split()[0])
+    client.create_model(model, [TableSpec("t", 4000, 8, feature_names=("f",),
+                                          num_partitions=8)])
+    rows = torch.arange(32000, dtype=torch.float32).reshape(4000, 8)
+    client.write_rows(model, "t", torch.arange(4000), rows)
+    return env, data, client, rows
+
+
+def test_add_server_drain_resize(tmp_path):
+    env, data, client, rows = up_with_model(tmp_path, "rz")
     try:
-        client = shoal.connect(address)
-        client.create_model("rz", [TableSpec("t", 4000, 8, feature_names=("f",),
-                                             num_partitions=8)])
-        rows = torch.arange(32000, dtype=torch.float32).reshape(4000, 8)
-        client.write_rows("rz", "t", torch.arange(4000), rows)
         added = shoal_cli(["add-server"], env)
         assert added.returncode == 0, added.stderr
         assert "started s2" in added.stdout and "moving" in added.stdout
@@ -128,3 +134,40 @@ def test_add_server_drain_resize(tmp_path):
     finally:
         down = shoal_cli(["down"], env)
     assert down.returncode == 0, down.stderr
+
+
+def test_autoscale_on_a_detached_cluster(tmp_path):
+    """`shoal autoscale` on a `shoal up` cluster runs a provisioner process that starts the
+    server the coordinator asks for; `shoal down` stops it and every server."""
+    env, data, client, rows = up_with_model(tmp_path, "au", "--memory-budget", str(4 << 20))
+    try:
+        bad = shoal_cli(["autoscale", "--min", "3", "--max", "2", "--memory-target", "0.5"], env)
+        assert bad.returncode == 1 and "max_servers: 2 must be at least min_servers 3" \
+            in bad.stderr, bad.stderr
+        on = shoal_cli(["autoscale", "--min", "2", "--max", "3", "--memory-target", "0.01",
+                        "--window", "1", "--cooldown", "2"], env)
+        assert on.returncode == 0, on.stderr
+        assert "autoscaling 2..3 servers, targets: memory 1% of budget" in on.stdout
+        deadline = time.monotonic() + 90
+        while True:
+            m = client.status().map
+            if len(m.servers) == 3 and not m.moves and \
+                    any("s2" in rs.replicas for rs in m.partitions):
+                break
+            assert time.monotonic() < deadline, "the provisioner did not start s2"
+            time.sleep(0.5)
+        st = shoal_cli(["autoscale", "--status"], env)
+        assert "2 -> 3: memory" in st.stdout, st.stdout
+        np.testing.assert_array_equal(client.lookup_rows("au", "t", torch.arange(4000)).numpy(),
+                                      rows.numpy())
+        client.close()
+        state = json.loads((data / "cluster.json").read_text())
+        pids = [state["provisioner"]["pid"], *[s["pid"] for s in state["servers"]]]
+        assert len(pids) == 4
+    finally:
+        down = shoal_cli(["down"], env)
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
