@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--kill-at", type=float, default=5.0,
                     help="seconds into the queries to SIGKILL a shard server (-1: never)")
+    ap.add_argument("--no-resize", action="store_true",
+                    help="skip adding a server and splitting a table under the queries")
     args = ap.parse_args(argv)
     if args.kill_at is not None and args.kill_at < 0:
         args.kill_at = None
@@ -77,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         lat, max_diff, ids, errors = [], [0.0], [0], []
         lock = threading.Lock()
         stop_at = time.monotonic() + args.seconds
+        stop = threading.Event()
 
         def worker(seed: int) -> None:
             rng = np.random.default_rng(seed)
             c = shoal.connect(cluster.router_address)
-            while time.monotonic() < stop_at:
+            while not stop.is_set():
                 kjt = random_kjt(rng, features, sizes, args.batch, args.bag)
                 t = time.perf_counter()
                 try:
@@ -104,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         for th in threads:
             th.start()
-        failover = None
+        failover = resized = None
         if args.kill_at is not None and args.servers >= 2 and args.replication >= 2:
             time.sleep(args.kill_at)
             failover = _kill_and_watch(cluster, client, step, stop_at)
+        if not args.no_resize:
+            resized = _resize_and_split(cluster, step)
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+        stop.set()
         for th in threads:
             th.join()
         wall = time.monotonic() - t0
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               f"another replica, {st.router.hedges} hedged")
         if failover:
             print(f"    failover: {failover}")
+        if resized:
+            print(f"    resize:   {resized}")
         for s in st.map.servers:
             print(f"    server {s.server_id} ({s.state}): {s.stats.partitions} partitions, "
                   f"{s.stats.raw_bytes / 2**20:.0f} MiB of rows, RSS "
@@ -134,6 +143,39 @@ def main(argv: list[str] | None = None) -> int:
     step("stopped the cluster. " + ("OK: every answer matched torchrec." if ok
                                     else "FAILED: see the numbers above."))
     return 0 if ok else 1
+
+
+def _resize_and_split(cluster, step) -> str:
+    """Grow the cluster by one server and rebalance onto it, then double the partitions of
+    table t_cat_0, all while the queries run."""
+    from shoal.admin import describe_moves
+
+    t0 = time.monotonic()
+    h = cluster.add_server()
+    step(f"started shard server {h.name}; rebalancing onto it while the queries go on")
+    with cluster.admin() as admin:
+        plan = admin.rebalance()
+        step(f"moving {len(plan.moves)} partitions "
+             f"({sum(m.bytes for m in plan.moves) / 2**20:.0f} MiB)")
+        shown = [0.0]
+
+        def progress(m):
+            if m.moves and time.monotonic() - shown[0] > 3:
+                shown[0] = time.monotonic()
+                step(f"  {len(m.moves)} moves in flight, e.g. {describe_moves(m)[0]}")
+
+        m = admin.wait_for_moves(progress=progress)
+        moved_s = time.monotonic() - t0
+        per = {s.server_id: sum(s.server_id in rs.replicas for rs in m.partitions)
+               for s in m.servers if s.state == "alive"}
+        step(f"rebalanced in {moved_s:.1f}s: replicas per server "
+             f"{', '.join(f'{k} {v}' for k, v in sorted(per.items()))}")
+        t1 = time.monotonic()
+        sp = admin.split_table("dlrm", "t_cat_0")
+        step(f"split table t_cat_0 live: {sp.new_table.num_partitions // 2} -> "
+             f"{sp.new_table.num_partitions} partitions in {time.monotonic() - t1:.1f}s")
+    return (f"added {h.name} and moved {len(plan.moves)} partitions in {moved_s:.1f}s; "
+            f"t_cat_0 split to {sp.new_table.num_partitions} partitions")
 
 
 def _kill_and_watch(cluster, client, step, stop_at: float) -> str:

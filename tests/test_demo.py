@@ -1,5 +1,5 @@
-"""The README's demo, small: it must finish with every answer matching torchrec and the
-killed server's replicas rebuilt."""
+"""The README's demo, small: it must finish with every answer matching torchrec, the killed
+server's replicas rebuilt, a server added and a table split while the queries ran."""
 from __future__ import annotations
 
 from shoal.demo import main
@@ -12,4 +12,5 @@ def test_demo_small(capsys):
     assert rc == 0, out
     assert "(0 failed)" in out
     assert "every partition back to 2 replicas" in out
+    assert "added s3 and moved" in out and "t_cat_0 split to" in out
     assert "OK: every answer matched torchrec." in out
