@@ -107,7 +107,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, pbg.CoordinatorSe
                     log.warning("server %s missed its lease (%.1fs): dropped from replica sets, "
                                 "map version %d (%.1f ms)", server_id, self._cfg.lease_s,
                                 new.version, (time.perf_counter() - t0) * 1e3)
-            self._commit(self._state.advance_moves(alive, self._cfg.max_builds_per_server))
+            self._commit(self._state.advance_moves(alive, self._cfg.max_moves_per_server))
             self._continue_draining(alive)
             self._advance_splits()
             self._autoscale(alive)
@@ -194,7 +194,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, pbg.CoordinatorSe
                 self._move_started.pop((key, request.server_id), None)
                 # A move's source can be dropped now rather than at the next pass.
                 self._commit(self._state.advance_moves(set(self.alive()),
-                                                       self._cfg.max_builds_per_server))
+                                                       self._cfg.max_moves_per_server))
                 log.info("partition %s: %s copied %d rows, replayed %d entries and is now a "
                          "replica (epoch %d)", key, request.server_id, request.rows,
                          request.entries, new.partitions[key].epoch)

@@ -59,6 +59,8 @@ class CoordinatorConfig:
     max_partitions: int = 1024
     default_replication: int = 0            # 0 = 2 when there are >= 2 servers, else 1
     max_builds_per_server: int = 2          # replica copies one server builds at once
+    max_moves_per_server: int = 1           # ... of which a rebalance's moves may start: moves
+                                            # are not urgent, so they leave CPU to queries
     build_resend_s: float = 10.0            # re-ask a learner that has not reported by then
     split_freeze_s: float = 10.0            # a split's cut-over pauses writes at most this long
 

@@ -60,8 +60,9 @@ class Provisioner:
         self.actions.append(what)
         return [what]
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.wait(self._interval):
+    def run(self, stop: threading.Event, alive=lambda: True) -> None:
+        """Step every interval until ``stop`` is set or ``alive()`` is false."""
+        while not stop.wait(self._interval) and alive():
             try:
                 self.step()
             except Exception as e:            # the coordinator may be restarting; go on
@@ -90,7 +91,8 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     write_ready(pathlib.Path(args.data_dir) / "ready.json", address="-:0")
-    Provisioner(cluster, args.interval).run(stop)
+    state = pathlib.Path(args.cluster_dir) / "cluster.json"
+    Provisioner(cluster, args.interval).run(stop, alive=state.exists)   # gone: shoal down
 
 
 if __name__ == "__main__":
