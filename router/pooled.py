@@ -195,7 +195,10 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                 pending += items
                 continue
             if isinstance(reply, ShoalError) and reply.code in RETRYABLE:
-                if attempt and not hedger.budget.withdraw():
+                # The first retry after a failure is free, as in the first round: a request
+                # redirected first (a map change) and then meeting a dead server is no more a
+                # repeated retry than one that met the dead server at once.
+                if failed_rounds and not hedger.budget.withdraw():
                     raise Unavailable(f"lookup on model {model_name!r}: server "
                                       f"{table.server_ids[s]} failed ({reply.message}) and the "
                                       "retry budget is spent")

@@ -11,6 +11,7 @@ promotes it while that leader still leads. Asking again re-runs the build, which
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -38,9 +39,11 @@ class BuildFailed(Exception):
 
 class ReplicaBuilder:
     def __init__(self, service: ShardService,
-                 report: Callable[[pb.ReplicaReadyRequest], None], mib_per_s: float = 24.0):
-        """``report(request)`` tells the coordinator a copy is complete; copies are paced to
-        ``mib_per_s`` so that serving goes on while they run."""
+                 report: Callable[[pb.ReplicaReadyRequest], pb.ReplicaReadyReply | None],
+                 mib_per_s: float = 24.0):
+        """``report(request)`` tells the coordinator a copy is complete (the reply names the map
+        version that promoted it, applied before any further entry of the partition); copies
+        are paced to ``mib_per_s`` so that serving goes on while they run."""
         self._svc = service
         self._bytes_per_s = mib_per_s * 2**20
         self._report = report
@@ -78,10 +81,20 @@ class ReplicaBuilder:
             finally:
                 ch.close()
             self._svc.count("builds_caught_up" if mode != "snapshot" else "builds_from_snapshot")
-            self._report(pb.ReplicaReadyRequest(
-                server_id=self._svc.server_id, table_uid=request.table_uid,
-                partition=request.partition, epoch=request.epoch, rows=copied,
-                leader=request.source_id, entries=entries))
+            with self._svc.promoting(*key):
+                try:
+                    reply = self._report(pb.ReplicaReadyRequest(
+                        server_id=self._svc.server_id, table_uid=request.table_uid,
+                        partition=request.partition, epoch=request.epoch, rows=copied,
+                        leader=request.source_id, entries=entries))
+                except Exception:
+                    # The promotion may have been committed all the same: take the newest
+                    # map before taking entries again.
+                    with contextlib.suppress(Exception):
+                        self._svc.refresh_map()
+                    raise
+                if reply is not None and reply.map_version:
+                    self._svc.refresh_map(at_least=reply.map_version)
             log.info("built partition %s from %s (%s): %d rows copied, %d entries replayed, "
                      "%.1fs", key, request.source_id, mode, copied, entries,
                      time.monotonic() - t0)

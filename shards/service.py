@@ -8,6 +8,7 @@ held-partition table are soft state rebuilt from RocksDB and the coordinator's m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import logging
@@ -93,6 +94,10 @@ class ShardService(WritePath):
         self._map_lock = threading.Lock()
         self._ready = False
         self.building: dict[tuple[int, int], list[int]] = {}  # (uid, p) -> [bytes done, total]
+        # Partitions whose copy this server has reported ready and whose promoting map it has
+        # not applied yet: it applies no leader's entries of them meanwhile (see ``promoting``).
+        self._promoting: set[tuple[int, int]] = set()
+        self._promoting_cv = threading.Condition()
         # Splits (see shards.split): the builds this server owes, (uid, p, new uid), and the new
         # table's partitions it keeps for them; progress as the builder last published it.
         self._split_work: list[tuple[int, int, int]] = []
@@ -101,6 +106,28 @@ class ShardService(WritePath):
         self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0,
                           "dropped_partitions": 0, "builds_from_snapshot": 0,
                           "builds_caught_up": 0}
+
+    # ------------------------------------------------------------ promotion
+    @contextlib.contextmanager
+    def promoting(self, table_uid: int, partition: int):
+        """Around reporting a built copy ready and applying the map that promotes it: the
+        promotion may depose the leader this copy caught up with (a move's source), and until
+        this server has that map it would take the deposed leader's next write, one its
+        successor refuses (never acknowledged): this copy would fork from the new leader's."""
+        with self._promoting_cv:
+            self._promoting.add((table_uid, partition))
+        try:
+            yield
+        finally:
+            with self._promoting_cv:
+                self._promoting.discard((table_uid, partition))
+                self._promoting_cv.notify_all()
+
+    def wait_promoted(self, table_uid: int, partitions, timeout: float = 10.0) -> None:
+        """Wait while any of ``partitions`` of the table is being promoted here."""
+        keys = {(table_uid, int(p)) for p in partitions}
+        with self._promoting_cv:
+            self._promoting_cv.wait_for(lambda: not keys & self._promoting, timeout)
 
     # ------------------------------------------------------------ shard map
     @property

@@ -45,7 +45,7 @@ class LeadPlan:
 
 class WritePath:
     """Needs from the host: ``server_id``, ``_store``, ``_cfg``, ``_addresses``, ``_enter``,
-    ``_table``, ``_check``, ``_put``, ``map_version``, ``_on_disk``."""
+    ``_table``, ``_check``, ``_put``, ``map_version``, ``_on_disk``, ``wait_promoted``."""
 
     _store: RowStore
 
@@ -148,6 +148,10 @@ class WritePath:
 
     # ------------------------------------------------------------ follower
     def replicate(self, request: pb.ReplicateRequest) -> pb.ReplicateReply:
+        # A copy being promoted takes the promoting map first: the entry is then checked
+        # against it (a deposed leader's is refused, as by every other replica).
+        self.wait_promoted(request.table_uid,
+                           unpack(request.routed.partitions, "routed.partitions", "int32", 1))
         self._enter(request.map_version)
         table = self._table(request.table_uid)
         spec = table.spec
