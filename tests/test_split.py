@@ -179,3 +179,50 @@ def test_split_under_load_changes_no_answer(tmp_path):
             assert time.monotonic() < deadline, (stored, held)
             time.sleep(0.25)
         client.close()
+
+
+@pytest.mark.timeout(300)
+def test_split_survives_losing_a_server_midway(tmp_path):
+    """SIGKILL a server while the split's copies are being built: the failure detector drops
+    it, re-replication gives its partitions new replicas, which build their split copies too,
+    and the split completes with every answer unchanged and every acknowledged write kept."""
+    import os
+    import signal
+
+    from tests.test_failover import fast_failover_config
+
+    read_cfg, write_cfg, oracle = fo_tables(seed=32)
+    conf = fast_failover_config().replace(server__rebuild_mib_per_s=2.0)   # a slow split
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
+                            config=conf) as cluster:
+        client = cluster.client()
+        client.create_model("fo", [read_cfg, write_cfg])
+        fill_from_oracle(client, "fo", oracle)
+        old = {t.name: t for t in coordinator_map(cluster).models[0].tables}
+        with Load(cluster, oracle) as load, cluster.admin() as admin:
+            time.sleep(0.3)
+            sp = admin.split_table("fo", "tq", wait=False)
+            time.sleep(0.5)
+            assert coordinator_map(cluster).splits               # still building
+            victim = cluster.server("s1")
+            os.kill(victim.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 180
+            while True:
+                m = coordinator_map(cluster)
+                if not m.splits and all(len(rs.replicas) == 2 and "s1" not in rs.replicas
+                                        and not rs.learners for rs in m.partitions):
+                    break
+                assert time.monotonic() < deadline, "split or repair not done in time"
+                time.sleep(0.25)
+            time.sleep(0.5)
+        assert load.failures == []
+        new = {t.name: t for t in m.models[0].tables}
+        assert new["tq"].table_uid == sp.new_table.table_uid
+        assert new["tq"].num_partitions == 2 * old["tq"].num_partitions
+        check_replicas(m, load.acked)
+        ids = np.arange(0, 20_000, 3)
+        import torch
+        with torch.no_grad():
+            want = oracle.embedding_bags["tq"].weight[ids].numpy()
+        np.testing.assert_array_equal(client.lookup_rows("fo", "tq", ids).numpy(), want)
+        client.close()
