@@ -22,13 +22,15 @@ from coordinator.autoscale import AutoscaleRPCs
 from coordinator.loadstats import LoadTracker
 from coordinator.resize import ResizeRPCs
 from coordinator.split import SplitRPCs
+from coordinator.versions import VersionRPCs
 from coordinator.state import ClusterState
 from coordinator.store import StateStore
 
 log = logging.getLogger("coordinator")
 
 
-class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, pbg.CoordinatorServicer):
+class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs,
+                         pbg.CoordinatorServicer):
     def __init__(self, store: StateStore, config: CoordinatorConfig,
                  default_replication: int = 0, clock: Callable[[], float] = time.monotonic,
                  build_replica: Callable[[str, pb.BuildReplicaRequest], None] | None = None):
@@ -255,7 +257,8 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, pbg.CoordinatorSe
             with self._lock:
                 new, model = self._state.with_model(request.spec,
                                                     self._state.serving(self.alive()), self._cfg,
-                                                    self._default_replication)
+                                                    self._default_replication,
+                                                    request.new_version)
                 self._commit(new)
         except ShoalError as e:
             abort_with(context, e)

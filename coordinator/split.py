@@ -38,9 +38,9 @@ LAGGARD_GRACE_S = 2.0          # after the leader is ready, wait this long for i
 
 
 def with_split(state: ClusterState, model: str, table: str) -> ClusterState:
-    md = state.models.get(model)
+    md = state.current(model)
     if md is None:
-        raise NotFound(f"model {model!r} does not exist")
+        raise NotFound(f"model {model!r} does not exist (or has no current version)")
     spec = next((t for t in md.tables if t.name == table), None)
     if spec is None:
         raise NotFound(f"model {model!r} has no table {table!r} (tables: "
@@ -62,7 +62,7 @@ def with_split(state: ClusterState, model: str, table: str) -> ClusterState:
     doubled.table_uid = new.next_table_uid
     new.next_table_uid += 1
     new.splits[spec.table_uid] = pb.Split(model=model, table=table, table_uid=spec.table_uid,
-                                          new_table=doubled)
+                                          new_table=doubled, model_version=md.version)
     new.version += 1
     return new
 
@@ -89,7 +89,7 @@ def with_split_done(state: ClusterState, uid: int,
     (old partition p's replicas whose copies are complete, leader first)."""
     new = state.copy()
     sp = new.splits.pop(uid)
-    md = new.models[sp.model]
+    md = new.models.get((sp.model, sp.model_version)) or new.current(sp.model)
     for i, t in enumerate(md.tables):
         if t.table_uid == uid:
             md.tables[i].CopyFrom(sp.new_table)
@@ -111,7 +111,7 @@ class SplitRPCs:
         try:
             with self._lock:
                 if request.cancel:
-                    md = self._state.models.get(request.model)
+                    md = self._state.current(request.model)
                     uid = next((t.table_uid for t in md.tables if t.name == request.table),
                                None) if md else None
                     if uid not in self._state.splits:

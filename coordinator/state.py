@@ -32,7 +32,7 @@ class ClusterState:
     version: int = 0
     next_table_uid: int = 1
     servers: dict[str, pb.ServerInfo] = field(default_factory=dict)     # durable part: id, address
-    models: dict[str, pb.ModelSpec] = field(default_factory=dict)
+    models: dict[tuple[str, int], pb.ModelSpec] = field(default_factory=dict)  # (name, version)
     partitions: dict[tuple[int, int], PartitionRecord] = field(default_factory=dict)
     moves: dict[tuple[int, int], pb.Move] = field(default_factory=dict)   # one per partition
     splits: dict[int, pb.Split] = field(default_factory=dict)     # by the table_uid being split
@@ -42,7 +42,7 @@ class ClusterState:
     def to_map(self) -> pb.ShardMap:
         return pb.ShardMap(
             version=self.version,
-            models=list(self.models.values()),
+            models=[md for _, md in sorted(self.models.items())],
             servers=[pb.ServerInfo(server_id=s.server_id, address=s.address,
                                    memory_budget_bytes=s.memory_budget_bytes,
                                    draining=s.draining)
@@ -59,7 +59,7 @@ class ClusterState:
     def from_map(cls, m: pb.ShardMap, next_table_uid: int) -> "ClusterState":
         return cls(version=m.version, next_table_uid=next_table_uid,
                    servers={s.server_id: s for s in m.servers},
-                   models={md.name: md for md in m.models},
+                   models=_with_current({(md.name, md.version): md for md in m.models}),
                    partitions={(r.table_uid, r.partition): PartitionRecord(
                                    tuple(r.replicas), r.epoch, tuple(r.learners))
                                for r in m.partitions},
@@ -81,14 +81,32 @@ class ClusterState:
         new.version += 1
         return new
 
+    def current(self, name: str) -> pb.ModelSpec | None:
+        """The current version of model ``name`` (None if it has none)."""
+        return next((md for (n, _), md in self.models.items() if n == name and md.current),
+                    None)
+
+    def versions(self, name: str) -> list[pb.ModelSpec]:
+        return [md for (n, _), md in sorted(self.models.items()) if n == name]
+
     def with_model(self, spec: pb.ModelSpec, alive: list[str], cfg: CoordinatorConfig,
-                   default_replication: int) -> tuple["ClusterState", pb.ModelSpec]:
+                   default_replication: int,
+                   new_version: bool = False) -> tuple["ClusterState", pb.ModelSpec]:
+        """Create model ``spec.name`` (version 1, ready, current), or with ``new_version`` its
+        next version: loading, not current, with ``spec.tables`` (default: the current
+        version's tables, same shapes and partition counts) placed under new table_uids."""
         if not spec.name:
             raise InvalidArgument("model.name: must not be empty")
-        if spec.name in self.models:
+        existing = self.versions(spec.name)
+        base = self.current(spec.name) or (existing[-1] if existing else None)
+        if existing and not new_version:
             raise ShoalError(grpc.StatusCode.ALREADY_EXISTS,
-                             f"model {spec.name!r} already exists (version "
-                             f"{self.models[spec.name].version})")
+                             f"model {spec.name!r} already exists (versions "
+                             f"{[md.version for md in existing]}); create_version adds one")
+        if new_version and not existing:
+            raise NotFound(f"model {spec.name!r} does not exist; create it first")
+        if new_version:
+            spec = _versioned(spec, base)
         if not spec.tables:
             raise InvalidArgument(f"model {spec.name!r}: tables must not be empty")
         tables = [TableSpec.from_proto(t).validate() for t in spec.tables]
@@ -114,21 +132,41 @@ class ClusterState:
             raise InvalidArgument(f"model {spec.name!r}: memory_quota_bytes and "
                                   "server_quota_bytes must be >= 0 (0 = no quota)")
         total = sum(p.bytes for p in loads) * replication
-        if spec.memory_quota_bytes and total > spec.memory_quota_bytes:
+        held = sum(self.model_bytes(md) for md in existing)
+        if spec.memory_quota_bytes and total + held > spec.memory_quota_bytes:
             raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"model {spec.name!r} needs {total / 2**20:,.1f} MiB ("
-                             f"{replication} replicas of {len(loads)} partitions) but its "
-                             f"memory_quota_bytes is {spec.memory_quota_bytes / 2**20:,.1f} MiB")
+                             f"{replication} replicas of {len(loads)} partitions)"
+                             + (f" beside the {held / 2**20:,.1f} MiB of its other versions"
+                                if held else "")
+                             + f" but its memory_quota_bytes is "
+                             f"{spec.memory_quota_bytes / 2**20:,.1f} MiB"
+                             + ("; drop an old version first" if held else ""))
         plan = place(loads, new.server_loads(alive), replication, spec.server_quota_bytes)
         for key, replicas in plan.items():
             new.partitions[key] = PartitionRecord(replicas, 1)
-        model = pb.ModelSpec(name=spec.name, version=1, replication=replication,
+        version = existing[-1].version + 1 if existing else 1
+        model = pb.ModelSpec(name=spec.name, version=version, replication=replication,
                              tables=[t.to_proto() for t in placed_tables],
                              memory_quota_bytes=spec.memory_quota_bytes,
-                             server_quota_bytes=spec.server_quota_bytes)
-        new.models[spec.name] = model
+                             server_quota_bytes=spec.server_quota_bytes,
+                             state="loading" if new_version else "ready",
+                             current=not new_version)
+        if model.memory_quota_bytes or model.server_quota_bytes:     # quotas are per model
+            for md in new.versions(spec.name):
+                md.memory_quota_bytes = model.memory_quota_bytes
+                md.server_quota_bytes = model.server_quota_bytes
+        new.models[(spec.name, version)] = model
         new.version += 1
         return new, model
+
+    def model_bytes(self, md: pb.ModelSpec) -> int:
+        """Bytes of every replica of one model version's partitions."""
+        return sum((-(-t.num_embeddings // t.num_partitions)) * t.dim *
+                   (2 if t.dtype == "float16" else 4) * len(self.partitions[(t.table_uid, p)]
+                                                            .replicas)
+                   for t in md.tables for p in range(t.num_partitions)
+                   if (t.table_uid, p) in self.partitions)
 
     def with_replicas(self, table_uid: int, partition: int,
                       replicas: list[str]) -> "ClusterState":
@@ -313,6 +351,36 @@ class ClusterState:
                     load[s] += row_bytes.get(uid, 0)
                     leaders[s] += i == 0
         return [ServerLoad(s, load[s], leaders[s]) for s in alive]
+
+
+def _versioned(spec: pb.ModelSpec, base: pb.ModelSpec) -> pb.ModelSpec:
+    """A new version's spec: the given tables (else the base version's, re-placed), the base's
+    replication and quotas unless given."""
+    out = pb.ModelSpec()
+    out.CopyFrom(spec)
+    if not out.tables:
+        for t in base.tables:
+            c = out.tables.add()
+            c.CopyFrom(t)
+            c.table_uid = 0
+    out.replication = out.replication or base.replication
+    out.memory_quota_bytes = out.memory_quota_bytes or base.memory_quota_bytes
+    out.server_quota_bytes = out.server_quota_bytes or base.server_quota_bytes
+    return out
+
+
+def _with_current(models: dict[tuple[str, int], pb.ModelSpec]):
+    """Maps saved before versions existed: every version ready, the newest current."""
+    names = {n for n, _ in models}
+    for n in names:
+        mine = sorted(v for (m, v) in models if m == n)
+        for v in mine:
+            models[(n, v)].state = models[(n, v)].state or "ready"
+        if not any(models[(n, v)].current for v in mine):
+            ready = [v for v in mine if models[(n, v)].state == "ready"]
+            if ready:
+                models[(n, ready[-1])].current = True
+    return models
 
 
 def _check_unique(names: list[str], what: str) -> None:

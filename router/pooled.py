@@ -83,7 +83,7 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
     for _ in queries:
         hedger.budget.deposit()
     await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats,
-                  hedger)
+                  hedger, model.version)
     for w in works.values():
         if model.tables[w.name].spec.pooling == "mean":
             w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
@@ -123,7 +123,7 @@ def merge(queries: list[Query]):
 
 async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                   transport: ShardTransport, timeout: float, dedup: bool, stats: Stats,
-                  hedger: Hedger) -> None:
+                  hedger: Hedger, version: int) -> None:
     """Send each server one RPC with every table's occurrences it holds; add the partial sums.
     A redirected part is re-routed on a refreshed map; a part whose server failed is re-routed
     to another replica (within the retry budget); a part whose server is slower than its recent
@@ -136,7 +136,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
         if failed_rounds >= MAX_ATTEMPTS or redirected_rounds >= MAX_REDIRECTS:
             break
         table = maps.current()
-        model = table.model(model_name)
+        model = table.model(model_name, version)     # pinned: sums never mix versions
         rotation = next(stats.rotation)
         per_server = route(pending, model, rotation, frozenset(exclude),
                            avoid=hedger.slow(probe=rotation % PROBE_EVERY == 0))

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from embeddings.specs import TableSpec
-from shoal.errors import NotFound
+from shoal.errors import NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack
 
@@ -57,6 +58,14 @@ class ModelRoute:
     version: int
     tables: dict[str, TableRoute]            # by table name, in model order
     features: dict[str, tuple[str, int]]     # feature -> (table name, position in output order)
+    state: str = "ready"                     # "ready" | "loading" (writable, not readable)
+
+    def readable(self) -> "ModelRoute":
+        if self.state == "loading":
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"version {self.version} of model {self.name!r} is still loading; "
+                             "it serves queries once it is ready")
+        return self
 
     def table(self, name: str) -> TableRoute:
         try:
@@ -75,13 +84,14 @@ class ModelRoute:
 @dataclass(frozen=True)
 class RoutingTable:
     version: int
-    models: dict[str, ModelRoute]
+    models: dict[str, ModelRoute]                    # the current version of each model
     server_ids: tuple[str, ...]
     addresses: tuple[str, ...]
+    versions: dict[tuple[str, int], ModelRoute] = None   # every version, by (name, version)
 
     @classmethod
     def empty(cls) -> "RoutingTable":
-        return cls(0, {}, (), ())
+        return cls(0, {}, (), (), {})
 
     @classmethod
     def build(cls, m: pb.ShardMap) -> "RoutingTable":
@@ -90,7 +100,7 @@ class RoutingTable:
         by_uid: dict[int, list[pb.ReplicaSet]] = {}
         for rs in m.partitions:
             by_uid.setdefault(rs.table_uid, []).append(rs)
-        models = {}
+        models, versions = {}, {}
         for md in m.models:
             tables, features = {}, {}
             for t in md.tables:
@@ -109,17 +119,32 @@ class RoutingTable:
                 tables[spec.name] = TableRoute(spec, replicas, epochs, writers)
                 for f in spec.feature_names:
                     features[f] = (spec.name, len(features))
-            models[md.name] = ModelRoute(md.name, md.version, tables, features)
-        return cls(m.version, models, server_ids, tuple(s.address for s in m.servers))
+            route = ModelRoute(md.name, md.version, tables, features, md.state or "ready")
+            versions[(md.name, md.version)] = route
+            if md.current:
+                models[md.name] = route
+        for (name, _), route in sorted(versions.items()):   # a map without `current` flags:
+            if not any(md.current for md in m.models if md.name == name) and \
+                    route.state == "ready":                 # the newest ready version
+                models[name] = route
+        return cls(m.version, models, server_ids, tuple(s.address for s in m.servers), versions)
 
     def model(self, name: str, version: int = 0) -> ModelRoute:
+        """Version ``version`` of model ``name``; 0: the current one."""
+        if version:
+            route = self.versions.get((name, version))
+            if route is None:
+                have = sorted(v for n, v in self.versions if n == name)
+                raise NotFound(f"model {name!r} has no version {version}" +
+                               (f" (versions: {have})" if have else " (no such model)"))
+            return route
         if name not in self.models:
+            if any(n == name for n, _ in self.versions):
+                raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"model {name!r} has no ready version yet")
             raise NotFound(f"model {name!r} does not exist (models: "
                            f"{', '.join(self.models) or 'none'})")
-        route = self.models[name]
-        if version and version != route.version:
-            raise NotFound(f"model {name!r} has no version {version} (current: {route.version})")
-        return route
+        return self.models[name]
 
 
 def routed(table: TableRoute, partitions: np.ndarray) -> pb.PartitionEpochs:

@@ -29,14 +29,16 @@ MAX_BACKOFF_S = 0.5
 
 async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
                      maps: MapCache, transport: ShardTransport, stats: Stats, request_id: str,
-                     timeout: float, attempt_timeout: float) -> int:
+                     timeout: float, attempt_timeout: float, version: int = 0) -> int:
     """Write validated, unique ``ids``; return how many. Acknowledged when every partition's
     leader has acknowledged its rows (so every in-sync replica has them durable).
 
     A partition's rows go in one request of an idempotency key, so a resend is deduplicated
     per partition. A partition with more rows than fit one request is written in rounds, one
     key per round, each round holding at most one request's worth of every partition."""
-    tr = maps.current().model(model).table(table)
+    route = maps.current().model(model, version)
+    version = route.version             # pinned: a switch of the current version mid-write
+    tr = route.table(table)             # does not move the rest of it to another version
     parts = partition_of(ids, tr.spec.num_partitions)
     per_chunk = max(1, WRITE_CHUNK_BYTES // max(1, tr.spec.row_bytes))
     order = np.argsort(parts, kind="stable")
@@ -46,18 +48,19 @@ async def write_rows(model: str, table: str, ids: np.ndarray, rows: np.ndarray,
     rounds = rank // per_chunk
     deadline = asyncio.get_running_loop().time() + timeout
     for r in range(int(rounds.max()) + 1 if len(ids) else 0):
-        await _write_round(model, table, ids, rows, np.sort(order[rounds == r]), maps,
-                           transport, stats, f"{request_id}.{r}", deadline, attempt_timeout)
+        await _write_round(model, version, table, ids, rows, np.sort(order[rounds == r]),
+                           maps, transport, stats, f"{request_id}.{r}", deadline,
+                           attempt_timeout)
     return len(ids)
 
 
-async def _write_round(model, table, ids, rows, pending, maps, transport, stats, request_id,
-                       deadline, attempt_timeout) -> None:
+async def _write_round(model, version, table, ids, rows, pending, maps, transport, stats,
+                       request_id, deadline, attempt_timeout) -> None:
     loop = asyncio.get_running_loop()
     backoff, last_error = FIRST_BACKOFF_S, None
     while True:
         rt = maps.current()
-        tr = rt.model(model).table(table)
+        tr = rt.model(model, version).table(table)
         parts = partition_of(ids[pending], tr.spec.num_partitions)
         leaders = tr.replicas[parts, 0]
         if leaders.size and leaders.min() < 0:
@@ -117,17 +120,21 @@ def _requests(pending: np.ndarray, parts: np.ndarray, leaders: np.ndarray, row_b
 
 
 async def lookup_rows(model: str, table: str, ids: np.ndarray, maps: MapCache,
-                      transport: ShardTransport, timeout: float, stats: Stats) -> np.ndarray:
-    """Rows of ``ids`` (validated) in the table's dtype; duplicate ids are fetched once."""
+                      transport: ShardTransport, timeout: float, stats: Stats,
+                      version: int = 0) -> np.ndarray:
+    """Rows of ``ids`` (validated) in the table's dtype; duplicate ids are fetched once. The
+    version is pinned when the request starts (0: the current one then)."""
     uniq, inverse = np.unique(ids, return_inverse=True)
-    tr0 = maps.current().model(model).table(table)
+    route = maps.current().model(model, version).readable()
+    version = route.version
+    tr0 = route.table(table)
     out = np.empty((len(uniq), tr0.spec.dim), dtype=tr0.spec.np_dtype)
     pending = np.arange(len(uniq))
     exclude: set[int] = set()
     failed_rounds = redirected_rounds = 0
     while failed_rounds < MAX_ATTEMPTS and redirected_rounds < MAX_REDIRECTS:
         rt = maps.current()
-        tr = rt.model(model).table(table)
+        tr = rt.model(model, version).table(table)
         parts = partition_of(uniq[pending], tr.spec.num_partitions)
         servers = tr.choose(next(stats.rotation), frozenset(exclude))[parts]
         if servers.size and servers.min() < 0:

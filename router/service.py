@@ -65,7 +65,7 @@ class RouterService(pbg.RouterServicer):
                                    self.hedger)
 
     def _parse(self, r: pb.FeatureBatch) -> Query:
-        model = self._maps.current().model(r.model, r.version)
+        model = self._maps.current().model(r.model, r.version).readable()
         keys = list(r.keys)
         if len(set(keys)) != len(keys):
             raise InvalidArgument(f"keys: feature names must be unique, got {keys}")
@@ -143,7 +143,8 @@ class RouterService(pbg.RouterServicer):
                                       "limit of 128")
             n = await write_rows(request.model, request.table, ids, rows, self._maps,
                                  self._transport, self.stats, request_id,
-                                 self._cfg.rpc_timeout_s, self._cfg.write_attempt_timeout_s)
+                                 self._cfg.rpc_timeout_s, self._cfg.write_attempt_timeout_s,
+                                 model.version)
             return pb.WriteRowsReply(written=n)
         except ShoalError as e:
             await abort_async(context, e)
@@ -159,7 +160,8 @@ class RouterService(pbg.RouterServicer):
                                       f"{self._cfg.max_ids_per_request}; split the request")
             check_ids(ids, spec, "ids")
             rows = await lookup_rows(request.model, request.table, ids, self._maps,
-                                     self._transport, self._cfg.rpc_timeout_s, self.stats)
+                                     self._transport, self._cfg.rpc_timeout_s, self.stats,
+                                     model.readable().version)
             return pb.RouterLookupRowsReply(rows=pack(rows))
         except ShoalError as e:
             await abort_async(context, e)
@@ -171,6 +173,14 @@ class RouterService(pbg.RouterServicer):
         except grpc.RpcError as e:
             await abort_async(context, from_rpc_error(e))
         self._maps.install(reply.map)
+        return reply
+
+    async def UpdateModel(self, request, context):
+        try:
+            reply = await self._coord.UpdateModel(request, timeout=30)
+        except grpc.RpcError as e:
+            await abort_async(context, from_rpc_error(e))
+        await self._maps.refresh_async(at_least=reply.map_version)
         return reply
 
     async def Status(self, request, context):

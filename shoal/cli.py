@@ -111,11 +111,19 @@ def cmd_status(args) -> int:
 
 
 def cmd_models(args) -> int:
-    for md in _client(args).models():
+    client = _client(args)
+    for flag, kw in (("current", {"make_current": True}), ("drop", {"drop": True})):
+        target = getattr(args, flag, None)
+        if target:
+            name, version = target[0], int(target[1])
+            client.update_version(name, version, **kw)
+            print(f"shoal: {name} v{version} {'is current' if flag == 'current' else 'dropped'}")
+    for md in client.models():
         rows = sum(t.num_embeddings for t in md.tables)
         nbytes = sum(t.num_embeddings * t.dim * (2 if t.dtype == "float16" else 4)
                      for t in md.tables)
-        print(f"{md.name} v{md.version}: {len(md.tables)} tables, {rows} rows, "
+        state = (md.state or "ready") + (", current" if md.current else "")
+        print(f"{md.name} v{md.version} ({state}): {len(md.tables)} tables, {rows} rows, "
               f"{nbytes / 2**20:.1f} MiB, replication {md.replication}")
         for t in md.tables:
             print(f"  {t.name}: {t.num_embeddings} x {t.dim} {t.dtype} {t.pooling}, "
@@ -288,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--address", help="a router address instead of the local cluster")
         if name == "status":
             p.add_argument("--partitions", action="store_true", help="list every replica set")
+        if name == "models":
+            p.add_argument("--current", nargs=2, metavar=("MODEL", "VERSION"),
+                           help="make a ready version current (atomic)")
+            p.add_argument("--drop", nargs=2, metavar=("MODEL", "VERSION"),
+                           help="drop a version that is not current, deleting its rows")
         p.set_defaults(fn=fn)
     sub.add_parser("demo", help="run the end-to-end demo").set_defaults(fn=cmd_demo)
     rs = sub.add_parser("resize", help="grow or shrink the local cluster while it serves")

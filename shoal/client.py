@@ -52,7 +52,23 @@ class Client(RpcClient):
         return [TableSpec.from_proto(t) for t in reply.model.tables]
 
     def models(self) -> list[pb.ModelSpec]:
+        """Every version of every model (``state``: "ready" | "loading"; ``current``)."""
         return list(self.status().map.models)
+
+    def create_version(self, name: str, tables: Iterable = (), replication: int = 0) -> pb.ModelSpec:
+        """A new version of model ``name``: "loading" (writable with ``version=``, not
+        servable), with ``tables`` (default: the current version's tables, same shapes)."""
+        spec = pb.ModelSpec(name=name, replication=replication,
+                            tables=[to_spec(t).to_proto() for t in tables])
+        return self._call(self._stub.CreateModel,
+                          pb.CreateModelRequest(spec=spec, new_version=True)).model
+
+    def update_version(self, name: str, version: int, ready: bool = False,
+                       make_current: bool = False, drop: bool = False) -> pb.ModelSpec:
+        """Mark a version ready, make it current (atomic: one map version), or drop it."""
+        return self._call(self._stub.UpdateModel, pb.UpdateModelRequest(
+            model=name, version=version, ready=ready, make_current=make_current,
+            drop=drop)).model
 
     def status(self) -> pb.StatusReply:
         return self._call(self._stub.Status, pb.StatusRequest())

@@ -72,7 +72,7 @@ def test_up_status_models_down(tmp_path):
         assert sum(1 for ln in parts.stdout.splitlines() if ln.startswith("clim")) == 4
 
         models = shoal_cli(["models"], env)
-        assert "clim v1: 1 tables, 1000 rows" in models.stdout
+        assert "clim v1 (ready, current): 1 tables, 1000 rows" in models.stdout
         assert "t: 1000 x 8 float32 sum, 4 partitions, features f" in models.stdout
     finally:
         down = shoal_cli(["down"], env)

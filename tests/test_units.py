@@ -243,7 +243,7 @@ def test_state_store_round_trip(kind, tmp_path):
     # A further step on the loaded state continues numbering from it.
     s3, _ = again.with_model(pb.ModelSpec(name="n", tables=[_table("c")]), ["s0", "s1", "s2"],
                              CoordinatorConfig(), 2)
-    assert s3.version == 6 and s3.models["n"].tables[0].table_uid == 3
+    assert s3.version == 6 and s3.models[("n", 1)].tables[0].table_uid == 3
     if kind == "sqlite":
         store.close()
         reopened = SqliteStateStore(tmp_path / "state.db")

@@ -37,20 +37,24 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., pooling: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_partitions: _Optional[int] = ..., table_uid: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes")
+    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     MEMORY_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
     replication: int
     memory_quota_bytes: int
     server_quota_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ...) -> None: ...
+    state: str
+    current: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ...) -> None: ...
 
 class ReplicaSet(_message.Message):
     __slots__ = ("table_uid", "partition", "replicas", "epoch", "learners")
@@ -205,20 +209,22 @@ class ShardMap(_message.Message):
     def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., autoscale: _Optional[_Union[AutoscaleStatus, _Mapping]] = ...) -> None: ...
 
 class Split(_message.Message):
-    __slots__ = ("model", "table", "table_uid", "new_table", "frozen", "frozen_version")
+    __slots__ = ("model", "table", "table_uid", "new_table", "frozen", "frozen_version", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     NEW_TABLE_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     FROZEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     table: str
     table_uid: int
     new_table: TableSpec
     frozen: bool
     frozen_version: int
-    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., table_uid: _Optional[int] = ..., new_table: _Optional[_Union[TableSpec, _Mapping]] = ..., frozen: _Optional[bool] = ..., frozen_version: _Optional[int] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., table_uid: _Optional[int] = ..., new_table: _Optional[_Union[TableSpec, _Mapping]] = ..., frozen: _Optional[bool] = ..., frozen_version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class AutoscalePolicy(_message.Message):
     __slots__ = ("enabled", "min_servers", "max_servers", "memory_target", "load_target", "band", "window_s", "cooldown_s")
@@ -311,10 +317,34 @@ class GetShardMapReply(_message.Message):
     def __init__(self, unchanged: _Optional[bool] = ..., map: _Optional[_Union[ShardMap, _Mapping]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "new_version")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+    new_version: bool
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., new_version: _Optional[bool] = ...) -> None: ...
+
+class UpdateModelRequest(_message.Message):
+    __slots__ = ("model", "version", "ready", "make_current", "drop")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    MAKE_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    ready: bool
+    make_current: bool
+    drop: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., make_current: _Optional[bool] = ..., drop: _Optional[bool] = ...) -> None: ...
+
+class UpdateModelReply(_message.Message):
+    __slots__ = ("model", "map_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    map_version: int
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., map_version: _Optional[int] = ...) -> None: ...
 
 class CreateModelReply(_message.Message):
     __slots__ = ("map", "model")

@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.CreateModelRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.CreateModelReply.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/shoal.v1.Coordinator/UpdateModel',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
+                _registered_method=True)
         self.SetReplicas = channel.unary_unary(
                 '/shoal.v1.Coordinator/SetReplicas',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.SetReplicasRequest.SerializeToString,
@@ -123,6 +128,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +215,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CreateModel,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.CreateModelRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.CreateModelReply.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.SerializeToString,
             ),
             'SetReplicas': grpc.unary_unary_rpc_method_handler(
                     servicer.SetReplicas,
@@ -359,6 +375,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/CreateModel',
             shoal_dot_proto_dot_shoal__pb2.CreateModelRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.CreateModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/UpdateModel',
+            shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1000,6 +1043,11 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.CreateModelRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.CreateModelReply.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/shoal.v1.Router/UpdateModel',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
+                _registered_method=True)
         self.WriteRows = channel.unary_unary(
                 '/shoal.v1.Router/WriteRows',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.RouterWriteRowsRequest.SerializeToString,
@@ -1026,6 +1074,12 @@ class RouterServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1062,6 +1116,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.CreateModel,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.CreateModelRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.CreateModelReply.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.SerializeToString,
             ),
             'WriteRows': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteRows,
@@ -1111,6 +1170,33 @@ class Router:
             '/shoal.v1.Router/CreateModel',
             shoal_dot_proto_dot_shoal__pb2.CreateModelRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.CreateModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Router/UpdateModel',
+            shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
             options,
             channel_credentials,
             insecure,

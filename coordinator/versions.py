@@ -1,0 +1,78 @@
+"""Model versions: a model's versions each have their own tables (table_uids) and partitions.
+
+A new version starts "loading": writers (a checkpoint load) can write it, queries cannot read
+it and by default go to the current version. Marking it ready and making it current are map
+changes, so a switch is atomic: every router and server sees one version current or the other,
+never a mix within one request (routers pin the version a request started on). Dropping a
+version removes its tables from the map; servers then fence them and delete their rows.
+"""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from shoal.errors import NotFound, ShoalError, abort_with
+from shoal.proto import shoal_pb2 as pb
+
+from coordinator.state import ClusterState
+
+log = logging.getLogger("coordinator.versions")
+
+
+def with_update(state: ClusterState, model: str, version: int, ready: bool = False,
+                make_current: bool = False, drop: bool = False) -> ClusterState:
+    md = state.models.get((model, version))
+    if md is None:
+        have = [v.version for v in state.versions(model)]
+        raise NotFound(f"model {model!r} has no version {version}" +
+                       (f" (versions: {have})" if have else " (no such model)"))
+    uids = {t.table_uid for t in md.tables}
+    new = state.copy()
+    if drop:
+        if md.current:
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"version {version} of model {model!r} is current; make another "
+                             "version current before dropping it")
+        if any(uid in uids for uid in state.splits) or \
+                any(k[0] in uids for k in state.moves):
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"version {version} of model {model!r} has moves or a split in "
+                             "flight; cancel them or wait (shoal status)")
+        del new.models[(model, version)]
+        new.partitions = {k: r for k, r in new.partitions.items() if k[0] not in uids}
+        new.version += 1
+        return new
+    target = new.models[(model, version)]
+    if ready:
+        target.state = "ready"
+    if make_current:
+        if target.state != "ready":
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"version {version} of model {model!r} is still loading; it can "
+                             "be made current once it is ready")
+        for other in new.versions(model):
+            other.current = other.version == version
+    if new.models == state.models:
+        return state
+    new.version += 1
+    return new
+
+
+class VersionRPCs:
+    """Needs from the host: ``_lock``, ``_state``, ``_commit``."""
+
+    def UpdateModel(self, request, context):
+        try:
+            with self._lock:
+                self._commit(with_update(self._state, request.model, request.version,
+                                         request.ready, request.make_current, request.drop))
+                what = "dropped" if request.drop else ", ".join(
+                    w for w, on in (("ready", request.ready), ("current", request.make_current))
+                    if on)
+                log.info("model %s version %d: %s (map version %d)", request.model,
+                         request.version, what or "unchanged", self._state.version)
+                md = self._state.models.get((request.model, request.version), pb.ModelSpec())
+                return pb.UpdateModelReply(model=md, map_version=self._state.version)
+        except ShoalError as e:
+            abort_with(context, e)
