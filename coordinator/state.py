@@ -107,6 +107,7 @@ class ClusterState:
             raise NotFound(f"model {spec.name!r} does not exist; create it first")
         if new_version:
             spec = _versioned(spec, base)
+        loading = new_version or spec.state == "loading"   # a load fills it, then readies it
         if not spec.tables:
             raise InvalidArgument(f"model {spec.name!r}: tables must not be empty")
         tables = [TableSpec.from_proto(t).validate() for t in spec.tables]
@@ -150,8 +151,8 @@ class ClusterState:
                              tables=[t.to_proto() for t in placed_tables],
                              memory_quota_bytes=spec.memory_quota_bytes,
                              server_quota_bytes=spec.server_quota_bytes,
-                             state="loading" if new_version else "ready",
-                             current=not new_version)
+                             state="loading" if loading else "ready",
+                             current=not loading)
         if model.memory_quota_bytes or model.server_quota_bytes:     # quotas are per model
             for md in new.versions(spec.name):
                 md.memory_quota_bytes = model.memory_quota_bytes

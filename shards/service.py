@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embeddings.checksum import row_checksums
 from embeddings.partition import partition_of, rows_in_partition
 from embeddings.specs import TableSpec, check_ids
 from shoal.config import ShardServerConfig
@@ -399,6 +400,24 @@ class ShardService(WritePath):
                 table.log.reset(q, at[1], at[2])
         return True
 
+    def checksums(self, request: pb.ChecksumsRequest) -> pb.ChecksumsReply:
+        """Checksums of stored partitions (``embeddings.checksum``), read from RocksDB."""
+        parts = np.asarray(request.partitions, dtype=np.int64)
+        if len(parts) > 65536 or (parts.size and parts.min() < 0):
+            raise InvalidArgument(f"partitions: {len(parts)} partitions, must be 0..65536 "
+                                  "values, each >= 0")
+        sums = np.zeros(len(parts), np.uint64)
+        counts = np.zeros(len(parts), np.int64)
+        for i, p in enumerate(parts.tolist()):
+            if (request.table_uid, p) not in self._on_disk:
+                continue
+            ids, raw = self._store.scan_partition(request.table_uid, p)
+            if len(ids):
+                rows = np.frombuffer(raw, np.uint8).reshape(len(ids), -1)
+                sums[i] = row_checksums(ids, rows).sum(dtype=np.uint64)
+                counts[i] = len(ids)
+        return pb.ChecksumsReply(checksums=pack(sums.view(np.int64)), rows=pack(counts))
+
     # ------------------------------------------------------------ lookups (raise ShoalError)
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
         self._enter(request.map_version, refresh=False)
@@ -570,6 +589,12 @@ class ShardServicer(pbg.ShardServerServicer):
 
     async def Stats(self, request, context):
         return self._svc.stats()
+
+    async def Checksums(self, request, context):
+        try:
+            return await asyncio.to_thread(self._svc.checksums, request)
+        except ShoalError as e:
+            await abort_async(context, e)
 
     async def BuildReplica(self, request, context):
         if self._builder is None:

@@ -106,6 +106,24 @@ def server_stats(address: str, timeout: float = 10.0) -> pb.ServerStats:
         ch.close()
 
 
+def server_checksums(address: str, table_uid: int, partitions: list[int],
+                     timeout: float = 120.0):
+    """(checksums uint64, rows int64) of partitions stored on one server."""
+    import numpy as np
+
+    from shoal.wire import unpack
+    ch = channel(address)
+    try:
+        reply = pbg.ShardServerStub(ch).Checksums(pb.ChecksumsRequest(
+            table_uid=table_uid, partitions=partitions), timeout=timeout)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        ch.close()
+    return (unpack(reply.checksums, "checksums", "int64", 1).view(np.uint64),
+            unpack(reply.rows, "rows", "int64", 1))
+
+
 def describe_splits(m: pb.ShardMap) -> list[str]:
     """One line per split in flight: table, partitions, copies built, frozen or not."""
     lines = []

@@ -271,6 +271,32 @@ def cmd_autoscale(args) -> int:
     return 0
 
 
+def cmd_load(args) -> int:
+    client = _client(args)
+    last = [0.0]
+
+    def bar(p):
+        now = time.monotonic()
+        if now - last[0] < 0.5 and p.bytes_done < p.bytes_total:
+            return
+        last[0] = now
+        frac = p.bytes_done / p.bytes_total if p.bytes_total else 1.0
+        eta = f"{p.eta:.0f}s" if p.eta != float("inf") else "?"
+        print(f"\r[{'#' * int(frac * 30):<30}] {frac:4.0%} {p.rows_done:,}/{p.rows_total:,} "
+              f"rows, {p.bytes_done / 2**20:,.0f} MiB, {p.rate / 2**20:,.1f} MiB/s, ETA {eta} "
+              f"({p.table})", end="", flush=True)
+
+    res = client.load(args.path, model=args.model, version=args.version, format=args.format,
+                      chunk_bytes=int(args.chunk_mib * 2**20), make_current=not args.no_current,
+                      resume=args.resume, progress=bar)
+    print(f"\nshoal: loaded {args.model} v{res.version}: {len(res.tables)} tables, "
+          f"{sum(res.tables.values()):,} rows, {res.bytes / 2**20:,.1f} MiB in "
+          f"{res.seconds:.1f}s ({res.bytes / 2**20 / max(res.seconds, 1e-9):,.1f} MiB/s), "
+          f"verified on every replica{'' if args.no_current else ', now current'}; "
+          f"{len(res.dense)} dense tensors found (not stored yet)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from shoal.demo import main as demo
     return demo([])
@@ -331,6 +357,18 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--no-wait", action="store_true")
     sp.add_argument("--cancel", action="store_true", help="stop a split not yet cut over")
     sp.set_defaults(fn=cmd_split)
+    ld = sub.add_parser("load", help="load a sharded checkpoint as a new model version")
+    ld.add_argument("path")
+    ld.add_argument("--model", required=True)
+    ld.add_argument("--version", type=int, default=0, help="with --resume: the version")
+    ld.add_argument("--format", default="auto", choices=["auto", "dcp", "torch_save",
+                                                         "safetensors"])
+    ld.add_argument("--chunk-mib", type=float, default=64.0,
+                    help="rows read and sent at a time (bounds the loader's memory)")
+    ld.add_argument("--no-current", action="store_true", help="leave it ready, not current")
+    ld.add_argument("--resume", action="store_true", help="rewrite a loading version")
+    ld.add_argument("--address", help="a router address instead of the local cluster")
+    ld.set_defaults(fn=cmd_load)
     au = sub.add_parser("autoscale", help="let the coordinator resize the cluster by load")
     au.add_argument("--min", type=int)
     au.add_argument("--max", type=int)
@@ -346,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     au.add_argument("--off", action="store_true")
     au.add_argument("--status", action="store_true", help="show the policy and decisions")
     au.set_defaults(fn=cmd_autoscale)
-    for p in (rs, ad, dr, rm, rb, sp, au):
+    for p in (rs, ad, dr, rm, rb, sp, au, ld):
         p.add_argument("--data-dir")
     sub.choices["cancel"].add_argument("--data-dir")
     args = ap.parse_args(argv)

@@ -55,6 +55,18 @@ class Client(RpcClient):
         """Every version of every model (``state``: "ready" | "loading"; ``current``)."""
         return list(self.status().map.models)
 
+    def create_model_spec(self, spec: pb.ModelSpec) -> pb.ModelSpec:
+        """Create a model from a full ``pb.ModelSpec`` (e.g. ``state="loading"``: not servable
+        until a load readies it). Returns the spec as placed."""
+        return self._call(self._stub.CreateModel, pb.CreateModelRequest(spec=spec)).model
+
+    def load(self, path: str, model: str, **kw):
+        """Load a sharded checkpoint (DCP, per-rank torch.save, safetensors) as a new version
+        of ``model``, verified, then made current; see ``shoal.loader.load`` for the options.
+        Returns a ``shoal.loader.LoadResult``."""
+        from shoal.loader import load
+        return load(self, path, model, **kw)
+
     def create_version(self, name: str, tables: Iterable = (), replication: int = 0) -> pb.ModelSpec:
         """A new version of model ``name``: "loading" (writable with ``version=``, not
         servable), with ``tables`` (default: the current version's tables, same shapes)."""

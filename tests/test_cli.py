@@ -74,6 +74,21 @@ def test_up_status_models_down(tmp_path):
         models = shoal_cli(["models"], env)
         assert "clim v1 (ready, current): 1 tables, 1000 rows" in models.stdout
         assert "t: 1000 x 8 float32 sum, 4 partitions, features f" in models.stdout
+
+        from tests.ckpt_fixtures import write_safetensors
+        w = torch.randn(500, 8)
+        ckpt = write_safetensors(str(tmp_path / "m.safetensors"),
+                                 {"x.embedding_bags.t.weight": w})
+        ld = shoal_cli(["load", ckpt, "--model", "ld", "--chunk-mib", "0.01"], env)
+        assert ld.returncode == 0, ld.stderr
+        assert "loaded ld v1: 1 tables, 500 rows" in ld.stdout and "verified" in ld.stdout
+        assert "100%" in ld.stdout
+        models = shoal_cli(["models"], env)
+        assert "ld v1 (ready, current): 1 tables, 500 rows" in models.stdout
+        c = shoal.connect(address)
+        torch.testing.assert_close(c.lookup_rows("ld", "t", torch.arange(500)), w, rtol=0,
+                                   atol=0)
+        c.close()
     finally:
         down = shoal_cli(["down"], env)
     assert down.returncode == 0, down.stderr

@@ -598,6 +598,22 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ChecksumsRequest(_message.Message):
+    __slots__ = ("table_uid", "partitions")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, table_uid: _Optional[int] = ..., partitions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChecksumsReply(_message.Message):
+    __slots__ = ("checksums", "rows")
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    checksums: Tensor
+    rows: Tensor
+    def __init__(self, checksums: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class LogEntry(_message.Message):
     __slots__ = ("request_id", "partitions", "seqs", "write_epochs", "ids", "rows", "prev_epochs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -685,6 +685,11 @@ class ShardServerStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.StatsRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ServerStats.FromString,
                 _registered_method=True)
+        self.Checksums = channel.unary_unary(
+                '/shoal.v1.ShardServer/Checksums',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsReply.FromString,
+                _registered_method=True)
         self.BuildReplica = channel.unary_unary(
                 '/shoal.v1.ShardServer/BuildReplica',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaRequest.SerializeToString,
@@ -729,6 +734,12 @@ class ShardServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checksums(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -780,6 +791,11 @@ def add_ShardServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.StatsRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ServerStats.SerializeToString,
+            ),
+            'Checksums': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checksums,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsReply.SerializeToString,
             ),
             'BuildReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.BuildReplica,
@@ -910,6 +926,33 @@ class ShardServer:
             '/shoal.v1.ShardServer/Stats',
             shoal_dot_proto_dot_shoal__pb2.StatsRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.ServerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checksums(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/Checksums',
+            shoal_dot_proto_dot_shoal__pb2.ChecksumsRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ChecksumsReply.FromString,
             options,
             channel_credentials,
             insecure,

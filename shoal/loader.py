@@ -1,0 +1,190 @@
+"""Loading a sharded checkpoint into the cluster as a new model version.
+
+``load(client, path, model)``: open the checkpoint (``embeddings.checkpoint``), find its
+embedding tables, create the model (version 1) or its next version, both "loading" (written,
+not servable: queries keep getting the current version), stream every table's rows in bounded
+chunks (``chunk_bytes``; the loader never holds more than one chunk of rows) through the
+routers' write path to each partition's leader and replicas (large chunks are stored as SST
+files and ingested), then verify: every replica's per-partition checksums must equal the
+source's, computed while streaming. Only then is the version marked ready and made current
+(one map change). A load that fails or is interrupted leaves its version "loading", never
+visible to queries; loading again with ``resume=True`` rewrites it (writes are idempotent),
+and ``client.update_version(model, v, drop=True)`` deletes it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import numpy as np
+import torch
+
+from embeddings.checkpoint import CheckpointError, dense_keys, embedding_tables, open_checkpoint
+from embeddings.checksum import partition_checksums
+from embeddings.specs import TableSpec
+from shoal.errors import ShoalError
+from shoal.proto import shoal_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float32",
+          torch.float64: "float32"}
+
+
+@dataclass
+class LoadProgress:
+    rows_done: int = 0
+    rows_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    table: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second so far."""
+        return self.bytes_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta(self) -> float:
+        return (self.bytes_total - self.bytes_done) / self.rate if self.rate else float("inf")
+
+
+@dataclass
+class LoadResult:
+    model: str
+    version: int
+    tables: dict[str, int]          # table -> rows
+    bytes: int
+    seconds: float
+    dense: list[str]                # dense parameter keys found (not loaded yet)
+
+
+def load(client, path: str, model: str, version: int = 0, format: str = "auto",
+         mapping: dict[str, str] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+         make_current: bool = True, resume: bool = False,
+         progress: Callable[[LoadProgress], None] | None = None) -> LoadResult:
+    """Load the checkpoint at ``path`` as a new version of ``model`` (see the module doc).
+    ``version``: with ``resume``, the loading version to rewrite; otherwise 0 (the next one)."""
+    with open_checkpoint(path, format) as reader:
+        infos = reader.tensors()
+        tables = embedding_tables(infos, mapping)
+        if not tables:
+            raise CheckpointError(f"{path}: no embedding tables found (keys like "
+                                  "'...embedding_bags.<name>.weight'); pass a mapping",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        specs = []
+        for name, key in sorted(tables.items()):
+            info = infos[key]
+            if info.dtype not in DTYPES:
+                raise CheckpointError(f"{', '.join(info.files)}: tensor {key!r} has dtype "
+                                      f"{info.dtype}; embedding tables must be floating point")
+            specs.append(TableSpec(name=name, num_embeddings=info.shape[0], dim=info.shape[1],
+                                   dtype=DTYPES[info.dtype], feature_names=(name,)))
+        md = _target_version(client, model, version, specs, infos, tables, resume)
+        placed = {t.name: t for t in md.tables}
+        prog = LoadProgress(rows_total=sum(infos[tables[t]].shape[0] for t in placed),
+                            bytes_total=sum(t.num_embeddings * t.dim *
+                                            (2 if t.dtype == "float16" else 4)
+                                            for t in placed.values()))
+        source: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, t in placed.items():
+            prog.table = name
+            source[name] = _stream_table(client, reader, tables[name], model, md.version, t,
+                                         chunk_bytes, prog, progress)
+        _verify(client, md, source)
+        client.update_version(model, md.version, ready=True, make_current=make_current)
+        return LoadResult(model, md.version, {n: t.num_embeddings for n, t in placed.items()},
+                          prog.bytes_done, prog.seconds, dense_keys(infos, tables))
+
+
+def _target_version(client, model: str, version: int, specs: list[TableSpec], infos, tables,
+                    resume: bool) -> pb.ModelSpec:
+    versions = [md for md in client.models() if md.name == model]
+    if resume:
+        loading = [md for md in versions if md.state == "loading" and
+                   (not version or md.version == version)]
+        if not loading:
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"model {model!r} has no loading version "
+                             f"{version or ''} to resume (versions: "
+                             f"{[(m.version, m.state) for m in versions]})")
+        return loading[-1]
+    if version:
+        raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"version: {version} can only be given with resume (a load creates "
+                         "the next version)")
+    current = next((md for md in versions if md.current), None)
+    if current is not None:
+        have = {t.name: t for t in current.tables}
+        for s in specs:
+            old = have.get(s.name)
+            if old is not None and old.dim != s.dim:
+                key = tables[s.name]
+                raise CheckpointError(
+                    f"{', '.join(infos[key].files)}: tensor {key!r} has dim {s.dim} but table "
+                    f"{s.name!r} of model {model!r} (version {current.version}) has dim "
+                    f"{old.dim}", grpc.StatusCode.INVALID_ARGUMENT)
+    if not versions:
+        spec = pb.ModelSpec(name=model, tables=[s.to_proto() for s in specs], state="loading")
+        return client.create_model_spec(spec)
+    return client.create_version(model, specs)
+
+
+def _stream_table(client, reader, key: str, model: str, version: int, t: pb.TableSpec,
+                  chunk_bytes: int, prog: LoadProgress, progress) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+    """Write every row of one table; (checksums, rows) per partition of what was sent."""
+    P = t.num_partitions
+    sums = np.zeros(P, np.uint64)
+    counts = np.zeros(P, np.int64)
+    dtype = torch.float16 if t.dtype == "float16" else torch.float32
+    row_bytes = t.dim * (2 if t.dtype == "float16" else 4)
+    step = max(1, chunk_bytes // row_bytes)
+    for lo in range(0, t.num_embeddings, step):
+        hi = min(lo + step, t.num_embeddings)
+        rows = reader.read_rows(key, lo, hi).to(dtype).contiguous()
+        ids = np.arange(lo, hi, dtype=np.int64)
+        client.write_rows(model, t.name, ids, rows, version=version,
+                          request_id=f"load/{model}/{version}/{t.table_uid}/{lo}")
+        s, c = partition_checksums(ids, rows.numpy(), ids & (P - 1), P)
+        with np.errstate(over="ignore"):
+            sums += s
+        counts += c
+        prog.rows_done += hi - lo
+        prog.bytes_done += (hi - lo) * row_bytes
+        if progress is not None:
+            progress(prog)
+        del rows
+    return sums, counts
+
+
+def _verify(client, md: pb.ModelSpec, source: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Every replica of every partition holds exactly the rows sent (checksums and counts)."""
+    from shoal.admin import server_checksums
+
+    m = client.status().map
+    addresses = {s.server_id: s.address for s in m.servers}
+    for t in md.tables:
+        want_sums, want_rows = source[t.name]
+        sets = [rs for rs in m.partitions if rs.table_uid == t.table_uid]
+        by_server: dict[str, list[int]] = {}
+        for rs in sets:
+            for s in rs.replicas:
+                by_server.setdefault(s, []).append(rs.partition)
+        for s, parts in sorted(by_server.items()):
+            sums, rows = server_checksums(addresses[s], t.table_uid, parts)
+            bad = [(p, int(r), int(want_rows[p])) for p, c, r in zip(parts, sums, rows)
+                   if c != want_sums[p] or r != want_rows[p]]
+            if bad:
+                p, r, w = bad[0]
+                raise ShoalError(grpc.StatusCode.DATA_LOSS,
+                                 f"load of {md.name} v{md.version}: table {t.name!r} partition "
+                                 f"{p} on {s} does not match the checkpoint ({r} rows stored, "
+                                 f"{w} sent; {len(bad)} partitions differ); the version stays "
+                                 "loading: resume the load or drop it")

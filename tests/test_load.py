@@ -1,0 +1,109 @@
+"""Loading sharded checkpoints into a real cluster as verified model versions: a TorchRec DLRM
+sharded by DistributedModelParallel over 2 gloo processes (table-, column- and row-wise) and
+saved with DCP, loaded into 3 servers; every row equals the model's, pooled lookups equal a
+torchrec EmbeddingBagCollection with those weights; a second load is a new version that is
+invisible until verified, then current."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+import shoal
+from tests.ckpt_fixtures import (DMP_DIM, DMP_TABLES, EBC_PREFIX, write_dmp_checkpoints,
+                                 write_safetensors)
+
+
+@pytest.fixture(scope="module")
+def dmp(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dmp"))
+    paths = write_dmp_checkpoints(out)
+    return paths, torch.load(paths["ref.pt"], weights_only=True)
+
+
+def oracle_ebc(ref):
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=n, embedding_dim=DMP_DIM, num_embeddings=r, feature_names=[n])
+        for n, r in DMP_TABLES.items()], device=torch.device("cpu"))
+    with torch.no_grad():
+        for n in DMP_TABLES:
+            ebc.embedding_bags[n].weight.copy_(ref[f"{EBC_PREFIX}{n}.weight"])
+    return ebc
+
+
+def test_load_dcp_checkpoint_as_versions(dmp, tmp_path):
+    from embeddings.synthetic import random_kjt
+
+    paths, ref = dmp
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client(timeout=60)
+        seen = []
+        res = client.load(paths["dmp"], model="dlrm", chunk_bytes=32 << 10,
+                          progress=lambda p: seen.append((p.rows_done, p.bytes_done)))
+        assert res.version == 1 and res.tables == DMP_TABLES
+        assert any(k.startswith("over_arch.") for k in res.dense)
+        assert len(seen) > 8 and seen[-1][0] == sum(DMP_TABLES.values())
+        (md,) = client.models()
+        assert md.state == "ready" and md.current
+        for name, rows in DMP_TABLES.items():
+            got = client.lookup_rows("dlrm", name, torch.arange(rows))
+            torch.testing.assert_close(got, ref[f"{EBC_PREFIX}{name}.weight"], rtol=0, atol=0)
+        ebc = oracle_ebc(ref)
+        rng = np.random.default_rng(3)
+        kjt = random_kjt(rng, list(DMP_TABLES), list(DMP_TABLES.values()), 32, 8)
+        with torch.no_grad():
+            want = ebc(kjt)
+        got = client.lookup("dlrm", kjt)
+        torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
+
+        # Version 2 from the same model saved in DCP's safetensors format, with t_cat_1
+        # changed: while it loads, queries get version 1 and version 2 is refused.
+        v1_rows = client.lookup_rows("dlrm", "t_cat_0", torch.arange(5))
+        during = []
+
+        def check_during(p):
+            if not during:
+                during.append(client.lookup_rows("dlrm", "t_cat_0", torch.arange(5)))
+                with pytest.raises(shoal.ShoalError) as e:
+                    client.lookup_rows("dlrm", "t_cat_0", torch.arange(5), version=2)
+                assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+        res2 = client.load(paths["dmp_safetensors"], model="dlrm", chunk_bytes=32 << 10,
+                           progress=check_during)
+        assert res2.version == 2 and during
+        torch.testing.assert_close(during[0], v1_rows, rtol=0, atol=0)
+        assert [(m.version, m.state, m.current) for m in client.models()] == \
+            [(1, "ready", False), (2, "ready", True)]
+        got = client.lookup("dlrm", kjt)                      # the same weights: same answers
+        torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
+        client.close()
+
+
+def test_load_safetensors_and_clear_errors(tmp_path):
+    w = {"m.embedding_bags.a.weight": torch.randn(700, 8),
+         "m.embedding_bags.b.weight": torch.randn(300, 4).to(torch.float16),
+         "dense.weight": torch.randn(3, 3)}
+    path = write_safetensors(str(tmp_path / "model.safetensors"), w)
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client(timeout=60)
+        res = client.load(path, model="st")
+        assert res.tables == {"a": 700, "b": 300} and res.dense == ["dense.weight"]
+        torch.testing.assert_close(client.lookup_rows("st", "a", torch.arange(700)),
+                                   w["m.embedding_bags.a.weight"], rtol=0, atol=0)
+        got_b = client.lookup_rows("st", "b", torch.arange(300))
+        assert got_b.dtype == torch.float16
+        torch.testing.assert_close(got_b, w["m.embedding_bags.b.weight"], rtol=0, atol=0)
+        # A dim that conflicts with the model: refused before anything is written.
+        bad = write_safetensors(str(tmp_path / "bad.safetensors"),
+                                {"m.embedding_bags.a.weight": torch.randn(700, 6)})
+        with pytest.raises(shoal.ShoalError) as e:
+            client.load(bad, model="st")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bad.safetensors" in e.value.message and "m.embedding_bags.a.weight" in \
+            e.value.message and "dim 6" in e.value.message and "dim 8" in e.value.message
+        assert [m.version for m in client.models()] == [1]
+        client.close()
