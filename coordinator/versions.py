@@ -59,14 +59,63 @@ def with_update(state: ClusterState, model: str, version: int, ready: bool = Fal
     return new
 
 
+def dense_key(model: str, version: int) -> str:
+    return f"dense/{model}/{version}"
+
+
 class VersionRPCs:
-    """Needs from the host: ``_lock``, ``_state``, ``_commit``."""
+    """Needs from the host: ``_lock``, ``_state``, ``_commit``, ``_store``."""
+
+    def PutDense(self, request, context):
+        """Store a loading version's dense parameters (replacing any put before)."""
+        try:
+            with self._lock:
+                md = self._state.models.get((request.model, request.version))
+                if md is None:
+                    raise NotFound(f"model {request.model!r} has no version {request.version}")
+                if md.state != "loading":
+                    raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"version {request.version} of model {request.model!r} "
+                                     "is ready; a version's dense parameters are set while it "
+                                     "loads")
+                if len(request.names) != len(request.tensors) or \
+                        len(set(request.names)) != len(request.names):
+                    raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"names: {len(request.names)} names for "
+                                     f"{len(request.tensors)} tensors; one unique name each")
+                nbytes = sum(len(t.data) for t in request.tensors)
+                self._store.put_blob(dense_key(request.model, request.version),
+                                     request.SerializeToString())
+                new = self._state.copy()
+                target = new.models[(request.model, request.version)]
+                target.dense_bytes, target.dense_tensors = nbytes, len(request.names)
+                new.version += 1
+                self._commit(new)
+                return pb.PutDenseReply(bytes=nbytes, map_version=self._state.version)
+        except ShoalError as e:
+            abort_with(context, e)
+
+    def GetDense(self, request, context):
+        try:
+            md = self._state.current(request.model) if not request.version else \
+                self._state.models.get((request.model, request.version))
+            if md is None:
+                raise NotFound(f"model {request.model!r} has no version "
+                               f"{request.version or '(current)'}")
+            blob = self._store.get_blob(dense_key(md.name, md.version))
+            out = pb.DenseParams.FromString(blob) if blob else pb.DenseParams()
+            out.model, out.version = md.name, md.version
+            return out
+        except ShoalError as e:
+            abort_with(context, e)
 
     def UpdateModel(self, request, context):
         try:
             with self._lock:
                 self._commit(with_update(self._state, request.model, request.version,
                                          request.ready, request.make_current, request.drop))
+                if request.drop:
+                    self._store.delete_blob(dense_key(request.model, request.version))
                 what = "dropped" if request.drop else ", ".join(
                     w for w, on in (("ready", request.ready), ("current", request.make_current))
                     if on)

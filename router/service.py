@@ -175,6 +175,18 @@ class RouterService(pbg.RouterServicer):
         self._maps.install(reply.map)
         return reply
 
+    async def PutDense(self, request, context):
+        try:
+            return await self._coord.PutDense(request, timeout=120)
+        except grpc.RpcError as e:
+            await abort_async(context, from_rpc_error(e))
+
+    async def GetDense(self, request, context):
+        try:
+            return await self._coord.GetDense(request, timeout=120)
+        except grpc.RpcError as e:
+            await abort_async(context, from_rpc_error(e))
+
     async def UpdateModel(self, request, context):
         try:
             reply = await self._coord.UpdateModel(request, timeout=30)

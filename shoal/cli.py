@@ -123,8 +123,10 @@ def cmd_models(args) -> int:
         nbytes = sum(t.num_embeddings * t.dim * (2 if t.dtype == "float16" else 4)
                      for t in md.tables)
         state = (md.state or "ready") + (", current" if md.current else "")
+        dense = f", dense {md.dense_tensors} tensors {md.dense_bytes / 2**20:.1f} MiB" \
+            if md.dense_tensors else ""
         print(f"{md.name} v{md.version} ({state}): {len(md.tables)} tables, {rows} rows, "
-              f"{nbytes / 2**20:.1f} MiB, replication {md.replication}")
+              f"{nbytes / 2**20:.1f} MiB, replication {md.replication}{dense}")
         for t in md.tables:
             print(f"  {t.name}: {t.num_embeddings} x {t.dim} {t.dtype} {t.pooling}, "
                   f"{t.num_partitions} partitions, features {', '.join(t.feature_names)}")
@@ -293,7 +295,7 @@ def cmd_load(args) -> int:
           f"{sum(res.tables.values()):,} rows, {res.bytes / 2**20:,.1f} MiB in "
           f"{res.seconds:.1f}s ({res.bytes / 2**20 / max(res.seconds, 1e-9):,.1f} MiB/s), "
           f"verified on every replica{'' if args.no_current else ', now current'}; "
-          f"{len(res.dense)} dense tensors found (not stored yet)")
+          f"{len(res.dense)} dense tensors stored with it")
     return 0
 
 

@@ -60,6 +60,20 @@ class Client(RpcClient):
         until a load readies it). Returns the spec as placed."""
         return self._call(self._stub.CreateModel, pb.CreateModelRequest(spec=spec)).model
 
+    def put_dense(self, model: str, version: int, params: dict) -> int:
+        """Store a loading version's dense parameters (name -> tensor); returns bytes."""
+        names = list(params)
+        msg = pb.DenseParams(model=model, version=version, names=names,
+                             tensors=[pack(_dense_np(params[n])) for n in names])
+        return self._call(self._stub.PutDense, msg).bytes
+
+    def dense(self, model: str, version: int = 0) -> dict[str, torch.Tensor]:
+        """A version's dense parameters (0: the current version's)."""
+        from shoal.wire import unpack
+        reply = self._call(self._stub.GetDense, pb.GetDenseRequest(model=model, version=version))
+        return {n: torch.from_numpy(unpack(t, n).copy()) for n, t in
+                zip(reply.names, reply.tensors)}
+
     def load(self, path: str, model: str, **kw):
         """Load a sharded checkpoint (DCP, per-rank torch.save, safetensors) as a new version
         of ``model``, verified, then made current; see ``shoal.loader.load`` for the options.
@@ -144,3 +158,14 @@ class Client(RpcClient):
 
 def connect(address: str, timeout: float = 120.0) -> Client:
     return Client(address, timeout)
+
+
+def _dense_np(t) -> np.ndarray:
+    """A dense parameter as a numpy array of a wire dtype (floats as float32 unless float16;
+    integers and bools as int64)."""
+    t = torch.as_tensor(t).detach().cpu()
+    if t.dtype == torch.float16:
+        return t.numpy()
+    if t.is_floating_point():
+        return t.float().numpy()
+    return t.to(torch.int64).numpy()

@@ -6,7 +6,9 @@ not servable: queries keep getting the current version), stream every table's ro
 chunks (``chunk_bytes``; the loader never holds more than one chunk of rows) through the
 routers' write path to each partition's leader and replicas (large chunks are stored as SST
 files and ingested), then verify: every replica's per-partition checksums must equal the
-source's, computed while streaming. Only then is the version marked ready and made current
+source's, computed while streaming. The dense parameters (every other tensor) are stored
+with the version (``client.dense(model, version)``). Only then is the version marked ready and
+made current
 (one map change). A load that fails or is interrupted leaves its version "loading", never
 visible to queries; loading again with ``resume=True`` rewrites it (writes are idempotent),
 and ``client.update_version(model, v, drop=True)`` deletes it.
@@ -62,7 +64,7 @@ class LoadResult:
     tables: dict[str, int]          # table -> rows
     bytes: int
     seconds: float
-    dense: list[str]                # dense parameter keys found (not loaded yet)
+    dense: list[str]                # dense parameter keys, stored with the version
 
 
 def load(client, path: str, model: str, version: int = 0, format: str = "auto",
@@ -97,10 +99,26 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
             prog.table = name
             source[name] = _stream_table(client, reader, tables[name], model, md.version, t,
                                          chunk_bytes, prog, progress)
+        dense = dense_keys(infos, tables)
+        if dense:
+            _check_dense_size(infos, dense, path)
+            client.put_dense(model, md.version, {k: reader.read(k) for k in dense})
         _verify(client, md, source)
         client.update_version(model, md.version, ready=True, make_current=make_current)
         return LoadResult(model, md.version, {n: t.num_embeddings for n, t in placed.items()},
-                          prog.bytes_done, prog.seconds, dense_keys(infos, tables))
+                          prog.bytes_done, prog.seconds, dense)
+
+
+def _check_dense_size(infos, dense: list[str], path: str) -> None:
+    from shoal.config import MAX_MESSAGE_BYTES
+    nbytes = sum(int(np.prod(infos[k].shape)) * 8 for k in dense)   # at most 8 bytes a value
+    if nbytes > MAX_MESSAGE_BYTES // 2:
+        big = max(dense, key=lambda k: int(np.prod(infos[k].shape)))
+        raise CheckpointError(f"{path}: the dense parameters ({len(dense)} tensors, up to "
+                              f"{nbytes / 2**20:,.0f} MiB, the largest {big!r}) exceed the "
+                              f"{MAX_MESSAGE_BYTES // 2 / 2**20:,.0f} MiB a version can keep; "
+                              "is a table missing from the mapping?",
+                              grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def _target_version(client, model: str, version: int, specs: list[TableSpec], infos, tables,

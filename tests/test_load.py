@@ -46,6 +46,10 @@ def test_load_dcp_checkpoint_as_versions(dmp, tmp_path):
                           progress=lambda p: seen.append((p.rows_done, p.bytes_done)))
         assert res.version == 1 and res.tables == DMP_TABLES
         assert any(k.startswith("over_arch.") for k in res.dense)
+        dense = client.dense("dlrm")
+        assert set(dense) == set(res.dense)
+        for k, v in dense.items():                    # stored with the version, exactly
+            torch.testing.assert_close(v, ref[k].to(v.dtype), rtol=0, atol=0)
         assert len(seen) > 8 and seen[-1][0] == sum(DMP_TABLES.values())
         (md,) = client.models()
         assert md.state == "ready" and md.current
@@ -78,6 +82,11 @@ def test_load_dcp_checkpoint_as_versions(dmp, tmp_path):
         torch.testing.assert_close(during[0], v1_rows, rtol=0, atol=0)
         assert [(m.version, m.state, m.current) for m in client.models()] == \
             [(1, "ready", False), (2, "ready", True)]
+        assert client.models()[1].dense_tensors == len(res2.dense) > 0
+        client.update_version("dlrm", 1, drop=True)          # its dense parameters go too
+        with pytest.raises(shoal.ShoalError) as e:
+            client.dense("dlrm", 1)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
         got = client.lookup("dlrm", kjt)                      # the same weights: same answers
         torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
         client.close()
@@ -92,6 +101,7 @@ def test_load_safetensors_and_clear_errors(tmp_path):
         client = cluster.client(timeout=60)
         res = client.load(path, model="st")
         assert res.tables == {"a": 700, "b": 300} and res.dense == ["dense.weight"]
+        torch.testing.assert_close(client.dense("st")["dense.weight"], w["dense.weight"])
         torch.testing.assert_close(client.lookup_rows("st", "a", torch.arange(700)),
                                    w["m.embedding_bags.a.weight"], rtol=0, atol=0)
         got_b = client.lookup_rows("st", "b", torch.arange(300))

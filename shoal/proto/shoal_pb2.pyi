@@ -37,7 +37,7 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., pooling: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_partitions: _Optional[int] = ..., table_uid: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current")
+    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current", "dense_bytes", "dense_tensors")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class ModelSpec(_message.Message):
     SERVER_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
@@ -54,7 +56,37 @@ class ModelSpec(_message.Message):
     server_quota_bytes: int
     state: str
     current: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ...) -> None: ...
+    dense_bytes: int
+    dense_tensors: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ..., dense_bytes: _Optional[int] = ..., dense_tensors: _Optional[int] = ...) -> None: ...
+
+class DenseParams(_message.Message):
+    __slots__ = ("model", "version", "names", "tensors")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class PutDenseReply(_message.Message):
+    __slots__ = ("bytes", "map_version")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    map_version: int
+    def __init__(self, bytes: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class GetDenseRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ReplicaSet(_message.Message):
     __slots__ = ("table_uid", "partition", "replicas", "epoch", "learners")

@@ -59,6 +59,16 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
                 _registered_method=True)
+        self.PutDense = channel.unary_unary(
+                '/shoal.v1.Coordinator/PutDense',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.PutDenseReply.FromString,
+                _registered_method=True)
+        self.GetDense = channel.unary_unary(
+                '/shoal.v1.Coordinator/GetDense',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.GetDenseRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.FromString,
+                _registered_method=True)
         self.SetReplicas = channel.unary_unary(
                 '/shoal.v1.Coordinator/SetReplicas',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.SetReplicasRequest.SerializeToString,
@@ -134,6 +144,18 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutDense(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDense(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +242,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UpdateModel,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.SerializeToString,
+            ),
+            'PutDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutDense,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.PutDenseReply.SerializeToString,
+            ),
+            'GetDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDense,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.GetDenseRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.SerializeToString,
             ),
             'SetReplicas': grpc.unary_unary_rpc_method_handler(
                     servicer.SetReplicas,
@@ -402,6 +434,60 @@ class Coordinator:
             '/shoal.v1.Coordinator/UpdateModel',
             shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/PutDense',
+            shoal_dot_proto_dot_shoal__pb2.DenseParams.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.PutDenseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/GetDense',
+            shoal_dot_proto_dot_shoal__pb2.GetDenseRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.DenseParams.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1091,6 +1177,16 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
                 _registered_method=True)
+        self.PutDense = channel.unary_unary(
+                '/shoal.v1.Router/PutDense',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.PutDenseReply.FromString,
+                _registered_method=True)
+        self.GetDense = channel.unary_unary(
+                '/shoal.v1.Router/GetDense',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.GetDenseRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.FromString,
+                _registered_method=True)
         self.WriteRows = channel.unary_unary(
                 '/shoal.v1.Router/WriteRows',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.RouterWriteRowsRequest.SerializeToString,
@@ -1123,6 +1219,18 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutDense(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDense(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1164,6 +1272,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.UpdateModel,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.SerializeToString,
+            ),
+            'PutDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutDense,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.PutDenseReply.SerializeToString,
+            ),
+            'GetDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDense,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.GetDenseRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.DenseParams.SerializeToString,
             ),
             'WriteRows': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteRows,
@@ -1240,6 +1358,60 @@ class Router:
             '/shoal.v1.Router/UpdateModel',
             shoal_dot_proto_dot_shoal__pb2.UpdateModelRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.UpdateModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Router/PutDense',
+            shoal_dot_proto_dot_shoal__pb2.DenseParams.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.PutDenseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Router/GetDense',
+            shoal_dot_proto_dot_shoal__pb2.GetDenseRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.DenseParams.FromString,
             options,
             channel_credentials,
             insecure,
