@@ -16,6 +16,7 @@ and ``client.update_version(model, v, drop=True)`` deletes it.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -95,10 +96,11 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
                                             (2 if t.dtype == "float16" else 4)
                                             for t in placed.values()))
         source: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        attempt = uuid.uuid4().hex[:12]
         for name, t in placed.items():
             prog.table = name
             source[name] = _stream_table(client, reader, tables[name], model, md.version, t,
-                                         chunk_bytes, prog, progress)
+                                         chunk_bytes, prog, progress, attempt)
         dense = dense_keys(infos, tables)
         if dense:
             _check_dense_size(infos, dense, path)
@@ -155,9 +157,11 @@ def _target_version(client, model: str, version: int, specs: list[TableSpec], in
 
 
 def _stream_table(client, reader, key: str, model: str, version: int, t: pb.TableSpec,
-                  chunk_bytes: int, prog: LoadProgress, progress) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
-    """Write every row of one table; (checksums, rows) per partition of what was sent."""
+                  chunk_bytes: int, prog: LoadProgress, progress,
+                  attempt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Write every row of one table; (checksums, rows) per partition of what was sent. Each
+    chunk's idempotency key is unique to this attempt (``attempt``): a resume may bring other
+    rows for the same range (a repaired checkpoint), which must not be taken for a resend."""
     P = t.num_partitions
     sums = np.zeros(P, np.uint64)
     counts = np.zeros(P, np.int64)
@@ -169,7 +173,7 @@ def _stream_table(client, reader, key: str, model: str, version: int, t: pb.Tabl
         rows = reader.read_rows(key, lo, hi).to(dtype).contiguous()
         ids = np.arange(lo, hi, dtype=np.int64)
         client.write_rows(model, t.name, ids, rows, version=version,
-                          request_id=f"load/{model}/{version}/{t.table_uid}/{lo}")
+                          request_id=f"load/{attempt}/{t.table_uid}/{lo}")
         s, c = partition_checksums(ids, rows.numpy(), ids & (P - 1), P)
         with np.errstate(over="ignore"):
             sums += s

@@ -117,3 +117,63 @@ def test_load_safetensors_and_clear_errors(tmp_path):
             e.value.message and "dim 6" in e.value.message and "dim 8" in e.value.message
         assert [m.version for m in client.models()] == [1]
         client.close()
+
+
+def test_per_rank_torch_save_and_a_failed_load_then_resume(dmp, tmp_path):
+    """Per-rank torch.save files (row shards with offsets, column shards) load into a model.
+    A DCP checkpoint whose last table's chunk is corrupt fails mid-load, naming the file and
+    the tensor: its version stays loading, invisible (queries keep the current version), and a
+    resume from a good copy finishes it."""
+    import shutil
+
+    from embeddings.checkpoint import open_checkpoint
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(1200, 8, generator=g), torch.randn(90, 6, generator=g)
+    torch.save({"e.embedding_bags.a.weight": {"tensor": a[:500].clone(), "offsets": [0, 0],
+                                             "global_shape": [1200, 8]},
+                "e.embedding_bags.b.weight": {"tensor": b[:, :4].clone(), "offsets": [0, 0]}},
+               tmp_path / "rank_0.pt")
+    torch.save({"e.embedding_bags.a.weight": {"tensor": a[500:].clone(), "offsets": [500, 0],
+                                             "global_shape": [1200, 8]},
+                "e.embedding_bags.b.weight": {"tensor": b[:, 4:].clone(), "offsets": [0, 4]}},
+               tmp_path / "rank_1.pt")
+    for f in ("rank_0.pt", "rank_1.pt"):
+        (tmp_path / "ranks").mkdir(exist_ok=True)
+        shutil.move(str(tmp_path / f), str(tmp_path / "ranks" / f))
+    paths, ref = dmp
+    bad = tmp_path / "bad"
+    shutil.copytree(paths["dmp"], bad)
+    with open_checkpoint(str(bad)) as r:                # the chunk file of the last table
+        key = f"{EBC_PREFIX}t_cat_3.weight"
+        victim = sorted(r.tensors()[key].files)[-1]
+    raw = bytearray(open(victim, "rb").read())
+    cd = raw.rfind(b"PK\x01\x02")                     # a zip directory entry of its last chunk
+    assert cd > 0
+    raw[cd:cd + 4] = b"XXXX"                            # same size, a broken archive
+    open(victim, "wb").write(bytes(raw))
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client(timeout=60)
+        res = client.load(str(tmp_path / "ranks"), model="ts")
+        torch.testing.assert_close(client.lookup_rows("ts", "a", torch.arange(1200)), a,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(client.lookup_rows("ts", "b", torch.arange(90)), b,
+                                   rtol=0, atol=0)
+        assert res.version == 1
+        with pytest.raises(shoal.ShoalError) as e:
+            client.load(str(bad), model="dl", chunk_bytes=16 << 10)
+        msg = e.value.message
+        assert victim.rsplit("/", 1)[-1] in msg or str(bad) in msg, msg
+        (md,) = [m for m in client.models() if m.name == "dl"]
+        assert md.state == "loading" and not md.current
+        with pytest.raises(shoal.ShoalError) as e:          # nothing of it is visible
+            client.lookup_rows("dl", "t_cat_0", torch.arange(3))
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        res = client.load(paths["dmp"], model="dl", resume=True)
+        assert res.version == 1
+        (md,) = [m for m in client.models() if m.name == "dl"]
+        assert md.state == "ready" and md.current
+        for name, rows in DMP_TABLES.items():
+            torch.testing.assert_close(client.lookup_rows("dl", name, torch.arange(rows)),
+                                       ref[f"{EBC_PREFIX}{name}.weight"], rtol=0, atol=0)
+        client.close()
