@@ -186,8 +186,23 @@ def _stream_table(client, reader, key: str, model: str, version: int, t: pb.Tabl
     return sums, counts
 
 
-def _verify(client, md: pb.ModelSpec, source: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Every replica of every partition holds exactly the rows sent (checksums and counts)."""
+def _verify(client, md: pb.ModelSpec, source: dict[str, tuple[np.ndarray, np.ndarray]],
+            timeout: float = 120.0) -> None:
+    """Every replica of every partition holds exactly the rows sent (checksums and counts). A
+    replica that cannot be reached (a server lost during the load, not yet dropped from its
+    replica sets) is asked again on a newer map, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _verify_once(client, md, source)
+        except ShoalError as e:
+            if e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                    or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _verify_once(client, md: pb.ModelSpec, source) -> None:
     from shoal.admin import server_checksums
 
     m = client.status().map

@@ -177,3 +177,111 @@ def test_per_rank_torch_save_and_a_failed_load_then_resume(dmp, tmp_path):
             torch.testing.assert_close(client.lookup_rows("dl", name, torch.arange(rows)),
                                        ref[f"{EBC_PREFIX}{name}.weight"], rtol=0, atol=0)
         client.close()
+
+
+@pytest.mark.timeout(300)
+def test_losing_a_server_during_a_load(dmp, tmp_path):
+    """SIGKILL a shard server while version 2 loads: the load finishes on the other replicas
+    (writes fail over) and is verified; queries of the current version 1 never fail; after the
+    server restarts and the replication factor is back, every replica's checksums agree."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from shoal.admin import server_checksums
+    from tests.test_failover import fast_failover_config
+
+    paths, ref = dmp
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path / "c"),
+                            config=fast_failover_config()) as cluster:
+        client = cluster.client(timeout=60)
+        client.load(paths["dmp"], model="dlrm")
+        failures, answered, stop = [], [0], threading.Event()
+        want = ref[f"{EBC_PREFIX}t_cat_1.weight"]
+
+        def reader():
+            c = cluster.client(timeout=30)
+            while not stop.is_set():
+                try:
+                    got = c.lookup_rows("dlrm", "t_cat_1", torch.arange(1500))
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+                    answered[0] += 1
+                except Exception as e:          # any error or wrong answer
+                    failures.append(repr(e))
+            c.close()
+
+        killed = []
+
+        def kill_once(p):
+            if not killed and p.rows_done > p.rows_total // 4:
+                victim = cluster.server("s1")
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            res = client.load(paths["dmp_safetensors"], model="dlrm", chunk_bytes=8 << 10,
+                              progress=kill_once)
+        finally:
+            stop.set()
+            t.join(60)
+        assert killed and res.version == 2
+        assert failures == [] and answered[0] > 5
+        assert [(m.version, m.current) for m in client.models()] == [(1, False), (2, True)]
+        for name, rows in DMP_TABLES.items():
+            torch.testing.assert_close(client.lookup_rows("dlrm", name, torch.arange(rows)),
+                                       ref[f"{EBC_PREFIX}{name}.weight"], rtol=0, atol=0)
+        cluster.restart("s1")
+        deadline = time.monotonic() + 120
+        while True:
+            m = client.status().map
+            if all(len(rs.replicas) == 2 and not rs.learners for rs in m.partitions):
+                break
+            assert time.monotonic() < deadline, "replication factor not restored"
+            time.sleep(0.5)
+        addr = {s.server_id: s.address for s in m.servers}
+        for rs in m.partitions:
+            sums = [server_checksums(addr[s], rs.table_uid, [rs.partition]) for s in rs.replicas]
+            assert all(int(x[1][0]) > 0 for x in sums)
+            assert len({(int(x[0][0]), int(x[1][0])) for x in sums}) == 1, rs
+        client.close()
+
+
+LOADER_SCRIPT = r"""
+import sys, resource
+import shoal
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+client = shoal.connect(sys.argv[1])
+client.models()                                   # warm up: imports, channels
+before = hwm()
+res = client.load(sys.argv[2], model="big", chunk_bytes=int(sys.argv[3]))
+print(res.bytes, before, hwm())
+"""
+
+
+@pytest.mark.timeout(300)
+def test_loader_memory_is_bounded_by_the_chunk_size(tmp_path):
+    """A 128 MiB table loaded in 4 MiB chunks, in a fresh process: its peak RSS grows by a few
+    chunks (the rows read, their wire copies) plus a fixed overhead, not by the table."""
+    import subprocess
+    import sys
+
+    table = torch.randn(128 * 2**20 // (64 * 4), 64)          # 128 MiB of float32
+    path = write_safetensors(str(tmp_path / "big.safetensors"),
+                             {"x.embedding_bags.big.weight": table})
+    del table
+    chunk = 4 << 20
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c")) as cluster:
+        out = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, cluster.router_address,
+                              path, str(chunk)], capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-2000:]
+        nbytes, before, after = map(int, out.stdout.split()[-3:])
+        assert nbytes == 128 * 2**20
+        growth = after - before
+        print(f"loader peak RSS grew {growth / 2**20:.1f} MiB loading 128 MiB in 4 MiB chunks")
+        assert growth < 8 * chunk + (32 << 20), growth / 2**20     # not the 128 MiB table
