@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import grpc
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ class HeldTable:
     attached: dict[str, np.ndarray] = field(default_factory=dict)
     looked_up: np.ndarray = None        # int64 [P]: ids looked up per partition (load), cumulative
     frozen: bool = False                # being split: writes wait for the cut-over
+    loading: bool = False               # of a model version being loaded: takes Ingest
 
     def __post_init__(self):
         if self.looked_up is None:
@@ -160,6 +162,7 @@ class ShardService(WritePath):
         budget = self._cfg.memory_budget_bytes
         log_bytes = self._cfg.replication_log_bytes // max(1, len(held))
         splits = {sp.table_uid: sp for sp in m.splits}
+        loading = {t.table_uid for md in m.models if md.state == "loading" for t in md.tables}
         shadows = self._shadows(splits, held)
         for uid in sorted(held) + sorted(shadows):
             spec = specs[uid] if uid in held else TableSpec.from_proto(shadows[uid][0])
@@ -193,6 +196,7 @@ class ShardService(WritePath):
                                   for s, a in table.attached.items() if s in table.learners}
                 table.log.set_budget(log_bytes)
                 table.frozen = uid in splits and splits[uid].frozen
+                table.loading = uid in loading
             self._tables[uid] = table
         self._split_work = [(uid, p, sp.new_table.table_uid) for uid, sp in sorted(splits.items())
                             for p in sorted(held.get(uid, {}))
@@ -342,10 +346,11 @@ class ShardService(WritePath):
         idx = table.arena.rows_index(ids, parts)
         hot = np.flatnonzero(idx >= 0)
         if hot.size:
+            if hot.size < len(ids):
+                idx, rows = idx[hot], rows[hot]
             with table.lock.write():
                 table.arena.weight.index_copy_(
-                    0, torch.from_numpy(idx[hot]),
-                    torch.from_numpy(np.ascontiguousarray(rows[hot])))
+                    0, torch.from_numpy(idx), torch.from_numpy(np.ascontiguousarray(rows)))
 
     # ------------------------------------------------------------ splits (see shards.split)
     @property
@@ -399,6 +404,37 @@ class ShardService(WritePath):
             for q in qs:
                 table.log.reset(q, at[1], at[2])
         return True
+
+    def ingest(self, request: pb.IngestRequest) -> pb.IngestReply:
+        """Store bulk rows of a loading version's table on this replica (see IngestRequest)."""
+        self._enter(request.map_version)
+        table = self._table(request.table_uid)
+        spec = table.spec
+        if not table.loading:
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"table {spec.name!r} (table_uid {spec.table_uid}) is not of a "
+                             "loading version; Ingest only fills a version being loaded (use "
+                             "WriteRows)")
+        ids = unpack(request.ids, "ids", "int64", 1)
+        rows = unpack(request.rows, "rows", spec.dtype, 2)
+        if rows.shape != (len(ids), spec.dim):
+            raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
+                                  f"{spec.dim}]")
+        check_ids(ids, spec, "ids")
+        if not (ids[1:] > ids[:-1]).all() and len(np.unique(ids)) != len(ids):
+            raise InvalidArgument("ids: must be unique within one ingest")   # (sorted: O(n))
+        parts = partition_of(ids, spec.num_partitions)
+        with table.write_mutex:
+            held = table.epochs[parts] > 0
+            if not held.all():
+                p = int(parts[np.flatnonzero(~held)[0]])
+                raise StaleMap(f"server {self.server_id} holds no copy of partition {p} of "
+                               f"table {spec.name!r} at map version {self._map_version}",
+                               self._map_version, 0)
+            mine = np.unique(parts)      # positions unchanged, but stored: the copy exists
+            self._put(table, parts, ids, rows,
+                      (mine, table.log.seq[mine].copy(), table.log.epoch[mine].copy()))
+        return pb.IngestReply(rows=len(ids))
 
     def checksums(self, request: pb.ChecksumsRequest) -> pb.ChecksumsReply:
         """Checksums of stored partitions (``embeddings.checksum``), read from RocksDB."""
@@ -589,6 +625,9 @@ class ShardServicer(pbg.ShardServerServicer):
 
     async def Stats(self, request, context):
         return self._svc.stats()
+
+    async def Ingest(self, request, context):
+        return await self._run(self._svc.ingest, request, context, in_thread=True)
 
     async def Checksums(self, request, context):
         try:

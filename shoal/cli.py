@@ -365,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--version", type=int, default=0, help="with --resume: the version")
     ld.add_argument("--format", default="auto", choices=["auto", "dcp", "torch_save",
                                                          "safetensors"])
-    ld.add_argument("--chunk-mib", type=float, default=64.0,
-                    help="rows read and sent at a time (bounds the loader's memory)")
+    ld.add_argument("--chunk-mib", type=float, default=16.0,
+                    help="rows read and sent at a time; the loader's memory is about 10 chunks")
     ld.add_argument("--no-current", action="store_true", help="leave it ready, not current")
     ld.add_argument("--resume", action="store_true", help="rewrite a loading version")
     ld.add_argument("--address", help="a router address instead of the local cluster")

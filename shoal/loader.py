@@ -29,8 +29,9 @@ from embeddings.checksum import partition_checksums
 from embeddings.specs import TableSpec
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2 as pb
+from shoal.serving import trim_heap
 
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20   # the loader's peak memory is about 10 chunks
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float32",
           torch.float64: "float32"}
 
@@ -71,9 +72,12 @@ class LoadResult:
 def load(client, path: str, model: str, version: int = 0, format: str = "auto",
          mapping: dict[str, str] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          make_current: bool = True, resume: bool = False,
-         progress: Callable[[LoadProgress], None] | None = None) -> LoadResult:
+         progress: Callable[[LoadProgress], None] | None = None,
+         direct: bool = True) -> LoadResult:
     """Load the checkpoint at ``path`` as a new version of ``model`` (see the module doc).
-    ``version``: with ``resume``, the loading version to rewrite; otherwise 0 (the next one)."""
+    ``version``: with ``resume``, the loading version to rewrite; otherwise 0 (the next one).
+    ``direct``: send each replica its rows itself (``Ingest``), in parallel; else (and for any
+    chunk a replica fails) through the routers' replicated write path."""
     with open_checkpoint(path, format) as reader:
         infos = reader.tensors()
         tables = embedding_tables(infos, mapping)
@@ -97,10 +101,11 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
                                             for t in placed.values()))
         source: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         attempt = uuid.uuid4().hex[:12]
-        for name, t in placed.items():
-            prog.table = name
-            source[name] = _stream_table(client, reader, tables[name], model, md.version, t,
-                                         chunk_bytes, prog, progress, attempt)
+        with Sink(client, model, md.version, direct) as sink:
+            for name, t in placed.items():
+                prog.table = name
+                source[name] = _stream_table(sink, reader, tables[name], t, chunk_bytes, prog,
+                                             progress, attempt)
         dense = dense_keys(infos, tables)
         if dense:
             _check_dense_size(infos, dense, path)
@@ -156,7 +161,7 @@ def _target_version(client, model: str, version: int, specs: list[TableSpec], in
     return client.create_version(model, specs)
 
 
-def _stream_table(client, reader, key: str, model: str, version: int, t: pb.TableSpec,
+def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,
                   chunk_bytes: int, prog: LoadProgress, progress,
                   attempt: str) -> tuple[np.ndarray, np.ndarray]:
     """Write every row of one table; (checksums, rows) per partition of what was sent. Each
@@ -172,8 +177,7 @@ def _stream_table(client, reader, key: str, model: str, version: int, t: pb.Tabl
         hi = min(lo + step, t.num_embeddings)
         rows = reader.read_rows(key, lo, hi).to(dtype).contiguous()
         ids = np.arange(lo, hi, dtype=np.int64)
-        client.write_rows(model, t.name, ids, rows, version=version,
-                          request_id=f"load/{attempt}/{t.table_uid}/{lo}")
+        sink.write(t, ids, rows.numpy(), f"load/{attempt}/{t.table_uid}/{lo}")
         s, c = partition_checksums(ids, rows.numpy(), ids & (P - 1), P)
         with np.errstate(over="ignore"):
             sums += s
@@ -184,6 +188,77 @@ def _stream_table(client, reader, key: str, model: str, version: int, t: pb.Tabl
             progress(prog)
         del rows
     return sums, counts
+
+
+class Sink:
+    """Where a load's chunks go: each replica directly (``Ingest``, servers in parallel), or,
+    for partitions with a copy being built (a learner would miss rows that bypass the leader's
+    log) and for any replica that fails, the routers' write path (leader, log, replicas)."""
+
+    def __init__(self, client, model: str, version: int, direct: bool):
+        self._client, self._model, self._version, self._direct = client, model, version, direct
+        self._channels: dict[str, object] = {}
+        self._map = client.status().map if direct else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for ch in self._channels.values():
+            ch.close()
+
+    def write(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray, key: str) -> None:
+        if not self._direct:
+            self._routed(t, ids, rows, key)
+            return
+        P = t.num_partitions
+        sets = {rs.partition: rs for rs in self._map.partitions if rs.table_uid == t.table_uid}
+        if len(sets) != P or any(rs.learners for rs in sets.values()):
+            self._routed(t, ids, rows, key)
+            return
+        parts = ids & (P - 1)
+        servers = sorted({s for rs in sets.values() for s in rs.replicas})
+        holds = {s: np.array([s in sets[p].replicas for p in range(P)]) for s in servers}
+        # Futures from this thread (no pool): every buffer comes from one malloc arena, and
+        # the heap is trimmed after each chunk, so the loader's memory stays a few chunks.
+        whole = None                     # one request for every server that holds it all
+        jobs = []
+        for s in servers:
+            if holds[s].all():
+                whole = whole or self._request(t, ids, rows)
+                req = whole
+            else:
+                sel = holds[s][parts]
+                req = self._request(t, ids[sel], rows[sel])
+            jobs.append((s, self._stub(s).Ingest.future(req, timeout=120)))
+        del whole, req
+        failed = np.zeros(P, bool)
+        for s, job in jobs:
+            if job.exception() is not None:   # that replica's partitions go the replicated way
+                failed |= holds[s]
+        del jobs
+        trim_heap()
+        if failed.any():
+            self._map = self._client.status().map
+            sel = failed[parts]
+            self._routed(t, ids[sel], rows[sel], key)
+
+    def _stub(self, server: str):
+        from shoal.proto import shoal_pb2_grpc as pbg
+        from shoal.serving import channel
+        address = next(s.address for s in self._map.servers if s.server_id == server)
+        if address not in self._channels:
+            self._channels[address] = channel(address)
+        return pbg.ShardServerStub(self._channels[address])
+
+    def _request(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray) -> pb.IngestRequest:
+        from shoal.wire import pack
+        return pb.IngestRequest(map_version=self._map.version, table_uid=t.table_uid,
+                                ids=pack(ids), rows=pack(rows))
+
+    def _routed(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray, key: str) -> None:
+        self._client.write_rows(self._model, t.name, ids, rows, version=self._version,
+                                request_id=key)
 
 
 def _verify(client, md: pb.ModelSpec, source: dict[str, tuple[np.ndarray, np.ndarray]],

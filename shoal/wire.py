@@ -44,10 +44,11 @@ def unpack(t: pb.Tensor, field: str, dtype: str | tuple[str, ...] | None = None,
         raise InvalidArgument(f"{field}: shape {list(shape)} has a negative dimension")
     dt = np.dtype(t.dtype).newbyteorder("<")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count * dt.itemsize != len(t.data):
-        raise InvalidArgument(f"{field}: {len(t.data)} bytes do not match shape {list(shape)} "
+    data = t.data                # each access to a bytes field copies it: take it once
+    if count * dt.itemsize != len(data):
+        raise InvalidArgument(f"{field}: {len(data)} bytes do not match shape {list(shape)} "
                               f"of {t.dtype} ({count * dt.itemsize} bytes)")
-    return np.frombuffer(t.data, dtype=dt).reshape(shape)
+    return np.frombuffer(data, dtype=dt).reshape(shape)
 
 
 def is_set(t: pb.Tensor) -> bool:

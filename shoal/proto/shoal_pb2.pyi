@@ -630,6 +630,24 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class IngestRequest(_message.Message):
+    __slots__ = ("map_version", "table_uid", "ids", "rows")
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    table_uid: int
+    ids: Tensor
+    rows: Tensor
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class IngestReply(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    def __init__(self, rows: _Optional[int] = ...) -> None: ...
+
 class ChecksumsRequest(_message.Message):
     __slots__ = ("table_uid", "partitions")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]

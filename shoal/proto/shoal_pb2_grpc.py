@@ -776,6 +776,11 @@ class ShardServerStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsReply.FromString,
                 _registered_method=True)
+        self.Ingest = channel.unary_unary(
+                '/shoal.v1.ShardServer/Ingest',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.IngestRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.IngestReply.FromString,
+                _registered_method=True)
         self.BuildReplica = channel.unary_unary(
                 '/shoal.v1.ShardServer/BuildReplica',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaRequest.SerializeToString,
@@ -826,6 +831,12 @@ class ShardServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Checksums(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ingest(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -882,6 +893,11 @@ def add_ShardServerServicer_to_server(servicer, server):
                     servicer.Checksums,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ChecksumsReply.SerializeToString,
+            ),
+            'Ingest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ingest,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.IngestRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.IngestReply.SerializeToString,
             ),
             'BuildReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.BuildReplica,
@@ -1039,6 +1055,33 @@ class ShardServer:
             '/shoal.v1.ShardServer/Checksums',
             shoal_dot_proto_dot_shoal__pb2.ChecksumsRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.ChecksumsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ingest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/Ingest',
+            shoal_dot_proto_dot_shoal__pb2.IngestRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.IngestReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,118 @@
+"""Loading a checkpoint: a generated torch.distributed.checkpoint of >= 2 GB loaded into a
+2-server cluster (replication 2), end to end (read, stream, store on both replicas, verify),
+beside this machine's floor in the same run: one process writing the same rows as SST files
+and ingesting them into one local RocksDB (Shoal's own storage code), reading them from the
+same checkpoint reader.
+
+    python bench/load.py [--gib 2] [--chunk-mib 64]
+
+Reports GB/s of both and their ratio (target >= 0.5). Writes bench/results/load.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import write_result  # noqa: E402
+
+DIM = 64
+TABLES = 8
+
+
+def make_checkpoint(path: str, gib: float) -> int:
+    """A DCP checkpoint of TABLES float32 tables of dim DIM, ``gib`` GiB together."""
+    import torch.distributed.checkpoint as dcp
+
+    rows = int(gib * 2**30 / (TABLES * DIM * 4))
+    sd = {}
+    g = torch.Generator().manual_seed(0)
+    for i in range(TABLES):
+        sd[f"sparse_arch.embedding_bag_collection.embedding_bags.t_{i}.weight"] = \
+            torch.randn(rows, DIM, generator=g)
+    sd["over_arch.weight"] = torch.randn(16, 16, generator=g)
+    dcp.save(sd, checkpoint_id=path, no_dist=True)
+    return rows
+
+
+def floor(path: str, chunk_bytes: int, data_dir: str) -> tuple[int, float]:
+    """One process: read every table, write it as SST files and ingest into one RocksDB."""
+    from embeddings.checkpoint import embedding_tables, open_checkpoint
+    from embeddings.partition import partition_of
+    from shards.storage import RocksRowStore
+
+    store = RocksRowStore(data_dir, sst_threshold_rows=1)
+    nbytes = 0
+    t0 = time.perf_counter()
+    with open_checkpoint(path) as r:
+        infos = r.tensors()
+        for uid, (name, key) in enumerate(sorted(embedding_tables(infos).items()), 1):
+            n = infos[key].shape[0]
+            step = max(1, chunk_bytes // (DIM * 4))
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                rows = r.read_rows(key, lo, hi).numpy()
+                ids = np.arange(lo, hi, dtype=np.int64)
+                store.write_rows(uid, partition_of(ids, 64), ids, rows)
+                nbytes += rows.nbytes
+    dt = time.perf_counter() - t0
+    store.close()
+    return nbytes, dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size")
+    ap.add_argument("--chunk-mib", type=float, default=16.0)
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+
+    import shoal
+
+    torch.set_num_threads(1)
+    work = tempfile.mkdtemp(prefix="shoal-load-bench-")
+    try:
+        ckpt = os.path.join(work, "ckpt")
+        t0 = time.perf_counter()
+        rows = make_checkpoint(ckpt, args.gib)
+        print(f"wrote a {args.gib:.1f} GiB DCP checkpoint ({TABLES} tables x {rows:,} rows x "
+              f"dim {DIM}) in {time.perf_counter() - t0:.1f} s")
+        chunk = int(args.chunk_mib * 2**20)
+        f_bytes, f_s = floor(ckpt, chunk, os.path.join(work, "floor"))
+        shutil.rmtree(os.path.join(work, "floor"), ignore_errors=True)
+        print(f"floor (1 process, SST write + ingest, 1 RocksDB): {f_bytes / 1e9:.2f} GB in "
+              f"{f_s:.1f} s = {f_bytes / 1e9 / f_s:.3f} GB/s")
+        with shoal.LocalCluster(servers=2, replication=2,
+                                data_dir=os.path.join(work, "cluster")) as cluster:
+            client = cluster.client(timeout=600)
+            t0 = time.perf_counter()
+            res = client.load(ckpt, model="big", chunk_bytes=chunk)
+            s_s = time.perf_counter() - t0
+            client.close()
+        print(f"shoal load (2 servers, replication 2, verified): {res.bytes / 1e9:.2f} GB in "
+              f"{s_s:.1f} s = {res.bytes / 1e9 / s_s:.3f} GB/s")
+        ratio = (res.bytes / s_s) / (f_bytes / f_s)
+        print(f"ratio {ratio:.2f} (target >= 0.5)")
+        result = {"config": vars(args), "bytes": res.bytes, "tables": TABLES, "rows": rows,
+                  "dim": DIM, "floor_seconds": round(f_s, 2),
+                  "floor_gb_per_s": round(f_bytes / 1e9 / f_s, 3),
+                  "shoal_seconds": round(s_s, 2),
+                  "shoal_gb_per_s": round(res.bytes / 1e9 / s_s, 3),
+                  "ratio": round(ratio, 3)}
+        print(f"wrote {write_result('load', result)}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
