@@ -38,16 +38,18 @@ class Client(RpcClient):
 
     # ------------------------------------------------------------ models
     def create_model(self, name: str, tables: Iterable, replication: int = 0,
-                     memory_quota_bytes: int = 0,
-                     server_quota_bytes: int = 0) -> list[TableSpec]:
+                     memory_quota_bytes: int = 0, server_quota_bytes: int = 0,
+                     loading: bool = False) -> list[TableSpec]:
         """Register a model from TableSpecs or torchrec EmbeddingBagConfig / EmbeddingConfig.
         Returns the tables as placed (with partition counts and uids). Quotas (0 = none): the
         bytes of this model the cluster may hold, every replica counted, and the bytes of it
-        one server may hold (placement and the rebalancer keep to it)."""
+        one server may hold (placement and the rebalancer keep to it). ``loading``: version 1
+        is created loading (not servable) for ``load(..., version=1)`` to fill."""
         spec = pb.ModelSpec(name=name, replication=replication,
                             tables=[to_spec(t).to_proto() for t in tables],
                             memory_quota_bytes=memory_quota_bytes,
-                            server_quota_bytes=server_quota_bytes)
+                            server_quota_bytes=server_quota_bytes,
+                            state="loading" if loading else "")
         reply = self._call(self._stub.CreateModel, pb.CreateModelRequest(spec=spec))
         return [TableSpec.from_proto(t) for t in reply.model.tables]
 

@@ -75,7 +75,9 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
          progress: Callable[[LoadProgress], None] | None = None,
          direct: bool = True) -> LoadResult:
     """Load the checkpoint at ``path`` as a new version of ``model`` (see the module doc).
-    ``version``: with ``resume``, the loading version to rewrite; otherwise 0 (the next one).
+    ``version``: a loading version to fill or rewrite (e.g. one created with its tables by
+    ``create_model(..., loading=True)``); 0: the next version (with ``resume``: the newest
+    loading one).
     ``direct``: send each replica its rows itself (``Ingest``), in parallel; else (and for any
     chunk a replica fails) through the routers' replicated write path."""
     with open_checkpoint(path, format) as reader:
@@ -95,6 +97,19 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
                                    dtype=DTYPES[info.dtype], feature_names=(name,)))
         md = _target_version(client, model, version, specs, infos, tables, resume)
         placed = {t.name: t for t in md.tables}
+        missing = [n for n in placed if n not in tables]
+        if missing:
+            raise CheckpointError(f"{path}: no tensor for table(s) {missing} of model "
+                                  f"{model!r} v{md.version} (checkpoint tables: "
+                                  f"{sorted(tables)}); pass a mapping",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        for n, t in placed.items():
+            if infos[tables[n]].shape[0] != t.num_embeddings:
+                key = tables[n]
+                raise CheckpointError(f"{', '.join(infos[key].files)}: tensor {key!r} has "
+                                      f"{infos[key].shape[0]} rows but table {n!r} of model "
+                                      f"{model!r} v{md.version} has {t.num_embeddings}",
+                                      grpc.StatusCode.INVALID_ARGUMENT)
         prog = LoadProgress(rows_total=sum(infos[tables[t]].shape[0] for t in placed),
                             bytes_total=sum(t.num_embeddings * t.dim *
                                             (2 if t.dtype == "float16" else 4)
@@ -131,34 +146,41 @@ def _check_dense_size(infos, dense: list[str], path: str) -> None:
 def _target_version(client, model: str, version: int, specs: list[TableSpec], infos, tables,
                     resume: bool) -> pb.ModelSpec:
     versions = [md for md in client.models() if md.name == model]
+    named = next((md for md in versions if md.version == version), None) if version else None
+    if named is not None and named.state == "loading":
+        return _check_dims(named, specs, infos, tables)   # fill a version created loading
     if resume:
-        loading = [md for md in versions if md.state == "loading" and
-                   (not version or md.version == version)]
+        loading = [md for md in versions if md.state == "loading"]
         if not loading:
             raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"model {model!r} has no loading version "
-                             f"{version or ''} to resume (versions: "
-                             f"{[(m.version, m.state) for m in versions]})")
-        return loading[-1]
+                             f"model {model!r} has no loading version {version or ''} to "
+                             f"resume (versions: {[(m.version, m.state) for m in versions]})")
+        return _check_dims(loading[-1], specs, infos, tables)
     if version:
         raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"version: {version} can only be given with resume (a load creates "
-                         "the next version)")
+                         f"version: {version} of model {model!r} is not loading (a load "
+                         "creates the next version, or fills one created loading)")
     current = next((md for md in versions if md.current), None)
     if current is not None:
-        have = {t.name: t for t in current.tables}
-        for s in specs:
-            old = have.get(s.name)
-            if old is not None and old.dim != s.dim:
-                key = tables[s.name]
-                raise CheckpointError(
-                    f"{', '.join(infos[key].files)}: tensor {key!r} has dim {s.dim} but table "
-                    f"{s.name!r} of model {model!r} (version {current.version}) has dim "
-                    f"{old.dim}", grpc.StatusCode.INVALID_ARGUMENT)
+        _check_dims(current, specs, infos, tables)
     if not versions:
         spec = pb.ModelSpec(name=model, tables=[s.to_proto() for s in specs], state="loading")
         return client.create_model_spec(spec)
     return client.create_version(model, specs)
+
+
+def _check_dims(md: pb.ModelSpec, specs: list[TableSpec], infos, tables) -> pb.ModelSpec:
+    """``md`` if every checkpoint table it has is of the same dim (else a clear error)."""
+    have = {t.name: t for t in md.tables}
+    for s in specs:
+        old = have.get(s.name)
+        if old is not None and old.dim != s.dim:
+            key = tables[s.name]
+            raise CheckpointError(
+                f"{', '.join(infos[key].files)}: tensor {key!r} has dim {s.dim} but table "
+                f"{s.name!r} of model {md.name!r} (version {md.version}) has dim {old.dim}",
+                grpc.StatusCode.INVALID_ARGUMENT)
+    return md
 
 
 def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,

@@ -11,6 +11,7 @@ def test_demo_small(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "(0 failed)" in out
+    assert "loaded the checkpoint: 40,000 rows" in out and "verified" in out
     assert "every partition back to 2 replicas" in out
     assert "added s3 and moved" in out and "t_cat_0 split to" in out
     assert "OK: every answer matched torchrec." in out
