@@ -234,6 +234,7 @@ class Sink:
             self._routed(t, ids, rows, key)
             return
         P = t.num_partitions
+        self._map = self._client.status().map    # each chunk: learners may have appeared
         sets = {rs.partition: rs for rs in self._map.partitions if rs.table_uid == t.table_uid}
         if len(sets) != P or any(rs.learners for rs in sets.values()):
             self._routed(t, ids, rows, key)
@@ -261,7 +262,6 @@ class Sink:
         del jobs
         trim_heap()
         if failed.any():
-            self._map = self._client.status().map
             sel = failed[parts]
             self._routed(t, ids[sel], rows[sel], key)
 
