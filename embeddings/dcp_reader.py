@@ -127,7 +127,8 @@ class DcpReader(ChunkedReader):
                 raise CheckpointError(f"{chunk.file}: {at}: the archive holds a "
                                       f"{type(ref).__name__}, not a tensor")
             self._agree(key, chunk, at, ref.dtype, ref.shape)
-            return Layout(chunk.file, ref.data_offset, ref.stride, ref.dtype, ref.storage_end)
+            return Layout(chunk.file, ref.data_offset, ref.stride, ref.dtype, ref.storage_end,
+                          ref.storage_start, ref.crc)
         blob = self._blob(chunk.file, base, at)
         if blob is not None and key in blob[1]:
             start, header = blob

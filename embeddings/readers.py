@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import operator
 import os
+import threading
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +33,16 @@ class Layout:
     strides: tuple[int, ...]
     dtype: torch.dtype
     end: int
+    # A torch.save storage's CRC-32 (zip directory) and where its bytes start: reads that
+    # cover the storage in order are checked against it (see ``ChunkedReader._track_crc``).
+    storage_start: int = -1
+    crc: int | None = None
 
 
 class Chunk:
     """One stored rectangle of a tensor: global ``offsets`` and ``sizes``, the file it is in, and
     its ``layout`` once known (readers that must parse the file to find it fill it lazily)."""
-    __slots__ = ("offsets", "sizes", "file", "layout", "extra")
+    __slots__ = ("offsets", "sizes", "file", "layout", "extra", "crc_state")
 
     def __init__(self, offsets, sizes, file: str, layout: Layout | None = None, extra=None):
         self.offsets = tuple(int(o) for o in offsets)
@@ -44,6 +50,7 @@ class Chunk:
         self.file = file
         self.layout = layout
         self.extra = extra            # reader-specific (e.g. DCP storage offset and length)
+        self.crc_state = None         # (next byte expected, running CRC-32), or False: not tracked
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -71,6 +78,7 @@ class ChunkedReader(CheckpointReader):
         self._infos: dict[str, TensorInfo] = {}
         self._chunks: dict[str, list[Chunk]] = {}
         self._fds: dict[str, int] = {}
+        self._crc_lock = threading.Lock()
         try:
             self._open(path)
         except BaseException:            # no file left open by a checkpoint that fails
@@ -169,9 +177,11 @@ class ChunkedReader(CheckpointReader):
             if dst is None:
                 dst = torch.empty((b - a, cols), dtype=lay.dtype)
             self._pread_into(dst, start, key, c.file)
+            self._track_crc(key, c, lay, start, dst)
             return dst
         span = torch.empty(((b - a - 1) * s0 + cols,), dtype=lay.dtype)   # padded rows
         self._pread_into(span, start, key, c.file)
+        self._track_crc(key, c, lay, start, span)
         block = span.as_strided((b - a, cols), (s0, 1))
         if dst is not None:
             dst.copy_(block)
@@ -188,9 +198,32 @@ class ChunkedReader(CheckpointReader):
             last = sum((s - 1) * st for s, st in zip(c.sizes, lay.strides))
             span = torch.empty((last + 1,), dtype=lay.dtype)
             self._pread_into(span, lay.offset, key, c.file)
+            self._track_crc(key, c, lay, lay.offset, span)
             block = span.as_strided(c.sizes, lay.strides)
             out[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = block
         return out
+
+    def _track_crc(self, key: str, c: Chunk, lay: Layout, start: int,
+                   buf: torch.Tensor) -> None:
+        """Fold bytes just read into the chunk's running CRC-32 when they continue it from the
+        storage's first byte; at its last byte compare with the archive's CRC (a flipped bit
+        in the rows is otherwise invisible). Reads out of order stop the tracking."""
+        if lay.crc is None or c.crc_state is False:
+            return
+        with self._crc_lock:
+            nxt, crc = c.crc_state or (lay.storage_start, 0)
+            if start != nxt:
+                c.crc_state = False
+                return
+            data = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+            crc = zlib.crc32(data, crc)
+            nxt = start + len(data)
+            c.crc_state = (nxt, crc) if nxt < lay.end else False
+        if nxt >= lay.end and crc != lay.crc:
+            raise CheckpointError(
+                f"{c.file}: tensor {key!r}: the bytes of the chunk at offsets "
+                f"{list(c.offsets)} do not match the archive's CRC-32 ({crc:08x}, recorded "
+                f"{lay.crc:08x}): the file is corrupt")
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)

@@ -96,4 +96,5 @@ def _entry(file: str, key: str, value):
 
 def _chunk(file: str, key: str, ref: TensorRef, offsets) -> Chunk:
     return Chunk(offsets, ref.shape, file,
-                 Layout(file, ref.data_offset, ref.stride, ref.dtype, ref.storage_end))
+                 Layout(file, ref.data_offset, ref.stride, ref.dtype, ref.storage_end,
+                        ref.storage_start, ref.crc))

@@ -39,6 +39,8 @@ class TensorRef:
     data_offset: int
     storage_end: int
     storage_key: str
+    storage_start: int = -1
+    crc: int | None = None       # CRC-32 of the storage's bytes, from the zip directory
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class _Storage:
     dtype: torch.dtype
     start: int           # absolute byte offset in the file
     nbytes: int
+    crc: int | None = None
 
 
 class _StorageType:
@@ -158,7 +161,7 @@ class _StorageLocator:
         if start + nbytes > self.length:
             raise CheckpointError(f"{self.where}{self.about}: storage {name!r} runs to byte "
                                   f"{start + nbytes} of an archive of {self.length} bytes")
-        st = self.found[key] = _Storage(key, dtype, self.base + start, nbytes)
+        st = self.found[key] = _Storage(key, dtype, self.base + start, nbytes, info.CRC)
         return st
 
 
@@ -198,4 +201,5 @@ class _Unpickler(pickle.Unpickler):
         return TensorRef(dtype=storage.dtype, shape=tuple(int(s) for s in size),
                          stride=tuple(int(s) for s in stride),
                          data_offset=storage.start + int(storage_offset) * storage.dtype.itemsize,
-                         storage_end=storage.start + storage.nbytes, storage_key=storage.key)
+                         storage_end=storage.start + storage.nbytes, storage_key=storage.key,
+                         storage_start=storage.start, crc=storage.crc)

@@ -414,3 +414,37 @@ def test_open_checkpoint_detection(tmp_path):
     torch.save({"x": torch.ones(2, 2)}, tmp_path / "b.pt")
     with open_checkpoint(str(tmp_path), format="torch_save") as r:
         torch.testing.assert_close(r.read("x"), torch.ones(2, 2))
+
+
+def test_a_flipped_bit_in_tensor_bytes_is_caught_by_the_zip_crc(tmp_path):
+    """torch.save archives record each storage's CRC-32: reading a chunk's rows in order checks
+    them at its last byte, so a flipped bit in the rows (which no header check can see) is an
+    error naming the file and the tensor; an intact file reads back exactly."""
+    import torch.distributed.checkpoint as dcp
+    import warnings
+
+    from embeddings.checkpoint import CheckpointError
+
+    t = torch.arange(4000 * 8, dtype=torch.float32).reshape(4000, 8)
+    torch.save({"m.embedding_bags.a.weight": t}, tmp_path / "ok.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"m.embedding_bags.a.weight": t}, checkpoint_id=str(tmp_path / "dcp"),
+                 no_dist=True)
+    with open_checkpoint(str(tmp_path / "ok.pt")) as r:     # in order, in several reads
+        got = torch.cat([r.read_rows("m.embedding_bags.a.weight", lo, min(lo + 999, 4000))
+                         for lo in range(0, 4000, 999)])
+    torch.testing.assert_close(got, t, rtol=0, atol=0)
+    needle = t[2000].numpy().tobytes()                       # a row's bytes in each file
+    for path in (tmp_path / "ok.pt", next((tmp_path / "dcp").glob("*.distcp"))):
+        raw = bytearray(path.read_bytes())
+        at = raw.find(needle)
+        assert at > 0
+        raw[at + 5] ^= 0x10                                  # one bit
+        path.write_bytes(bytes(raw))
+        with open_checkpoint(str(path if path.suffix == ".pt" else path.parent)) as r:
+            with pytest.raises(CheckpointError) as e:
+                for lo in range(0, 4000, 999):
+                    r.read_rows("m.embedding_bags.a.weight", lo, min(lo + 999, 4000))
+        assert str(path) in e.value.message and "m.embedding_bags.a.weight" in e.value.message
+        assert "CRC-32" in e.value.message
