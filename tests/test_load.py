@@ -286,3 +286,42 @@ def test_loader_memory_is_bounded_by_the_chunk_size(tmp_path):
         growth = after - before
         print(f"loader peak RSS grew {growth / 2**20:.1f} MiB loading 128 MiB in 4 MiB chunks")
         assert growth < 12 * chunk + (32 << 20), growth / 2**20    # not the 128 MiB table
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_loader_leaves_nothing_visible_and_resumes(tmp_path):
+    """SIGKILL the loading process half way: its version stays loading (queries refused, the
+    map unchanged otherwise); `resume` finishes it, verified; or the version can be dropped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    table = torch.randn(64 * 2**20 // (64 * 4), 64)           # 64 MiB
+    path = write_safetensors(str(tmp_path / "t.safetensors"), {"x.embedding_bags.t.weight": table})
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client(timeout=60)
+        proc = subprocess.Popen([sys.executable, "-c", LOADER_SCRIPT, cluster.router_address,
+                                 path, str(1 << 20)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not any(m.name == "big" for m in client.models()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the load never began"
+            time.sleep(0.05)
+        time.sleep(0.3)                                      # under way, far from done
+        assert proc.poll() is None, "the load finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        (md,) = [m for m in client.models() if m.name == "big"]
+        assert md.state == "loading" and not md.current
+        with pytest.raises(shoal.ShoalError) as e:
+            client.lookup_rows("big", "t", torch.arange(3))
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        res = client.load(path, model="big", resume=True)
+        assert res.version == md.version
+        (md,) = [m for m in client.models() if m.name == "big"]
+        assert md.state == "ready" and md.current
+        torch.testing.assert_close(client.lookup_rows("big", "t", torch.arange(len(table))),
+                                   table, rtol=0, atol=0)
+        client.close()
