@@ -204,7 +204,8 @@ class AutoscaleRPCs:
             return
         new = state.copy()
         new.autoscale.desired_servers = d.to_servers
-        leaving = sorted(serving, key=lambda s: (held[s], [-ord(c) for c in s]))[
+        # the emptiest servers leave (among equals, the last by id): sorted is stable
+        leaving = sorted(sorted(serving, reverse=True), key=held.__getitem__)[
             :max(0, d.from_servers - d.to_servers)]
         for s in leaving:
             new.servers[s].draining = True

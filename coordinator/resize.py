@@ -23,13 +23,6 @@ log = logging.getLogger("coordinator.resize")
 DEFAULT_TOLERANCE = 0.05
 
 
-def partition_bytes(state: ClusterState) -> dict[tuple[int, int], int]:
-    row_bytes = {t.table_uid: (-(-t.num_embeddings // t.num_partitions)) * t.dim *
-                 (2 if t.dtype == "float16" else 4)
-                 for m in state.models.values() for t in m.tables}
-    return {k: row_bytes.get(k[0], 0) for k in state.partitions}
-
-
 def plan_for(state: ClusterState, alive: set[str], tolerance: float = 0.0,
              load: dict[tuple[int, int], float] | None = None) -> Plan:
     """The rebalance plan for ``state``: live servers only (a dead server's partitions are the
@@ -39,7 +32,7 @@ def plan_for(state: ClusterState, alive: set[str], tolerance: float = 0.0,
              for s, info in sorted(state.servers.items()) if s in alive]
     model_of = {t.table_uid: m.name for m in state.models.values() for t in m.tables}
     return plan_moves({k: r.replicas for k, r in state.partitions.items()},
-                      partition_bytes(state), specs, load=load,
+                      state.partition_bytes(), specs, load=load,
                       tolerance=tolerance or DEFAULT_TOLERANCE,
                       quota_of={k: model_of.get(k[0], "") for k in state.partitions},
                       quotas={m.name: m.server_quota_bytes for m in state.models.values()

@@ -163,11 +163,14 @@ class ClusterState:
 
     def model_bytes(self, md: pb.ModelSpec) -> int:
         """Bytes of every replica of one model version's partitions."""
-        return sum((-(-t.num_embeddings // t.num_partitions)) * t.dim *
-                   (2 if t.dtype == "float16" else 4) * len(self.partitions[(t.table_uid, p)]
-                                                            .replicas)
+        return sum(slot_bytes(t) * len(self.partitions[(t.table_uid, p)].replicas)
                    for t in md.tables for p in range(t.num_partitions)
                    if (t.table_uid, p) in self.partitions)
+
+    def partition_bytes(self) -> dict[tuple[int, int], int]:
+        """Bytes of one replica of each partition."""
+        size = {t.table_uid: slot_bytes(t) for m in self.models.values() for t in m.tables}
+        return {k: size.get(k[0], 0) for k in self.partitions}
 
     def with_replicas(self, table_uid: int, partition: int,
                       replicas: list[str]) -> "ClusterState":
@@ -341,17 +344,20 @@ class ClusterState:
         return new, n
 
     def server_loads(self, alive: list[str]) -> list[ServerLoad]:
-        row_bytes = {t.table_uid: (-(-t.num_embeddings // t.num_partitions)) * t.dim *
-                     (2 if t.dtype == "float16" else 4)
-                     for m in self.models.values() for t in m.tables}
+        sizes = self.partition_bytes()
         load = {s: 0 for s in alive}
         leaders = {s: 0 for s in alive}
-        for (uid, _), rec in self.partitions.items():
+        for key, rec in self.partitions.items():
             for i, s in enumerate(rec.replicas):
                 if s in load:
-                    load[s] += row_bytes.get(uid, 0)
+                    load[s] += sizes[key]
                     leaders[s] += i == 0
         return [ServerLoad(s, load[s], leaders[s]) for s in alive]
+
+
+def slot_bytes(t: pb.TableSpec) -> int:
+    """Bytes of one partition of table ``t`` (its rows per partition, rounded up)."""
+    return -(-t.num_embeddings // t.num_partitions) * TableSpec.from_proto(t).row_bytes
 
 
 def _versioned(spec: pb.ModelSpec, base: pb.ModelSpec) -> pb.ModelSpec:

@@ -123,9 +123,9 @@ class RoutingTable:
             versions[(md.name, md.version)] = route
             if md.current:
                 models[md.name] = route
+        flagged = set(models)
         for (name, _), route in sorted(versions.items()):   # a map without `current` flags:
-            if not any(md.current for md in m.models if md.name == name) and \
-                    route.state == "ready":                 # the newest ready version
+            if name not in flagged and route.state == "ready":   # the newest ready version
                 models[name] = route
         return cls(m.version, models, server_ids, tuple(s.address for s in m.servers), versions)
 

@@ -372,12 +372,7 @@ class ShardService(WritePath):
             if not all((uid2, q) in self._shadow for q in parts):
                 return False
             for q in parts:
-                self._store.drop_partition(uid2, q)
-                self._store.set_position(uid2, q, -1, 0)
-                self._on_disk.add((uid2, q))
-                table.log.reset(q, -1, 0)
-                if table.arena.resident(q):
-                    table.arena.clear(q)
+                self._empty_copy(table, q)
         return True
 
     def put_split_rows(self, uid2: int, ids: np.ndarray, rows: np.ndarray | None,

@@ -257,13 +257,19 @@ class WritePath:
         incomplete (seq -1) until ``finish_snapshot``."""
         table = self._table(table_uid)
         with table.write_mutex, table.lock.write():
-            if (table_uid, partition) in self._on_disk:
-                self._store.drop_partition(table_uid, partition)
-            self._store.set_position(table_uid, partition, -1, 0)
-            self._on_disk.add((table_uid, partition))
-            table.log.reset(partition, -1, 0)
-            if table.arena.resident(partition):
-                table.arena.clear(partition)
+            self._empty_copy(table, partition)
+
+    def _empty_copy(self, table, partition: int) -> None:
+        """Drop this server's rows of a partition and mark its copy incomplete (seq -1).
+        Caller holds ``table.write_mutex`` and the arena's write lock."""
+        uid = table.spec.table_uid
+        if (uid, partition) in self._on_disk:
+            self._store.drop_partition(uid, partition)
+        self._store.set_position(uid, partition, -1, 0)
+        self._on_disk.add((uid, partition))
+        table.log.reset(partition, -1, 0)
+        if table.arena.resident(partition):
+            table.arena.clear(partition)
 
     def install_rows(self, table_uid: int, partition: int, ids: np.ndarray,
                      rows: np.ndarray) -> None:

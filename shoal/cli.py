@@ -111,6 +111,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from embeddings.specs import TableSpec
     client = _client(args)
     for flag, kw in (("current", {"make_current": True}), ("drop", {"drop": True})):
         target = getattr(args, flag, None)
@@ -120,8 +121,7 @@ def cmd_models(args) -> int:
             print(f"shoal: {name} v{version} {'is current' if flag == 'current' else 'dropped'}")
     for md in client.models():
         rows = sum(t.num_embeddings for t in md.tables)
-        nbytes = sum(t.num_embeddings * t.dim * (2 if t.dtype == "float16" else 4)
-                     for t in md.tables)
+        nbytes = sum(t.num_embeddings * TableSpec.from_proto(t).row_bytes for t in md.tables)
         state = (md.state or "ready") + (", current" if md.current else "")
         dense = f", dense {md.dense_tensors} tensors {md.dense_bytes / 2**20:.1f} MiB" \
             if md.dense_tensors else ""

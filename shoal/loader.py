@@ -111,8 +111,7 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
                                       f"{model!r} v{md.version} has {t.num_embeddings}",
                                       grpc.StatusCode.INVALID_ARGUMENT)
         prog = LoadProgress(rows_total=sum(infos[tables[t]].shape[0] for t in placed),
-                            bytes_total=sum(t.num_embeddings * t.dim *
-                                            (2 if t.dtype == "float16" else 4)
+                            bytes_total=sum(t.num_embeddings * TableSpec.from_proto(t).row_bytes
                                             for t in placed.values()))
         source: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         attempt = uuid.uuid4().hex[:12]
@@ -193,7 +192,7 @@ def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,
     sums = np.zeros(P, np.uint64)
     counts = np.zeros(P, np.int64)
     dtype = torch.float16 if t.dtype == "float16" else torch.float32
-    row_bytes = t.dim * (2 if t.dtype == "float16" else 4)
+    row_bytes = TableSpec.from_proto(t).row_bytes
     step = max(1, chunk_bytes // row_bytes)
     for lo in range(0, t.num_embeddings, step):
         hi = min(lo + step, t.num_embeddings)
@@ -220,7 +219,7 @@ class Sink:
     def __init__(self, client, model: str, version: int, direct: bool):
         self._client, self._model, self._version, self._direct = client, model, version, direct
         self._channels: dict[str, object] = {}
-        self._map = client.status().map if direct else None
+        self._map: pb.ShardMap | None = None      # read again for every chunk
 
     def __enter__(self):
         return self

@@ -27,6 +27,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def assert_down(down, pids) -> None:
+    """`shoal down` succeeded and every one of ``pids`` is gone (within 15 s)."""
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+
+
 def test_up_status_models_down(tmp_path):
     env = dict(os.environ, SHOAL_HOME=str(tmp_path / "home"))
     data = tmp_path / "cluster"
@@ -91,11 +100,7 @@ def test_up_status_models_down(tmp_path):
         c.close()
     finally:
         down = shoal_cli(["down"], env)
-    assert down.returncode == 0, down.stderr
-    deadline = time.monotonic() + 15
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(p) for p in pids)
+    assert_down(down, pids)
     assert not (data / "cluster.json").exists()
     # With nothing running, commands say so instead of failing obscurely.
     gone = shoal_cli(["status"], env)
@@ -181,8 +186,4 @@ def test_autoscale_on_a_detached_cluster(tmp_path):
         assert len(pids) == 4
     finally:
         down = shoal_cli(["down"], env)
-    assert down.returncode == 0, down.stderr
-    deadline = time.monotonic() + 15
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(p) for p in pids)
+    assert_down(down, pids)
