@@ -44,24 +44,30 @@ def make_checkpoint(path: str, gib: float) -> int:
 
 
 def floor(path: str, chunk_bytes: int, data_dir: str) -> tuple[int, float]:
-    """One process: read every table, write it as SST files and ingest into one RocksDB."""
+    """One process: read every table, write it as SST files (one per partition, as a shard
+    server does) and ingest them into one RocksDB, through Shoal's own storage code."""
     from embeddings.checkpoint import embedding_tables, open_checkpoint
-    from embeddings.partition import partition_of
+    from embeddings.partition import choose_num_partitions, partition_of
     from shards.storage import RocksRowStore
+    from shoal.config import CoordinatorConfig
+    from shoal.serving import heap_kept
 
+    cc = CoordinatorConfig()
     store = RocksRowStore(data_dir, sst_threshold_rows=1)
     nbytes = 0
     t0 = time.perf_counter()
-    with open_checkpoint(path) as r:
+    with heap_kept(4 * chunk_bytes), open_checkpoint(path) as r:   # as the servers keep it
         infos = r.tensors()
         for uid, (name, key) in enumerate(sorted(embedding_tables(infos).items()), 1):
             n = infos[key].shape[0]
+            P = choose_num_partitions(n, DIM * 4, cc.target_partition_bytes, cc.min_partitions,
+                                      cc.max_partitions)       # what the cluster's table gets
             step = max(1, chunk_bytes // (DIM * 4))
             for lo in range(0, n, step):
                 hi = min(n, lo + step)
                 rows = r.read_rows(key, lo, hi).numpy()
                 ids = np.arange(lo, hi, dtype=np.int64)
-                store.write_rows(uid, partition_of(ids, 64), ids, rows)
+                store.bulk_write(uid, partition_of(ids, P), ids, rows)
                 nbytes += rows.nbytes
     dt = time.perf_counter() - t0
     store.close()

@@ -27,7 +27,7 @@ def row_checksums(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     k = words.shape[1]
     mult = _MULT[:k] if k <= len(_MULT) else np.resize(_MULT, k)
     with np.errstate(over="ignore"):
-        h = (words * mult).sum(axis=1, dtype=np.uint64)
+        h = np.einsum("ij,j->i", words, mult)      # wrapping uint64; no [n, k] temporary
         h ^= np.asarray(ids, dtype=np.int64).view(np.uint64) * _ID_MULT
     return h
 

@@ -11,6 +11,7 @@ import logging
 import pathlib
 import sys
 import threading
+import time
 
 import grpc
 import torch
@@ -20,7 +21,8 @@ from shoal.errors import from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import (
-    call_until_up, channel, make_aio_server, process_args, until_signalled, watch_loop_lag, write_ready)
+    call_until_up, channel, keep_heap, make_aio_server, process_args, trim_heap, until_signalled,
+    watch_loop_lag, write_ready)
 
 from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
@@ -44,6 +46,7 @@ async def serve(args) -> None:
         return None if reply.unchanged else reply.map
 
     service = ShardService(args.server_id, store, cfg, fetch_map)
+    keep_heap()              # bulk writes reuse their buffers' pages; trimmed when idle
     server, address = make_aio_server(args.host, args.port)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),
                              cfg.rebuild_mib_per_s)
@@ -93,7 +96,12 @@ def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, inter
     newer = threading.Event()
     threading.Thread(target=_apply_maps, args=(service, newer, stop), daemon=True,
                      name="map-applier").start()
+    trimmed = 0
     while not stop.wait(interval):
+        bulk = service.last_bulk_write
+        if bulk > trimmed and time.monotonic() - bulk > 2 * interval:
+            trim_heap()                      # the writes stopped: give their buffers back
+            trimmed = bulk
         try:
             reply = coord.Heartbeat(pb.HeartbeatRequest(server_id=service.server_id,
                                                         stats=service.stats()), timeout=5)

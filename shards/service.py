@@ -34,7 +34,7 @@ from shoal.wire import is_set, pack, unpack
 
 from shards.memory import RWLock, TableArena
 from shards.replog import ReplicationLog
-from shards.storage import Positions, RowStore
+from shards.storage import Positions, RowStore, StorageError
 from shards.writes import WritePath
 
 log = logging.getLogger("shard")
@@ -106,6 +106,7 @@ class ShardService(WritePath):
         self._split_work: list[tuple[int, int, int]] = []
         self._shadow: set[tuple[int, int]] = set()
         self.split_progress: dict[tuple[int, int], pb.SplitProgress] = {}
+        self.last_bulk_write = 0.0     # time.monotonic() of the last Ingest (heap trimming)
         self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0,
                           "dropped_partitions": 0, "builds_from_snapshot": 0,
                           "builds_caught_up": 0}
@@ -343,6 +344,11 @@ class ShardService(WritePath):
         self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, background)
         if positions is not None:
             self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
+        self._to_arena(table, parts, ids, rows)
+
+    def _to_arena(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray,
+                  rows: np.ndarray) -> None:
+        """Copy stored rows into the memory tier where their partitions are resident."""
         idx = table.arena.rows_index(ids, parts)
         hot = np.flatnonzero(idx >= 0)
         if hot.size:
@@ -418,36 +424,90 @@ class ShardService(WritePath):
         check_ids(ids, spec, "ids")
         if not (ids[1:] > ids[:-1]).all() and len(np.unique(ids)) != len(ids):
             raise InvalidArgument("ids: must be unique within one ingest")   # (sorted: O(n))
-        parts = partition_of(ids, spec.num_partitions)
-        with table.write_mutex:
-            held = table.epochs[parts] > 0
-            if not held.all():
-                p = int(parts[np.flatnonzero(~held)[0]])
-                raise StaleMap(f"server {self.server_id} holds no copy of partition {p} of "
-                               f"table {spec.name!r} at map version {self._map_version}",
-                               self._map_version, 0)
-            mine = np.unique(parts)      # positions unchanged, but stored: the copy exists
-            self._put(table, parts, ids, rows,
-                      (mine, table.log.seq[mine].copy(), table.log.epoch[mine].copy()))
+        if not len(ids):
+            return pb.IngestReply(rows=0)
+        lo, hi = (request.lo, request.hi) if request.hi else (int(ids.min()), int(ids.max()) + 1)
+        if not 0 <= lo < hi or ids.min() < lo or ids.max() >= hi:
+            raise InvalidArgument(f"lo, hi: ids span [{int(ids.min())}, {int(ids.max()) + 1}), "
+                                  f"which must lie within [lo, hi) = [{lo}, {hi}), lo >= 0")
+        parts = self._check(table, ids, request.routed)
+        # The files are written and synced outside the lock: the next chunk's are built while
+        # this one's wait for the disk. The routing is checked again under the lock.
+        prepared = self._store.prepare_ingest(spec.table_uid, parts, ids, rows, lo, hi)
+        try:
+            self._commit_ingest(table, ids, parts, rows, request.routed, prepared)
+        finally:
+            prepared.discard()
+        self.last_bulk_write = time.monotonic()
         return pb.IngestReply(rows=len(ids))
 
+    def _commit_ingest(self, table: HeldTable, ids, parts, rows, routed, prepared) -> None:
+        spec = table.spec
+        with table.write_mutex:         # the map (epochs, learners) cannot change meanwhile
+            self._check(table, ids, routed)
+            for server, learning in table.learners.items():
+                busy = learning[parts]
+                if busy.any():
+                    p = int(parts[np.flatnonzero(busy)[0]])
+                    raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"partition {p} of table {spec.name!r} has a copy being "
+                                     f"built on {server}: its rows must go through the "
+                                     "leader's write path (WriteRows), not Ingest")
+            mine = np.unique(parts)
+            new = np.array([p for p in mine.tolist() if (spec.table_uid, p) not in self._on_disk],
+                           np.int64)
+            positions = (new, table.log.seq[new].copy(), table.log.epoch[new].copy()) \
+                if len(new) else None      # the position marks the copy as stored
+            try:
+                prepared.commit(positions)
+            except StorageError as e:
+                raise ShoalError(grpc.StatusCode.DATA_LOSS, f"ingest into table {spec.name!r} "
+                                 f"on {self.server_id}: {e}") from None
+            self._on_disk.update((spec.table_uid, int(p)) for p in new)
+            self._to_arena(table, parts, ids, rows)
+
     def checksums(self, request: pb.ChecksumsRequest) -> pb.ChecksumsReply:
-        """Checksums of stored partitions (``embeddings.checksum``), read from RocksDB."""
+        """Checksums of stored partitions (``embeddings.checksum``): from a partition's ingest
+        records if asked (``recorded``) and they account for it, else read from RocksDB."""
         parts = np.asarray(request.partitions, dtype=np.int64)
         if len(parts) > 65536 or (parts.size and parts.min() < 0):
             raise InvalidArgument(f"partitions: {len(parts)} partitions, must be 0..65536 "
                                   "values, each >= 0")
         sums = np.zeros(len(parts), np.uint64)
         counts = np.zeros(len(parts), np.int64)
+        scanned = np.zeros(len(parts), np.int32)
         for i, p in enumerate(parts.tolist()):
             if (request.table_uid, p) not in self._on_disk:
                 continue
+            got = self._recorded(request.table_uid, p) if request.recorded else None
+            if got is not None:
+                sums[i], counts[i] = got
+                continue
             ids, raw = self._store.scan_partition(request.table_uid, p)
+            scanned[i] = 1
             if len(ids):
                 rows = np.frombuffer(raw, np.uint8).reshape(len(ids), -1)
                 sums[i] = row_checksums(ids, rows).sum(dtype=np.uint64)
                 counts[i] = len(ids)
-        return pb.ChecksumsReply(checksums=pack(sums.view(np.int64)), rows=pack(counts))
+        return pb.ChecksumsReply(checksums=pack(sums.view(np.int64)), rows=pack(counts),
+                                 scanned=pack(scanned))
+
+    def _recorded(self, table_uid: int, p: int) -> tuple[int, int] | None:
+        """(checksum, rows) of a partition from its ingest records, if they account for every
+        row it stores: no sequenced write ever touched it (its sequence is 0: a write through
+        the leader, a replayed log or an installed snapshot would have moved it or dropped the
+        records), and no two records overlap (ingests of different chunkings)."""
+        table = self._tables.get(table_uid)
+        if table is None or p >= table.spec.num_partitions:
+            return None
+        with table.write_mutex:
+            if int(table.log.seq[p]) != 0:
+                return None
+            rec = self._store.ingest_records(table_uid, p)
+        if not len(rec) or (rec["lo"][1:] < rec["hi"][:-1]).any():
+            return None
+        with np.errstate(over="ignore"):
+            return int(rec["checksum"].sum(dtype=np.uint64)), int(rec["rows"].sum())
 
     # ------------------------------------------------------------ lookups (raise ShoalError)
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:

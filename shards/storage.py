@@ -6,6 +6,15 @@ in the table's dtype. Each partition's replication position (the sequence number
 the last write applied) lives under ``(0xFFFFFFFF, table_uid, partition)``, after every row key,
 and is written in the same batch (or SST file) as the rows it describes.
 
+Bulk rows (a load's chunks, large writes) are written as SST files built by ``shards.sst``
+(numpy, no per-row work) and ingested, one file per partition: successive chunks of a load carry
+ascending id ranges, so a partition's files never overlap and RocksDB places them in the
+bottommost level without compacting them. A load's ingests also store, per partition, an
+**ingest record** under ``(0xFFFFFFFE, table_uid, partition, lo)``: the id range ``[lo, hi)`` the
+ingest covered, its row count and checksum (``embeddings.checksum``), in the same atomic
+ingest as the rows, so a partition's checksum can be answered from its records instead of a
+scan (see ``ingest_records``).
+
 Durability: every write goes through the WAL (or is an ingested SST file) before ``write_rows``
 returns. rocksdict takes keys one Python ``bytes`` object at a time; building them is vectorised
 (one numpy pass, one ``tolist``), and the per-key work left is inside the binding.
@@ -24,19 +33,38 @@ import uuid
 import numpy as np
 import rocksdict
 
+from embeddings.checksum import partition_checksums
+from shards.sst import write_sst
+
 KEY_DTYPE = np.dtype([("table", ">u4"), ("partition", ">u4"), ("row", ">u8")])
 META_TABLE = 0xFFFFFFFF
+RECORD_SPACE = 0xFFFFFFFE             # ingest records sort after every row, before positions
+RECORD_KEY_DTYPE = np.dtype([("space", ">u4"), ("table", ">u4"), ("partition", ">u4"),
+                             ("lo", ">u8")])
+RECORD_DTYPE = np.dtype([("hi", "<i8"), ("rows", "<i8"), ("checksum", "<u8")])
+READ_BACK_SAMPLE = 64                 # rows of each ingest read back through RocksDB
 POSITION_DTYPE = np.dtype("<i8")      # value: (seq, epoch)
 MEMTABLE_BYTES = 32 << 20
 BACKGROUND_RETRY_S = 0.01
 
 
-def encode_keys(table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> list[bytes]:
+def key_array(table_uid: int, partitions, ids: np.ndarray) -> np.ndarray:
+    """uint8 [n, 16]: the keys of rows ``ids`` (``partitions``: one or one per id)."""
     k = np.empty(len(ids), dtype=KEY_DTYPE)
     k["table"] = table_uid
     k["partition"] = partitions
     k["row"] = ids
-    return k.view("V16").tolist()
+    return k.view(np.uint8).reshape(len(ids), KEY_DTYPE.itemsize)
+
+
+def encode_keys(table_uid: int, partitions: np.ndarray, ids: np.ndarray) -> list[bytes]:
+    return key_array(table_uid, partitions, ids).view("V16").reshape(len(ids)).tolist()
+
+
+def record_range(table_uid: int, partition: int) -> tuple[bytes, bytes]:
+    k = np.array([(RECORD_SPACE, table_uid, partition, 0),
+                  (RECORD_SPACE, table_uid, partition + 1, 0)], dtype=RECORD_KEY_DTYPE)
+    return k[0].tobytes(), k[1].tobytes()
 
 
 def position_keys(table_uid: int, partitions: np.ndarray) -> list[bytes]:
@@ -57,6 +85,37 @@ def partition_range(table_uid: int, partition: int) -> tuple[bytes, bytes]:
 Positions = tuple[np.ndarray, np.ndarray, np.ndarray]     # (partitions, seqs, epochs)
 
 
+def _drop_cached(path: str) -> None:
+    """Sync a written file and drop its pages from the page cache (as RocksDB's own
+    SstFileWriter does): the memory tier serves the rows, and the next file reuses the freed
+    pages instead of faulting in new ones."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _unlink(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+class StorageError(RuntimeError):
+    """RocksDB does not hold what was just written to it."""
+
+
+def _position_run(table_uid: int, positions: Positions) -> tuple[np.ndarray, np.ndarray]:
+    """The (keys, values) run of partitions' positions, ascending, for an SST file."""
+    order = np.argsort(positions[0])
+    k = key_array(META_TABLE, table_uid, positions[0][order])
+    v = np.stack([np.asarray(positions[1], POSITION_DTYPE)[order],
+                  np.asarray(positions[2], POSITION_DTYPE)[order]], 1)
+    return k, v.view(np.uint8).reshape(len(v), 16)
+
+
 class RowStore(abc.ABC):
     """Contract of a server's durable row storage. Called from RPC threads concurrently."""
 
@@ -69,6 +128,18 @@ class RowStore(abc.ABC):
         ``background``: a copy's
         rows; if RocksDB would make the write wait (a write stall, with the GIL held), back off
         and retry instead, so the server's other work goes on."""
+
+    @abc.abstractmethod
+    def prepare_ingest(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
+                       rows: np.ndarray, lo: int, hi: int) -> "PreparedIngest":
+        """Write (and sync) a load's bulk rows, ids unique and in ``[lo, hi)``, as SST files,
+        one per partition, not yet visible: ``PreparedIngest.commit`` ingests them. Needs no
+        lock: a caller serialising its writes prepares outside its lock and commits inside."""
+
+    @abc.abstractmethod
+    def ingest_records(self, table_uid: int, partition: int) -> np.ndarray:
+        """The partition's ingest records, ascending by ``lo``: a structured array with the
+        fields ``lo`` and those of ``RECORD_DTYPE``."""
 
     @abc.abstractmethod
     def read_positions(self, table_uid: int, num_partitions: int) -> tuple[np.ndarray,
@@ -101,7 +172,8 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def drop_partition(self, table_uid: int, partition: int) -> None:
-        """Delete every row of one partition (one key range) and its position."""
+        """Delete every row of one partition (one key range), its ingest records and its
+        position."""
 
     @abc.abstractmethod
     def scan_partition(self, table_uid: int, partition: int) -> tuple[np.ndarray, bytes]:
@@ -136,6 +208,44 @@ class PartitionSnapshot:
         self._items = None
         if self._on_close is not None:
             self._on_close()
+
+
+class PreparedIngest:
+    """A load's rows written as SST files (``RocksRowStore.prepare_ingest``), waiting for
+    ``commit`` or ``discard``."""
+
+    def __init__(self, store: "RocksRowStore", table_uid: int, partitions: np.ndarray,
+                 ids: np.ndarray, rows: np.ndarray, lo: int, hi: int, present: np.ndarray,
+                 paths: list[str]):
+        self._store, self._uid = store, table_uid
+        self._parts, self._ids, self._rows, self._range = partitions, ids, rows, (lo, hi)
+        self._present, self._paths = present, paths
+
+    def commit(self, positions: Positions | None) -> None:
+        """Ingest the rows with each partition's ingest record (and ``positions``) in one
+        atomic step, then read a sample back through RocksDB (``StorageError`` if it differs)."""
+        uid, present, (lo, hi) = self._uid, self._present, self._range
+        sums, counts = partition_checksums(self._ids, self._rows, self._parts,
+                                           int(present.max()) + 1)
+        rk = np.empty(len(present), RECORD_KEY_DTYPE)
+        rk["space"], rk["table"], rk["partition"], rk["lo"] = RECORD_SPACE, uid, present, lo
+        rv = np.empty(len(present), RECORD_DTYPE)
+        rv["hi"], rv["rows"], rv["checksum"] = hi, counts[present], sums[present]
+        meta = [(rk.view(np.uint8).reshape(len(rk), -1), rv.view(np.uint8).reshape(len(rv), -1))]
+        if positions is not None and len(positions[0]):
+            meta.append(_position_run(uid, positions))
+        paths, self._paths = self._paths, []
+        try:
+            paths += self._store._write_files([meta])
+        except BaseException:
+            _unlink(paths)
+            raise
+        self._store._ingest_files(paths)
+        self._store._read_back(uid, self._parts, self._ids, self._rows)
+
+    def discard(self) -> None:
+        paths, self._paths = self._paths, []
+        _unlink(paths)
 
 
 class RocksRowStore(RowStore):
@@ -186,20 +296,23 @@ class RocksRowStore(RowStore):
 
     def write_rows(self, table_uid, partitions, ids, rows, positions=None, background=False):
         n = len(ids)
-        keys, values = [], []
-        if positions is not None:
-            order = np.argsort(positions[0])              # meta keys sort after every row key
-            keys = position_keys(table_uid, positions[0][order])
-            values = position_values(positions[1][order], positions[2][order])
-        if n == 0 and not keys:
+        if n == 0 and (positions is None or not len(positions[0])):
             return
         rows = np.ascontiguousarray(rows)
         row_bytes = rows.nbytes // max(n, 1)
         if n >= self._sst_threshold:
             order = np.lexsort((ids, partitions))          # SST keys must be sorted
-            self._ingest(encode_keys(table_uid, partitions[order], ids[order]) + keys,
-                         rows[order].view(f"V{row_bytes}").reshape(n).tolist() + values)
+            runs = [(key_array(table_uid, partitions[order], ids[order]),
+                     rows[order].view(np.uint8).reshape(n, row_bytes))]
+            if positions is not None:                      # meta keys sort after every row
+                runs.append(_position_run(table_uid, positions))
+            self._ingest([runs])
         else:
+            keys, values = [], []
+            if positions is not None:
+                order = np.argsort(positions[0])
+                keys = position_keys(table_uid, positions[0][order])
+                values = position_values(positions[1][order], positions[2][order])
             wb = rocksdict.WriteBatch(raw_mode=True)
             if n:
                 for k, v in zip(encode_keys(table_uid, partitions, ids),
@@ -257,19 +370,99 @@ class RocksRowStore(RowStore):
         copy = RocksRowStore(path, 8 << 20, read_only_db=str(path))
         return PartitionSnapshot(copy._db, table_uid, partition, on_close=copy.close)
 
-    def _ingest(self, keys: list[bytes], values: list[bytes]) -> None:
-        fd, path = tempfile.mkstemp(suffix=".sst", dir=self._tmp)
-        os.close(fd)
+    def prepare_ingest(self, table_uid, partitions, ids, rows, lo, hi):
+        files, present = self._partition_files(table_uid, partitions, ids, rows)
+        return PreparedIngest(self, table_uid, partitions, ids, rows, lo, hi, present,
+                              self._write_files(files))
+
+    def bulk_write(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
+                   rows: np.ndarray) -> None:
+        """Rows as SST files, one per partition, ingested at once: what ``ingest_rows`` does
+        without records, positions or the read-back (the floor ``bench/load.py`` measures)."""
+        self._ingest(self._partition_files(table_uid, partitions, ids, rows)[0])
+
+    @staticmethod
+    def _partition_files(table_uid, partitions, ids, rows):
+        """([[run]] one SST file per partition present, the partitions present). A contiguous
+        ascending id range (a load's chunk) needs no sort: partition p's rows are every P-th
+        row, a strided view that the SST writer copies straight into its blocks."""
+        n = len(ids)
+        rows = np.ascontiguousarray(rows)
+        raw = rows.view(np.uint8).reshape(n, rows.nbytes // max(n, 1))
+        P = int(partitions.max()) + 1 if n else 0
+        if n and int(ids[-1]) - int(ids[0]) == n - 1 and (n < 2 or (ids[1:] > ids[:-1]).all()) \
+                and P & (P - 1) == 0 and (partitions == ids & (P - 1)).all():
+            # (P here is at most the table's partition count; any power of two >= the largest
+            # partition present cuts the range the same way for ids & (P - 1).)
+            firsts = ids[:min(n, P)]
+            files = [[(key_array(table_uid, int(p), ids[i::P]), raw[i::P])]
+                     for i, p in sorted(enumerate((firsts & (P - 1)).tolist()), key=lambda x: x[1])]
+            return files, np.sort(firsts & (P - 1))
+        order = np.lexsort((ids, partitions))
+        parts, ids, raw = partitions[order], ids[order], raw[order]
+        present, starts = np.unique(parts, return_index=True)
+        bounds = np.append(starts, n).tolist()
+        files = [[(key_array(table_uid, p, ids[a:b]), raw[a:b])]
+                 for p, a, b in zip(present.tolist(), bounds[:-1], bounds[1:])]
+        return files, present
+
+    def _read_back(self, table_uid: int, parts: np.ndarray, ids: np.ndarray,
+                   rows: np.ndarray) -> None:
+        """Read a spread sample of just-ingested rows through RocksDB: the files say what
+        ``shards.sst`` meant them to say."""
+        pick = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), READ_BACK_SAMPLE))
+                         .astype(np.int64))
+        got = self._db.get(encode_keys(table_uid, parts[pick], ids[pick]))
+        want = np.ascontiguousarray(rows[pick]).view(np.uint8).reshape(len(pick), -1)
+        for i, v in enumerate(got):             # a small, fixed sample: not a per-row loop
+            if v is None or v != want[i].tobytes():
+                raise StorageError(f"ingested row {int(ids[pick[i]])} of table_uid {table_uid} "
+                                   f"reads back {'missing' if v is None else 'different'} "
+                                   "from RocksDB")
+
+    def ingest_records(self, table_uid, partition):
+        lo, hi = record_range(table_uid, partition)
+        ro = rocksdict.ReadOptions()
+        ro.set_iterate_upper_bound(hi)
+        keys, values = [], []
+        for k, v in self._db.items(from_key=lo, read_opt=ro):   # one per load chunk
+            keys.append(k)
+            values.append(v)
+        out = np.empty(len(keys), np.dtype([("lo", "<i8")] + RECORD_DTYPE.descr))
+        if keys:
+            k = np.frombuffer(b"".join(keys), RECORD_KEY_DTYPE)
+            v = np.frombuffer(b"".join(values), RECORD_DTYPE)
+            out["lo"] = k["lo"]
+            for f in RECORD_DTYPE.names:
+                out[f] = v[f]
+        return out
+
+    def _ingest(self, files: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Write each file's runs (``shards.sst.write_sst``) and ingest them all at once."""
+        self._ingest_files(self._write_files(files))
+
+    def _write_files(self, files: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[str]:
+        """SST files of ``files``' runs, written and synced (the wait for the disk happens
+        here, without the GIL: rocksdict holds it through an ingest, which would sync them
+        otherwise)."""
+        paths = []
         try:
-            writer = rocksdict.SstFileWriter(self._options)
-            writer.open(path)
-            for k, v in zip(keys, values):
-                writer[k] = v
-            writer.finish()
-            self._db.ingest_external_file([path], self._ingest_opts)
+            for runs in files:
+                fd, path = tempfile.mkstemp(suffix=".sst", dir=self._tmp)
+                os.close(fd)
+                paths.append(path)
+                write_sst(path, runs)
+                _drop_cached(path)
+        except BaseException:
+            _unlink(paths)
+            raise
+        return paths
+
+    def _ingest_files(self, paths: list[str]) -> None:
+        try:
+            self._db.ingest_external_file(paths, self._ingest_opts)
         finally:
-            if os.path.exists(path):
-                os.unlink(path)
+            _unlink(paths)
 
     def read_rows(self, table_uid, partitions, ids, row_bytes):
         if len(ids) == 0:
@@ -286,6 +479,7 @@ class RocksRowStore(RowStore):
     def drop_partition(self, table_uid, partition):
         lo, hi = partition_range(table_uid, partition)
         self._db.delete_range(lo, hi)
+        self._db.delete_range(*record_range(table_uid, partition))
         self._db.delete(position_keys(table_uid, np.array([partition]))[0])
 
     def scan_partition(self, table_uid, partition):

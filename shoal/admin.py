@@ -107,21 +107,28 @@ def server_stats(address: str, timeout: float = 10.0) -> pb.ServerStats:
 
 
 def server_checksums(address: str, table_uid: int, partitions: list[int],
-                     timeout: float = 120.0):
-    """(checksums uint64, rows int64) of partitions stored on one server."""
+                     timeout: float = 120.0, recorded: bool = False, scanned: bool = False):
+    """(checksums uint64, rows int64) of partitions stored on one server; ``recorded``: from
+    their ingest records where those account for them (see ChecksumsRequest); ``scanned``:
+    also return, per partition, whether the server read its rows to answer."""
     import numpy as np
 
-    from shoal.wire import unpack
+    from shoal.wire import is_set, unpack
     ch = channel(address)
     try:
         reply = pbg.ShardServerStub(ch).Checksums(pb.ChecksumsRequest(
-            table_uid=table_uid, partitions=partitions), timeout=timeout)
+            table_uid=table_uid, partitions=partitions, recorded=recorded), timeout=timeout)
     except grpc.RpcError as e:
         raise from_rpc_error(e) from None
     finally:
         ch.close()
-    return (unpack(reply.checksums, "checksums", "int64", 1).view(np.uint64),
-            unpack(reply.rows, "rows", "int64", 1))
+    out = (unpack(reply.checksums, "checksums", "int64", 1).view(np.uint64),
+           unpack(reply.rows, "rows", "int64", 1))
+    if scanned:
+        read = unpack(reply.scanned, "scanned", "int32", 1) if is_set(reply.scanned) else \
+            np.ones(len(partitions), np.int32)
+        return out + (read.astype(bool),)
+    return out
 
 
 def describe_splits(m: pb.ShardMap) -> list[str]:

@@ -295,7 +295,9 @@ def cmd_load(args) -> int:
           f"{sum(res.tables.values()):,} rows, {res.bytes / 2**20:,.1f} MiB in "
           f"{res.seconds:.1f}s ({res.bytes / 2**20 / max(res.seconds, 1e-9):,.1f} MiB/s), "
           f"verified on every replica{'' if args.no_current else ', now current'}; "
-          f"{len(res.dense)} dense tensors stored with it")
+          f"{len(res.dense)} dense tensors stored with it"
+          + (f"; {res.skipped_partitions} partitions were already complete and kept"
+             if res.skipped_partitions else ""))
     return 0
 
 
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--chunk-mib", type=float, default=16.0,
                     help="rows read and sent at a time; the loader's memory is about 10 chunks")
     ld.add_argument("--no-current", action="store_true", help="leave it ready, not current")
-    ld.add_argument("--resume", action="store_true", help="rewrite a loading version")
+    ld.add_argument("--resume", action="store_true", help="finish a loading version: rewrite only partitions not already complete on every replica")
     ld.add_argument("--address", help="a router address instead of the local cluster")
     ld.set_defaults(fn=cmd_load)
     au = sub.add_parser("autoscale", help="let the coordinator resize the cluster by load")

@@ -2,19 +2,25 @@
 
 ``load(client, path, model)``: open the checkpoint (``embeddings.checkpoint``), find its
 embedding tables, create the model (version 1) or its next version, both "loading" (written,
-not servable: queries keep getting the current version), stream every table's rows in bounded
-chunks (``chunk_bytes``; the loader never holds more than one chunk of rows) through the
-routers' write path to each partition's leader and replicas (large chunks are stored as SST
-files and ingested), then verify: every replica's per-partition checksums must equal the
-source's, computed while streaming. The dense parameters (every other tensor) are stored
-with the version (``client.dense(model, version)``). Only then is the version marked ready and
-made current
-(one map change). A load that fails or is interrupted leaves its version "loading", never
-visible to queries; loading again with ``resume=True`` rewrites it (writes are idempotent),
-and ``client.update_version(model, v, drop=True)`` deletes it.
+not servable: queries keep getting the current version), and stream every table's rows in
+bounded chunks (``chunk_bytes``; the loader holds a few chunks, never a table). Each chunk goes
+to every replica directly (``Ingest``: the servers write it as SST files, one per partition,
+and ingest them with an ingest record of the chunk's checksums), pipelined so the loader reads
+the next chunk while the servers store this one; partitions with a copy being built, and any
+replica that refuses or fails, take the routers' replicated write path instead. Then verify:
+every replica's per-partition checksums must equal the source's, computed while streaming
+(answered from the ingest records, or by a scan where other writes touched a partition). The
+dense parameters (every other tensor) are stored with the version (``client.dense(model,
+version)``). Only then is the version marked ready and made current (one map change).
+
+A load that fails or is interrupted leaves its version "loading", never visible to queries.
+``resume=True`` reads the checkpoint's checksums again (it may have been repaired), compares
+every replica, and rewrites only the partitions that are not complete everywhere;
+``client.update_version(model, v, drop=True)`` deletes the version instead.
 """
 from __future__ import annotations
 
+import collections
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,10 +32,12 @@ import torch
 
 from embeddings.checkpoint import CheckpointError, dense_keys, embedding_tables, open_checkpoint
 from embeddings.checksum import partition_checksums
+from embeddings.partition import rows_in_partition
 from embeddings.specs import TableSpec
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2 as pb
-from shoal.serving import trim_heap
+from shoal.serving import heap_kept
+from shoal.wire import pack
 
 DEFAULT_CHUNK_BYTES = 16 << 20   # the loader's peak memory is about 10 chunks
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float32",
@@ -67,6 +75,7 @@ class LoadResult:
     bytes: int
     seconds: float
     dense: list[str]                # dense parameter keys, stored with the version
+    skipped_partitions: int = 0     # a resume's partitions already complete on every replica
 
 
 def load(client, path: str, model: str, version: int = 0, format: str = "auto",
@@ -110,16 +119,30 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
                                       f"{infos[key].shape[0]} rows but table {n!r} of model "
                                       f"{model!r} v{md.version} has {t.num_embeddings}",
                                       grpc.StatusCode.INVALID_ARGUMENT)
-        prog = LoadProgress(rows_total=sum(infos[tables[t]].shape[0] for t in placed),
-                            bytes_total=sum(t.num_embeddings * TableSpec.from_proto(t).row_bytes
-                                            for t in placed.values()))
         source: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        done: dict[str, np.ndarray] = {}       # partitions every replica already holds exactly
+        if resume:                             # the source may have been repaired: read it
+            source = {n: _source_checksums(reader, tables[n], t, chunk_bytes)
+                      for n, t in placed.items()}
+            done = {n: ~bad for n, bad in _mismatches(client, md, source).items()}
+        todo = {n: ~done[n] if n in done else np.ones(t.num_partitions, bool)
+                for n, t in placed.items()}
+        rows = {n: sum(rows_in_partition(t.num_embeddings, t.num_partitions, p)
+                       for p in np.flatnonzero(todo[n]).tolist()) for n, t in placed.items()}
+        prog = LoadProgress(rows_total=sum(rows.values()),
+                            bytes_total=sum(rows[n] * TableSpec.from_proto(t).row_bytes
+                                            for n, t in placed.items()))
         attempt = uuid.uuid4().hex[:12]
-        with Sink(client, model, md.version, direct) as sink:
+        # Each chunk's buffers reuse the last one's pages; freed memory past a few chunks, and
+        # all of it at the end, goes back to the OS: the loader's memory stays a few chunks.
+        with heap_kept(2 * chunk_bytes), Sink(client, model, md.version, direct) as sink:
             for name, t in placed.items():
+                if not todo[name].any():
+                    continue
                 prog.table = name
-                source[name] = _stream_table(sink, reader, tables[name], t, chunk_bytes, prog,
-                                             progress, attempt)
+                sums = _stream_table(sink, reader, tables[name], t, chunk_bytes, prog,
+                                     progress, attempt, todo[name])
+                source.setdefault(name, sums)
         dense = dense_keys(infos, tables)
         if dense:
             _check_dense_size(infos, dense, path)
@@ -127,7 +150,8 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
         _verify(client, md, source)
         client.update_version(model, md.version, ready=True, make_current=make_current)
         return LoadResult(model, md.version, {n: t.num_embeddings for n, t in placed.items()},
-                          prog.bytes_done, prog.seconds, dense)
+                          prog.bytes_done, prog.seconds, dense,
+                          sum(int(d.sum()) for d in done.values()))
 
 
 def _check_dense_size(infos, dense: list[str], path: str) -> None:
@@ -182,100 +206,152 @@ def _check_dims(md: pb.ModelSpec, specs: list[TableSpec], infos, tables) -> pb.M
     return md
 
 
-def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,
-                  chunk_bytes: int, prog: LoadProgress, progress,
-                  attempt: str) -> tuple[np.ndarray, np.ndarray]:
-    """Write every row of one table; (checksums, rows) per partition of what was sent. Each
-    chunk's idempotency key is unique to this attempt (``attempt``): a resume may bring other
-    rows for the same range (a repaired checkpoint), which must not be taken for a resend."""
-    P = t.num_partitions
-    sums = np.zeros(P, np.uint64)
-    counts = np.zeros(P, np.int64)
+def _chunks(reader, key: str, t: pb.TableSpec, chunk_bytes: int):
+    """(ids, rows as a numpy array of the table's dtype) of the table, a chunk at a time."""
     dtype = torch.float16 if t.dtype == "float16" else torch.float32
-    row_bytes = TableSpec.from_proto(t).row_bytes
-    step = max(1, chunk_bytes // row_bytes)
+    step = max(1, chunk_bytes // TableSpec.from_proto(t).row_bytes)
     for lo in range(0, t.num_embeddings, step):
         hi = min(lo + step, t.num_embeddings)
-        rows = reader.read_rows(key, lo, hi).to(dtype).contiguous()
-        ids = np.arange(lo, hi, dtype=np.int64)
-        sink.write(t, ids, rows.numpy(), f"load/{attempt}/{t.table_uid}/{lo}")
-        s, c = partition_checksums(ids, rows.numpy(), ids & (P - 1), P)
+        yield np.arange(lo, hi, dtype=np.int64), \
+            reader.read_rows(key, lo, hi).to(dtype).contiguous().numpy()
+
+
+def _source_checksums(reader, key: str, t: pb.TableSpec,
+                      chunk_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(checksums, rows) per partition of the table in the checkpoint, read a chunk at a time."""
+    P = t.num_partitions
+    sums, counts = np.zeros(P, np.uint64), np.zeros(P, np.int64)
+    for ids, rows in _chunks(reader, key, t, chunk_bytes):
+        s, c = partition_checksums(ids, rows, ids & (P - 1), P)
         with np.errstate(over="ignore"):
             sums += s
         counts += c
-        prog.rows_done += hi - lo
-        prog.bytes_done += (hi - lo) * row_bytes
+    return sums, counts
+
+
+def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,
+                  chunk_bytes: int, prog: LoadProgress, progress, attempt: str,
+                  todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Write the rows of the table's partitions ``todo`` (bool per partition); (checksums,
+    rows) per partition of the whole table in the checkpoint. Each chunk's idempotency key is
+    unique to this attempt (``attempt``): a resume may bring other rows for the same range (a
+    repaired checkpoint), which must not be taken for a resend."""
+    P = t.num_partitions
+    sums, counts = np.zeros(P, np.uint64), np.zeros(P, np.int64)
+    row_bytes = TableSpec.from_proto(t).row_bytes
+    for ids, rows in _chunks(reader, key, t, chunk_bytes):
+        parts = ids & (P - 1)
+        if todo.all():
+            sink.write(t, ids, rows, f"load/{attempt}/{t.table_uid}/{int(ids[0])}")
+            sent = len(ids)
+        else:
+            sel = todo[parts]
+            sent = int(sel.sum())
+            if sent:
+                sink.write(t, ids[sel], rows[sel], f"load/{attempt}/{t.table_uid}/{int(ids[0])}")
+        s, c = partition_checksums(ids, rows, parts, P)
+        with np.errstate(over="ignore"):
+            sums += s
+        counts += c
+        prog.rows_done += sent
+        prog.bytes_done += sent * row_bytes
         if progress is not None:
             progress(prog)
-        del rows
     return sums, counts
 
 
 class Sink:
     """Where a load's chunks go: each replica directly (``Ingest``, servers in parallel), or,
     for partitions with a copy being built (a learner would miss rows that bypass the leader's
-    log) and for any replica that fails, the routers' write path (leader, log, replicas)."""
+    log) and for any replica that refuses or fails, the routers' write path (leader, log,
+    replicas). Pipelined: ``write`` sends a chunk, then waits for the one before it, so the
+    loader reads the next chunk while the servers store the last ones (``IN_FLIGHT``).
+    Requests carry each partition's epoch: a server whose replica set changed since this map
+    refuses them (the map is then read again), so no new replica misses a chunk."""
+
+    INGEST = "/shoal.v1.ShardServer/Ingest"
+    IN_FLIGHT = 1        # chunks left in flight while the next is sent (each costs ~4 chunks of memory)
 
     def __init__(self, client, model: str, version: int, direct: bool):
         self._client, self._model, self._version, self._direct = client, model, version, direct
         self._channels: dict[str, object] = {}
-        self._map: pb.ShardMap | None = None      # read again for every chunk
+        self._map: pb.ShardMap | None = None      # read again after a refusal
+        self._pending: collections.deque = collections.deque()     # chunks in flight
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for ch in self._channels.values():
-            ch.close()
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            for ch in self._channels.values():
+                ch.close()
 
     def write(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray, key: str) -> None:
         if not self._direct:
             self._routed(t, ids, rows, key)
             return
-        P = t.num_partitions
-        self._map = self._client.status().map    # each chunk: learners may have appeared
-        sets = {rs.partition: rs for rs in self._map.partitions if rs.table_uid == t.table_uid}
-        if len(sets) != P or any(rs.learners for rs in sets.values()):
-            self._routed(t, ids, rows, key)
-            return
-        parts = ids & (P - 1)
-        servers = sorted({s for rs in sets.values() for s in rs.replicas})
-        holds = {s: np.array([s in sets[p].replicas for p in range(P)]) for s in servers}
-        # Futures from this thread (no pool): every buffer comes from one malloc arena, and
-        # the heap is trimmed after each chunk, so the loader's memory stays a few chunks.
-        whole = None                     # one request for every server that holds it all
-        jobs = []
-        for s in servers:
-            if holds[s].all():
-                whole = whole or self._request(t, ids, rows)
-                req = whole
-            else:
-                sel = holds[s][parts]
-                req = self._request(t, ids[sel], rows[sel])
-            jobs.append((s, self._stub(s).Ingest.future(req, timeout=120)))
-        del whole, req
-        failed = np.zeros(P, bool)
-        for s, job in jobs:
-            if job.exception() is not None:   # that replica's partitions go the replicated way
-                failed |= holds[s]
+        self._pending.append((t, ids, rows, key) + self._send(t, ids, rows))
+        while len(self._pending) > self.IN_FLIGHT:
+            self._finish(self._pending.popleft())
+
+    def flush(self) -> None:
+        """Wait for the chunks in flight; route what a replica did not take."""
+        while self._pending:
+            self._finish(self._pending.popleft())
+
+    def _finish(self, sent) -> None:
+        t, ids, rows, key, jobs, failed = sent
+        for held, job in jobs:
+            if job.exception() is not None:   # stale map, learner, server lost: route them
+                failed = failed | held
+                self._map = None
         del jobs
-        trim_heap()
         if failed.any():
-            sel = failed[parts]
+            sel = failed[ids & (t.num_partitions - 1)]
             self._routed(t, ids[sel], rows[sel], key)
 
+    def _send(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray):
+        """Start one Ingest per server: ([(partitions it holds, future)], partitions to route)."""
+        from shoal.wire import serialize_with_tensor
+        P = t.num_partitions
+        if self._map is None:
+            self._map = self._client.status().map
+        sets = {rs.partition: rs for rs in self._map.partitions if rs.table_uid == t.table_uid}
+        if len(sets) != P:
+            return [], np.ones(P, bool)
+        learning = np.array([bool(sets[p].learners) for p in range(P)])
+        epochs = np.array([sets[p].epoch for p in range(P)], np.int64)
+        parts = ids & (P - 1)
+        jobs, whole = [], None           # one serialised request for servers that hold all
+        for s in sorted({s for rs in sets.values() for s in rs.replicas}):
+            held = np.array([s in sets[p].replicas for p in range(P)]) & ~learning
+            if not held.any():
+                continue
+            mine = np.flatnonzero(held)
+            head = pb.IngestRequest(map_version=self._map.version, table_uid=t.table_uid,
+                                    ids=pack(ids if held.all() else ids[held[parts]]),
+                                    routed=pb.PartitionEpochs(partitions=pack(mine, "int32"),
+                                                              epochs=pack(epochs[mine])),
+                                    lo=int(ids[0]), hi=int(ids[-1]) + 1)
+            if held.all():
+                whole = whole or serialize_with_tensor(head, 4, rows)
+                msg = whole
+            else:
+                msg = serialize_with_tensor(head, 4, rows[held[parts]])
+            jobs.append((held, self._stub(s).future(msg, timeout=120)))
+            del msg
+        return jobs, learning
+
     def _stub(self, server: str):
-        from shoal.proto import shoal_pb2_grpc as pbg
         from shoal.serving import channel
         address = next(s.address for s in self._map.servers if s.server_id == server)
         if address not in self._channels:
             self._channels[address] = channel(address)
-        return pbg.ShardServerStub(self._channels[address])
-
-    def _request(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray) -> pb.IngestRequest:
-        from shoal.wire import pack
-        return pb.IngestRequest(map_version=self._map.version, table_uid=t.table_uid,
-                                ids=pack(ids), rows=pack(rows))
+        return self._channels[address].unary_unary(   # takes the request already serialised
+            self.INGEST, request_serializer=None, response_deserializer=pb.IngestReply.FromString)
 
     def _routed(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray, key: str) -> None:
         self._client.write_rows(self._model, t.name, ids, rows, version=self._version,
@@ -299,25 +375,51 @@ def _verify(client, md: pb.ModelSpec, source: dict[str, tuple[np.ndarray, np.nda
 
 
 def _verify_once(client, md: pb.ModelSpec, source) -> None:
+    _mismatches(client, md, source, strict=True)
+
+
+def _mismatches(client, md: pb.ModelSpec, source, strict: bool = False) -> dict[str, np.ndarray]:
+    """Per table, bool per partition: does any replica not hold exactly the source's rows
+    (checksums and counts, from the servers' ingest records where they account for a
+    partition)? ``strict``: raise DATA_LOSS naming the first such partition, and let an
+    unreachable server's error through; else count its partitions as not matching."""
     from shoal.admin import server_checksums
 
     m = client.status().map
     addresses = {s.server_id: s.address for s in m.servers}
+    out = {}
     for t in md.tables:
         want_sums, want_rows = source[t.name]
+        bad_parts = np.zeros(t.num_partitions, bool)
         sets = [rs for rs in m.partitions if rs.table_uid == t.table_uid]
+        held = {rs.partition for rs in sets if rs.replicas}
+        if len(held) < t.num_partitions:
+            if strict:                   # a replica set lost entirely, or not placed yet
+                raise ShoalError(grpc.StatusCode.UNAVAILABLE,
+                                 f"load of {md.name} v{md.version}: table {t.name!r} has "
+                                 f"{t.num_partitions - len(held)} partitions without a replica")
+            bad_parts[[p for p in range(t.num_partitions) if p not in held]] = True
         by_server: dict[str, list[int]] = {}
         for rs in sets:
             for s in rs.replicas:
                 by_server.setdefault(s, []).append(rs.partition)
         for s, parts in sorted(by_server.items()):
-            sums, rows = server_checksums(addresses[s], t.table_uid, parts)
+            try:
+                sums, rows = server_checksums(addresses[s], t.table_uid, parts, recorded=True)
+            except ShoalError:
+                if strict:
+                    raise
+                bad_parts[parts] = True
+                continue
             bad = [(p, int(r), int(want_rows[p])) for p, c, r in zip(parts, sums, rows)
                    if c != want_sums[p] or r != want_rows[p]]
-            if bad:
+            bad_parts[[p for p, _, _ in bad]] = True
+            if bad and strict:
                 p, r, w = bad[0]
                 raise ShoalError(grpc.StatusCode.DATA_LOSS,
                                  f"load of {md.name} v{md.version}: table {t.name!r} partition "
                                  f"{p} on {s} does not match the checkpoint ({r} rows stored, "
                                  f"{w} sent; {len(bad)} partitions differ); the version stays "
                                  "loading: resume the load or drop it")
+        out[t.name] = bad_parts
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -26,7 +27,10 @@ GRPC_OPTIONS = [
 ]
 
 
-def tune_malloc(threshold: int = 32 << 20) -> None:
+MMAP_THRESHOLD = 32 << 20
+
+
+def tune_malloc(threshold: int = MMAP_THRESHOLD) -> None:
     """Keep buffers below ``threshold`` on the heap instead of fresh mmaps.
 
     glibc serves every allocation of >= 128 KiB-ish with mmap and returns it with munmap, so a
@@ -47,6 +51,36 @@ def tune_malloc(threshold: int = 32 << 20) -> None:
 
 
 _malloc_tuned = False
+
+
+def keep_heap(trim_bytes: int = 256 << 20, arenas: int | None = 1) -> None:
+    """For a process that takes bulk writes (a shard server): free heap kept up to
+    ``trim_bytes`` instead of handed back at once, and (``arenas``) one malloc arena for all
+    threads, so each chunk's buffers reuse the last chunk's pages. Fresh pages cost a fault
+    each, and on this VM zeroing a fresh page costs ~3 ns a byte: with glibc's defaults a
+    server faulted in every byte it received about twice (a load ran at 0.064 GB/s instead of
+    0.114). ``trim_heap`` returns the memory once the writes stop."""
+    tune_malloc()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_ARENA_MAX = -1, -8
+    if arenas:
+        libc.mallopt(M_ARENA_MAX, arenas)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
+
+
+@contextlib.contextmanager
+def heap_kept(trim_bytes: int):
+    """``keep_heap(trim_bytes)`` for the duration (a load streaming chunks), then the heap
+    trimmed and glibc's trimming restored."""
+    keep_heap(trim_bytes, arenas=None)
+    try:
+        yield
+    finally:
+        keep_heap(2 * MMAP_THRESHOLD, arenas=None)
+        trim_heap()
 
 
 def trim_heap() -> None:

@@ -26,6 +26,30 @@ def pack(array, dtype: str | None = None) -> pb.Tensor:
     return pb.Tensor(dtype=a.dtype.name, shape=a.shape, data=a.tobytes())
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def serialize_with_tensor(msg, field_number: int, array: np.ndarray) -> bytes:
+    """``msg`` serialised with ``array`` as a Tensor in its field ``field_number`` (which
+    ``msg`` leaves unset), the array's bytes copied once (``pack`` then ``SerializeToString``
+    copy them three times): protobuf fields may come in any order, so the Tensor's encoding
+    is appended to the rest of the message's."""
+    a = np.ascontiguousarray(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    head = pb.Tensor(dtype=a.dtype.name, shape=a.shape).SerializeToString()
+    data = b"\x1a" + _varint(a.nbytes)                         # field 3 (data), bytes
+    sub = len(head) + len(data) + a.nbytes
+    return b"".join([msg.SerializeToString(), _varint(field_number << 3 | 2), _varint(sub),
+                     head, data, memoryview(a.reshape(-1).view(np.uint8))])
+
+
 def unpack(t: pb.Tensor, field: str, dtype: str | tuple[str, ...] | None = None,
            ndim: int | None = None) -> np.ndarray:
     """Tensor message -> read-only numpy view; InvalidArgument naming ``field`` if malformed."""

@@ -123,7 +123,7 @@ def test_per_rank_torch_save_and_a_failed_load_then_resume(dmp, tmp_path):
     """Per-rank torch.save files (row shards with offsets, column shards) load into a model.
     A DCP checkpoint whose last table's chunk is corrupt fails mid-load, naming the file and
     the tensor: its version stays loading, invisible (queries keep the current version), and a
-    resume from a good copy finishes it."""
+    resume from a good copy finishes it, rewriting only the table that was not complete."""
     import shutil
 
     from embeddings.checkpoint import open_checkpoint
@@ -173,6 +173,11 @@ def test_per_rank_torch_save_and_a_failed_load_then_resume(dmp, tmp_path):
         assert res.version == 1
         (md,) = [m for m in client.models() if m.name == "dl"]
         assert md.state == "ready" and md.current
+        # The resume kept the tables streamed before the corrupt one and rewrote only it.
+        done = [t for t in md.tables if t.name != "t_cat_3"]
+        assert res.skipped_partitions == sum(t.num_partitions for t in done)
+        (last,) = [t for t in md.tables if t.name == "t_cat_3"]
+        assert res.bytes == last.num_embeddings * last.dim * 4
         for name, rows in DMP_TABLES.items():
             torch.testing.assert_close(client.lookup_rows("dl", name, torch.arange(rows)),
                                        ref[f"{EBC_PREFIX}{name}.weight"], rtol=0, atol=0)
@@ -180,6 +185,24 @@ def test_per_rank_torch_save_and_a_failed_load_then_resume(dmp, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def v1_reader(cluster, ref, stop, failures: list, answered: list):
+    """A loop for a thread: query version 1 (the current one) until ``stop``, counting the
+    answers equal to the model's rows and keeping every error or wrong answer."""
+    want = ref[f"{EBC_PREFIX}t_cat_1.weight"]
+
+    def reader():
+        c = cluster.client(timeout=30)
+        while not stop.is_set():
+            try:
+                got = c.lookup_rows("dlrm", "t_cat_1", torch.arange(1500), version=1)
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                answered[0] += 1
+            except Exception as e:          # any error or wrong answer
+                failures.append(repr(e))
+        c.close()
+    return reader
+
+
 def test_losing_a_server_during_a_load(dmp, tmp_path):
     """SIGKILL a shard server while version 2 loads: the load finishes on the other replicas
     (writes fail over) and is verified; queries of the current version 1 never fail; after the
@@ -198,18 +221,7 @@ def test_losing_a_server_during_a_load(dmp, tmp_path):
         client = cluster.client(timeout=60)
         client.load(paths["dmp"], model="dlrm")
         failures, answered, stop = [], [0], threading.Event()
-        want = ref[f"{EBC_PREFIX}t_cat_1.weight"]
-
-        def reader():
-            c = cluster.client(timeout=30)
-            while not stop.is_set():
-                try:
-                    got = c.lookup_rows("dlrm", "t_cat_1", torch.arange(1500))
-                    torch.testing.assert_close(got, want, rtol=0, atol=0)
-                    answered[0] += 1
-                except Exception as e:          # any error or wrong answer
-                    failures.append(repr(e))
-            c.close()
+        reader = v1_reader(cluster, ref, stop, failures, answered)
 
         killed = []
 
@@ -246,6 +258,85 @@ def test_losing_a_server_during_a_load(dmp, tmp_path):
             sums = [server_checksums(addr[s], rs.table_uid, [rs.partition]) for s in rs.replicas]
             assert all(int(x[1][0]) > 0 for x in sums)
             assert len({(int(x[0][0]), int(x[1][0])) for x in sums}) == 1, rs
+        client.close()
+
+
+def test_a_load_interrupted_by_a_lost_server_is_cleaned_up(dmp, tmp_path):
+    """SIGKILL a shard server while version 2 loads, then the load itself stops (the loader
+    gives up): version 2 stays loading and unreadable while version 1 answers throughout.
+    Dropping it and restarting the server leaves no row of it anywhere: the restarted server,
+    which held copies of it when it died, deletes them."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from shoal.admin import server_checksums, server_stats
+    from tests.test_failover import fast_failover_config
+
+    paths, ref = dmp
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path / "c"),
+                            config=fast_failover_config()) as cluster:
+        client = cluster.client(timeout=60)
+        client.load(paths["dmp"], model="dlrm")
+        m = client.status().map
+        stored_v1 = {s.server_id: server_stats(s.address).stored_partitions for s in m.servers}
+        failures, answered, stop = [], [0], threading.Event()
+        reader = v1_reader(cluster, ref, stop, failures, answered)
+
+        class GaveUp(Exception):
+            pass
+
+        killed = []
+
+        def kill_then_give_up(p):
+            if not killed and p.rows_done > p.rows_total // 4:
+                os.kill(cluster.server("s1").pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+            if killed and p.rows_done > p.rows_total // 2:
+                raise GaveUp()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            with pytest.raises(GaveUp):
+                client.load(paths["dmp_safetensors"], model="dlrm", chunk_bytes=8 << 10,
+                            progress=kill_then_give_up)
+            versions = {m.version: m for m in client.models() if m.name == "dlrm"}
+            assert versions[2].state == "loading" and versions[1].current
+            with pytest.raises(shoal.ShoalError) as e:
+                client.lookup_rows("dlrm", "t_cat_1", torch.arange(3), version=2)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            v2_uids = [t.table_uid for t in versions[2].tables]
+            client.update_version("dlrm", 2, drop=True)
+            cluster.restart("s1")
+            deadline = time.monotonic() + 120
+            while True:
+                m = client.status().map
+                if len(m.servers) == 3 and all(len(rs.replicas) == 2 and not rs.learners
+                                               for rs in m.partitions):
+                    break
+                assert time.monotonic() < deadline, "replication factor not restored"
+                time.sleep(0.5)
+            time.sleep(1.0)                      # more queries after the restart
+        finally:
+            stop.set()
+            t.join(60)
+        assert failures == [] and answered[0] > 5
+        assert [(m.version, m.state) for m in client.models()] == [(1, "ready")]
+        addr = {s.server_id: s.address for s in m.servers}
+        deadline = time.monotonic() + 30
+        while True:                              # the restarted server deletes its copies
+            left = {s: sum(int(server_checksums(a, uid, list(range(64)))[1].sum())
+                           for uid in v2_uids) for s, a in addr.items()}
+            stored = {s: server_stats(a).stored_partitions for s, a in addr.items()}
+            if not any(left.values()) and sum(stored.values()) == sum(stored_v1.values()):
+                break
+            assert time.monotonic() < deadline, (left, stored, stored_v1)
+            time.sleep(0.5)
+        for name, rows in DMP_TABLES.items():
+            torch.testing.assert_close(client.lookup_rows("dlrm", name, torch.arange(rows)),
+                                       ref[f"{EBC_PREFIX}{name}.weight"], rtol=0, atol=0)
         client.close()
 
 

@@ -631,16 +631,22 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("map_version", "table_uid", "ids", "rows")
+    __slots__ = ("map_version", "table_uid", "ids", "rows", "routed", "lo", "hi")
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    LO_FIELD_NUMBER: _ClassVar[int]
+    HI_FIELD_NUMBER: _ClassVar[int]
     map_version: int
     table_uid: int
     ids: Tensor
     rows: Tensor
-    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    routed: PartitionEpochs
+    lo: int
+    hi: int
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., lo: _Optional[int] = ..., hi: _Optional[int] = ...) -> None: ...
 
 class IngestReply(_message.Message):
     __slots__ = ("rows",)
@@ -649,20 +655,24 @@ class IngestReply(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class ChecksumsRequest(_message.Message):
-    __slots__ = ("table_uid", "partitions")
+    __slots__ = ("table_uid", "partitions", "recorded")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
     table_uid: int
     partitions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, table_uid: _Optional[int] = ..., partitions: _Optional[_Iterable[int]] = ...) -> None: ...
+    recorded: bool
+    def __init__(self, table_uid: _Optional[int] = ..., partitions: _Optional[_Iterable[int]] = ..., recorded: _Optional[bool] = ...) -> None: ...
 
 class ChecksumsReply(_message.Message):
-    __slots__ = ("checksums", "rows")
+    __slots__ = ("checksums", "rows", "scanned")
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_FIELD_NUMBER: _ClassVar[int]
     checksums: Tensor
     rows: Tensor
-    def __init__(self, checksums: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    scanned: Tensor
+    def __init__(self, checksums: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., scanned: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("request_id", "partitions", "seqs", "write_epochs", "ids", "rows", "prev_epochs")
