@@ -6,7 +6,10 @@ same checkpoint reader.
 
     python bench/load.py [--gib 2] [--chunk-mib 64]
 
-Reports GB/s of both and their ratio (target >= 0.5). Writes bench/results/load.json.
+Reports GB/s of both and their ratio (target >= 0.5), for the serving configuration (each
+server fills its memory tier with the rows it stores) and with memory budget 0 (RocksDB only:
+the same storage work as the floor), with the CPU seconds of each process. Writes
+bench/results/load.json.
 """
 from __future__ import annotations
 
@@ -74,6 +77,25 @@ def floor(path: str, chunk_bytes: int, data_dir: str) -> tuple[int, float]:
     return nbytes, dt
 
 
+def cluster_load(ckpt: str, chunk: int, data_dir: str, cfg):
+    """(LoadResult, seconds, CPU seconds of each server and of this loading process) of one
+    load into a new 2-server cluster."""
+    import shoal
+    from bench.common import cpu_seconds
+
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=data_dir, config=cfg) as cluster:
+        client = cluster.client(timeout=600)
+        pids = {h.server_id: h.pid for h in cluster.servers} | {"loader": os.getpid()}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        t0 = time.perf_counter()
+        res = client.load(ckpt, model="big", chunk_bytes=chunk)
+        s_s = time.perf_counter() - t0
+        cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+        client.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    return res, s_s, cpu
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size")
@@ -96,23 +118,25 @@ def main() -> int:
         shutil.rmtree(os.path.join(work, "floor"), ignore_errors=True)
         print(f"floor (1 process, SST write + ingest, 1 RocksDB): {f_bytes / 1e9:.2f} GB in "
               f"{f_s:.1f} s = {f_bytes / 1e9 / f_s:.3f} GB/s")
-        with shoal.LocalCluster(servers=2, replication=2,
-                                data_dir=os.path.join(work, "cluster")) as cluster:
-            client = cluster.client(timeout=600)
-            t0 = time.perf_counter()
-            res = client.load(ckpt, model="big", chunk_bytes=chunk)
-            s_s = time.perf_counter() - t0
-            client.close()
-        print(f"shoal load (2 servers, replication 2, verified): {res.bytes / 1e9:.2f} GB in "
-              f"{s_s:.1f} s = {res.bytes / 1e9 / s_s:.3f} GB/s")
-        ratio = (res.bytes / s_s) / (f_bytes / f_s)
-        print(f"ratio {ratio:.2f} (target >= 0.5)")
-        result = {"config": vars(args), "bytes": res.bytes, "tables": TABLES, "rows": rows,
+        result = {"config": vars(args), "bytes": f_bytes, "tables": TABLES, "rows": rows,
                   "dim": DIM, "floor_seconds": round(f_s, 2),
-                  "floor_gb_per_s": round(f_bytes / 1e9 / f_s, 3),
-                  "shoal_seconds": round(s_s, 2),
-                  "shoal_gb_per_s": round(res.bytes / 1e9 / s_s, 3),
-                  "ratio": round(ratio, 3)}
+                  "floor_gb_per_s": round(f_bytes / 1e9 / f_s, 3)}
+        # The serving configuration (each server fills its memory tier with the rows it
+        # stores), then RocksDB only (memory budget 0: the same storage work as the floor).
+        for label, budget in (("", None), ("rocksdb_only_", 0)):
+            cfg = shoal.ShoalConfig() if budget is None else \
+                shoal.ShoalConfig().replace(server__memory_budget_bytes=budget)
+            res, s_s, cpu = cluster_load(ckpt, chunk, os.path.join(work, f"cluster{label}"), cfg)
+            ratio = (res.bytes / s_s) / (f_bytes / f_s)
+            what = "memory tier filled" if budget is None else "memory budget 0, RocksDB only"
+            print(f"shoal load (2 servers, replication 2, verified, {what}): "
+                  f"{res.bytes / 1e9:.2f} GB in {s_s:.1f} s = {res.bytes / 1e9 / s_s:.3f} GB/s, "
+                  f"ratio {ratio:.2f} (target >= 0.5); CPU s: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
+            result.update({f"{label}shoal_seconds": round(s_s, 2),
+                           f"{label}shoal_gb_per_s": round(res.bytes / 1e9 / s_s, 3),
+                           f"{label}ratio": round(ratio, 3),
+                           f"{label}cpu_seconds": {k: round(v, 2) for k, v in cpu.items()}})
         print(f"wrote {write_result('load', result)}")
     finally:
         if not args.keep:

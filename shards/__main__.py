@@ -47,7 +47,7 @@ async def serve(args) -> None:
 
     service = ShardService(args.server_id, store, cfg, fetch_map)
     keep_heap()              # bulk writes reuse their buffers' pages; trimmed when idle
-    server, address = make_aio_server(args.host, args.port)
+    server, address = make_aio_server(args.host, args.port, parsers=ShardServicer.PARSERS)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),
                              cfg.rebuild_mib_per_s)
 

@@ -85,14 +85,17 @@ def partition_range(table_uid: int, partition: int) -> tuple[bytes, bytes]:
 Positions = tuple[np.ndarray, np.ndarray, np.ndarray]     # (partitions, seqs, epochs)
 
 
-def _drop_cached(path: str) -> None:
-    """Sync a written file and drop its pages from the page cache (as RocksDB's own
-    SstFileWriter does): the memory tier serves the rows, and the next file reuses the freed
-    pages instead of faulting in new ones."""
+def _drop_cached(path: str, wait: bool) -> None:
+    """Start writing a file back (``wait`` False), or sync it (``wait``), and drop its clean
+    pages from the page cache (as RocksDB's own SstFileWriter does): the memory tier serves
+    the rows, and the next file reuses the freed pages instead of faulting in new ones.
+    Starting every file's writeback before waiting for the first keeps the disk busy while
+    the next file is built."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if wait:
+            os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # dirty pages: writeback starts
     finally:
         os.close(fd)
 
@@ -452,7 +455,9 @@ class RocksRowStore(RowStore):
                 os.close(fd)
                 paths.append(path)
                 write_sst(path, runs)
-                _drop_cached(path)
+                _drop_cached(path, wait=False)
+            for path in paths:
+                _drop_cached(path, wait=True)
         except BaseException:
             _unlink(paths)
             raise

@@ -107,10 +107,29 @@ class AsyncAccessInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-def make_aio_server(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, str]:
-    """An asyncio gRPC server bound to host:port. Create it inside the running loop."""
+class RequestParsers(grpc.aio.ServerInterceptor):
+    """Parses the requests of some methods (full names) with other deserializers than the
+    generated ones: bulk methods whose tensors stay in the received bytes
+    (``shoal.wire.parse_with_tensor``)."""
+
+    def __init__(self, parsers: dict):
+        self._parsers = parsers
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        parse = self._parsers.get(handler_call_details.method)
+        if handler is None or parse is None:
+            return handler
+        return handler._replace(request_deserializer=parse)
+
+
+def make_aio_server(host: str = "127.0.0.1", port: int = 0,
+                    parsers: dict | None = None) -> tuple[grpc.aio.Server, str]:
+    """An asyncio gRPC server bound to host:port. Create it inside the running loop.
+    ``parsers``: request deserializers by full method name (``RequestParsers``)."""
     tune_malloc()
-    server = grpc.aio.server(interceptors=[AsyncAccessInterceptor()], options=GRPC_OPTIONS)
+    interceptors = [AsyncAccessInterceptor()] + ([RequestParsers(parsers)] if parsers else [])
+    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")

@@ -175,3 +175,42 @@ def test_checksums_from_records_agree_with_scans_and_ingest_refusals(tmp_path):
         assert not scanned.any()
         ch.close()
         client.close()
+
+
+def test_parse_with_tensor_leaves_rows_in_place_and_refuses_bad_bytes():
+    """The servers' Ingest deserializer: every field as protobuf parses it, the rows a view of
+    the received bytes; bytes protobuf refuses are refused; a missing or mis-sized tensor is
+    INVALID_ARGUMENT naming the field."""
+    from google.protobuf.message import DecodeError
+
+    from shoal.errors import InvalidArgument
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.wire import pack, parse_with_tensor, serialize_with_tensor, unpack
+
+    parse = parse_with_tensor(pb.IngestRequest, 4)
+    rows = np.arange(48, dtype=np.float32).reshape(6, 8)
+    head = pb.IngestRequest(map_version=7, table_uid=3, ids=pack(np.arange(6)), lo=1, hi=9,
+                            routed=pb.PartitionEpochs(partitions=pack(np.arange(2, dtype=np.int32)),
+                                                      epochs=pack(np.array([4, 5]))))
+    for raw in (serialize_with_tensor(head, 4, rows),          # rows appended last
+                pb.IngestRequest(rows=pack(rows), map_version=7, table_uid=3,
+                                 ids=pack(np.arange(6)), lo=1, hi=9,
+                                 routed=head.routed).SerializeToString()):
+        got = parse(raw)
+        assert (got.map_version, got.table_uid, got.lo, got.hi) == (7, 3, 1, 9)
+        assert unpack(got.routed.epochs, "e").tolist() == [4, 5]
+        view = got.tensor("rows", "float32", 2)
+        np.testing.assert_array_equal(view, rows)
+        assert not view.flags.owndata and not view.flags.writeable       # no copy
+    with pytest.raises(InvalidArgument, match="rows: dtype ''"):
+        parse(head.SerializeToString()).tensor("rows", "float32", 2)
+    bad = pb.IngestRequest(rows=pb.Tensor(dtype="float32", shape=[6, 8],
+                                          data=rows.tobytes()[:-4])).SerializeToString()
+    with pytest.raises(InvalidArgument, match="rows: 188 bytes do not match shape"):
+        parse(bad).tensor("rows", "float32", 2)
+    with pytest.raises(DecodeError):
+        parse(serialize_with_tensor(head, 4, rows)[:-5])                 # truncated
+    twice = serialize_with_tensor(head, 4, rows) + serialize_with_tensor(pb.IngestRequest(), 4,
+                                                                          rows)
+    with pytest.raises(InvalidArgument, match="rows: given twice"):
+        parse(twice).tensor("rows", "float32", 2)
