@@ -1,0 +1,189 @@
+"""MoE layers in Hugging Face checkpoints: safetensors shards (with
+``model.safetensors.index.json``) and the ``config.json`` beside them, in the Mixtral, Qwen2-MoE
+and DeepSeek-V3 layouts. ``moe_layers`` finds every MoE layer and its spec (gating
+hyper-parameters from the config) and lists the layers that are not MoE; ``read_expert`` reads
+one expert's weights, so a loader can stream a layer expert by expert; ``read_layer`` stacks a
+whole layer (for tests and small models).
+
+Key layouts (``P`` = ``model.layers.{i}.``):
+
+* Mixtral: ``P block_sparse_moe.gate.weight``, ``P block_sparse_moe.experts.{e}.w1/w2/w3.weight``
+  (w1 gate_proj, w3 up_proj, w2 down_proj); softmax, top-k, renormalised.
+* Qwen2-MoE: ``P mlp.gate.weight``, ``P mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``,
+  ``P mlp.shared_expert.*``, ``P mlp.shared_expert_gate.weight``; softmax top-k, renormalised
+  only with ``norm_topk_prob``; layers in ``mlp_only_layers`` or off ``decoder_sparse_step`` are
+  dense.
+* DeepSeek-V3: ``P mlp.gate.weight``, ``P mlp.gate.e_score_correction_bias``,
+  ``P mlp.experts.{e}.*``, ``P mlp.shared_experts.*``; sigmoid scores, group-limited top-k,
+  ``routed_scaling_factor``; the first ``first_k_dense_replace`` layers are dense.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from embeddings.checkpoint import CheckpointError, CheckpointReader
+from experts.specs import ExpertLayerSpec, ExpertLayerWeights
+
+
+@dataclass(frozen=True)
+class Layout:
+    moe: str                      # the MoE block under "model.layers.{i}."
+    gate: str                     # its router weight
+    experts: str                  # expert e's prefix, "{e}" in it
+    proj: tuple[str, str, str]    # (w1 gate_proj, w3 up_proj, w2 down_proj) names in an expert
+    shared: str = ""              # the shared expert(s)' prefix
+    shared_gate: str = ""
+    bias: str = ""                # e_score_correction_bias
+
+
+LAYOUTS = {
+    "mixtral": Layout("block_sparse_moe", "gate.weight", "experts.{e}", ("w1", "w3", "w2")),
+    "qwen2_moe": Layout("mlp", "gate.weight", "experts.{e}",
+                        ("gate_proj", "up_proj", "down_proj"), shared="shared_expert",
+                        shared_gate="shared_expert_gate.weight"),
+    "deepseek_v3": Layout("mlp", "gate.weight", "experts.{e}",
+                          ("gate_proj", "up_proj", "down_proj"), shared="shared_experts",
+                          bias="gate.e_score_correction_bias"),
+}
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    spec: ExpertLayerSpec
+    prefix: str                   # "model.layers.{i}.<moe>."
+    layout: Layout
+
+
+def read_config(path: str) -> dict:
+    """The ``config.json`` beside (or in) the checkpoint at ``path``."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    f = os.path.join(folder, "config.json")
+    try:
+        with open(f, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no config.json beside the checkpoint; an MoE "
+                              "checkpoint needs one for its gating hyper-parameters",
+                              grpc.StatusCode.INVALID_ARGUMENT) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable JSON config: {e}",
+                              grpc.StatusCode.INVALID_ARGUMENT) from None
+
+
+def _need(cfg: dict, key: str, where: str):
+    if key not in cfg:
+        raise CheckpointError(f"{where}: config.json has no {key!r}",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    return cfg[key]
+
+
+def moe_layers(cfg: dict, infos: dict, where: str = "config.json",
+               dtype: str | None = None) -> tuple[list[MoeLayer], list[str]]:
+    """(the MoE layers, the layers that are not MoE) of a checkpoint with tensors ``infos``
+    (``CheckpointReader.tensors()``) and config ``cfg``. ``dtype``: the specs' dtype; default
+    bfloat16 if the experts are stored so, else float32."""
+    kind = cfg.get("model_type", "")
+    if kind not in LAYOUTS:
+        raise CheckpointError(f"{where}: model_type {kind!r} is not an MoE layout Shoal reads "
+                              f"({', '.join(LAYOUTS)})", grpc.StatusCode.INVALID_ARGUMENT)
+    lay = LAYOUTS[kind]
+    n_layers = int(_need(cfg, "num_hidden_layers", where))
+    d_model = int(_need(cfg, "hidden_size", where))
+    if kind == "mixtral":
+        common = dict(num_experts=_need(cfg, "num_local_experts", where),
+                      d_ff=_need(cfg, "intermediate_size", where), gating="softmax_renorm")
+    elif kind == "qwen2_moe":
+        shared = int(cfg.get("shared_expert_intermediate_size", 0))
+        common = dict(num_experts=_need(cfg, "num_experts", where),
+                      d_ff=_need(cfg, "moe_intermediate_size", where), gating="softmax",
+                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                      shared_d_ff=shared, shared_gate=bool(shared))
+    else:
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise CheckpointError(f"{where}: scoring_func {cfg['scoring_func']!r}; Shoal's "
+                                  "DeepSeek-V3 gate scores with sigmoid",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        d_ff = int(_need(cfg, "moe_intermediate_size", where))
+        common = dict(num_experts=_need(cfg, "n_routed_experts", where), d_ff=d_ff,
+                      gating="sigmoid_group", norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                      n_group=int(cfg.get("n_group", 1)), topk_group=int(cfg.get("topk_group", 1)),
+                      routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+                      shared_d_ff=d_ff * int(cfg.get("n_shared_experts", 0) or 0))
+    top_k = int(_need(cfg, "num_experts_per_tok", where))
+    layers, skipped = [], []
+    for i in range(n_layers):
+        prefix = f"model.layers.{i}.{lay.moe}."
+        if prefix + lay.gate not in infos:
+            skipped.append(f"model.layers.{i}")
+            continue
+        w1 = prefix + lay.experts.format(e=0) + f".{lay.proj[0]}.weight"
+        stored = infos[w1].dtype if w1 in infos else torch.float32
+        spec = ExpertLayerSpec(name=f"layers.{i}", d_model=d_model, top_k=top_k,
+                               dtype=dtype or ("bfloat16" if stored == torch.bfloat16
+                                               else "float32"), **common)
+        try:
+            spec.validate()
+        except Exception as e:
+            raise CheckpointError(f"{where}: layer {i}: {e}",
+                                  grpc.StatusCode.INVALID_ARGUMENT) from None
+        layers.append(MoeLayer(spec, prefix, lay))
+    return layers, skipped
+
+
+def _read(reader: CheckpointReader, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    infos = reader.tensors()
+    if key not in infos:
+        raise CheckpointError(f"tensor {key!r} is missing from the checkpoint",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    if tuple(infos[key].shape) != tuple(shape):
+        raise CheckpointError(f"{', '.join(infos[key].files)}: tensor {key!r} has shape "
+                              f"{list(infos[key].shape)}, expected {list(shape)}",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    return reader.read(key).to(dtype)
+
+
+def read_expert(reader: CheckpointReader, layer: MoeLayer,
+                e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(w1 [d_ff, d], w2 [d, d_ff], w3 [d_ff, d] or None) of expert ``e``: one expert in
+    memory at a time."""
+    s, lay = layer.spec, layer.layout
+    base = layer.prefix + lay.experts.format(e=e) + "."
+    w1 = _read(reader, f"{base}{lay.proj[0]}.weight", (s.d_ff, s.d_model), s.torch_dtype)
+    w2 = _read(reader, f"{base}{lay.proj[2]}.weight", (s.d_model, s.d_ff), s.torch_dtype)
+    w3 = _read(reader, f"{base}{lay.proj[1]}.weight", (s.d_ff, s.d_model), s.torch_dtype) \
+        if s.gated else None
+    return w1, w2, w3
+
+
+def read_gate(reader: CheckpointReader, layer: MoeLayer) -> ExpertLayerWeights:
+    """A layer's weights other than its routed experts (gate, bias, shared expert, its gate);
+    the expert tensors are left empty ([0, ...]) for ``read_layer`` or a loader to fill."""
+    s, lay, p = layer.spec, layer.layout, layer.prefix
+    dt = s.torch_dtype
+    w = ExpertLayerWeights(gate=_read(reader, p + lay.gate, (s.num_experts, s.d_model), dt),
+                           w1=torch.empty(0), w2=torch.empty(0))
+    if lay.bias and p + lay.bias in reader.tensors():
+        w.bias = _read(reader, p + lay.bias, (s.num_experts,), torch.float32)
+    if s.shared_d_ff:
+        sh = f"{p}{lay.shared}."
+        w.shared_w1 = _read(reader, f"{sh}{lay.proj[0]}.weight", (s.shared_d_ff, s.d_model), dt)
+        w.shared_w3 = _read(reader, f"{sh}{lay.proj[1]}.weight", (s.shared_d_ff, s.d_model), dt)
+        w.shared_w2 = _read(reader, f"{sh}{lay.proj[2]}.weight", (s.d_model, s.shared_d_ff), dt)
+    if s.shared_gate:
+        w.shared_gate = _read(reader, p + lay.shared_gate, (1, s.d_model), dt)
+    return w
+
+
+def read_layer(reader: CheckpointReader, layer: MoeLayer) -> ExpertLayerWeights:
+    """Every weight of one layer, experts stacked (the whole layer in memory)."""
+    w = read_gate(reader, layer)
+    experts = [read_expert(reader, layer, e) for e in range(layer.spec.num_experts)]
+    w.w1 = torch.stack([x[0] for x in experts])
+    w.w2 = torch.stack([x[1] for x in experts])
+    w.w3 = torch.stack([x[2] for x in experts]) if layer.spec.gated else None
+    return w.check(layer.spec)
