@@ -21,8 +21,9 @@ def dispatch(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return order, torch.bincount(flat, minlength=num_experts)
 
 
-def _mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert: ``w2(silu(w1 x) * w3 x)``, or ``w2(gelu(w1 x))`` when ``w3`` is None."""
     h = x @ w1.t()
     h = F.silu(h) * (x @ w3.t()) if w3 is not None else F.gelu(h)
     return torch.matmul(h, w2.t(), out=out)
@@ -38,7 +39,7 @@ def expert_ffn(spec: ExpertLayerSpec, w1: torch.Tensor, w2: torch.Tensor,
     start = 0
     for e, end in enumerate(ends):
         if end > start:
-            _mlp(x_sorted[start:end], w1[e], w2[e], w3[e] if w3 is not None else None,
+            mlp(x_sorted[start:end], w1[e], w2[e], w3[e] if w3 is not None else None,
                  out=out[start:end])
         start = end
     return out
@@ -56,7 +57,7 @@ def combine(out_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 
 def shared_expert(spec: ExpertLayerSpec, w: ExpertLayerWeights,
                   hidden: torch.Tensor) -> torch.Tensor:
-    out = _mlp(hidden, w.shared_w1, w.shared_w2, w.shared_w3)
+    out = mlp(hidden, w.shared_w1, w.shared_w2, w.shared_w3)
     if spec.shared_gate:
         out = torch.sigmoid(hidden @ w.shared_gate.t()) * out
     return out

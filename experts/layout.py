@@ -47,8 +47,11 @@ def pack_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None) -> 
 def unpack_expert(spec: ExpertLayerSpec, rows: torch.Tensor):
     """(w1, w2, w3 or None) as views of an expert's rows (see the module doc): ``w2`` is the
     transposed view ``[d_model, d_ff]`` of its rows, so ``h @ w2.t()`` reads them in place."""
-    f = spec.d_ff
-    w1 = rows[:f]
-    w3 = rows[f:2 * f] if spec.gated else None
-    w2 = rows[(2 if spec.gated else 1) * f:].t()
+    return expert_views(rows, spec.d_ff, spec.gated)
+
+
+def expert_views(rows: torch.Tensor, d_ff: int, gated: bool):
+    w1 = rows[:d_ff]
+    w3 = rows[d_ff:2 * d_ff] if gated else None
+    w2 = rows[(2 if gated else 1) * d_ff:(3 if gated else 2) * d_ff].t()
     return w1, w2, w3

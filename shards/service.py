@@ -32,6 +32,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import WithTensor, is_set, pack, parse_with_tensor, unpack
 
+from shards.experts import ExpertPath
 from shards.memory import RWLock, TableArena
 from shards.replog import ReplicationLog
 from shards.storage import Positions, RowStore, StorageError
@@ -82,7 +83,7 @@ class HeldTable:
             self.attached[server][partition] = False
 
 
-class ShardService(WritePath):
+class ShardService(WritePath, ExpertPath):
     def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
                  fetch_map: Callable[[int], pb.ShardMap | None]):
         """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged."""
@@ -687,6 +688,10 @@ class ShardServicer(pbg.ShardServerServicer):
 
     async def Ingest(self, request, context):
         return await self._run(self._svc.ingest, request, context, in_thread=True)
+
+    async def ExpertForward(self, request, context):
+        return await self._run(self._svc.expert_forward, request, context, in_thread=True,
+                               lazy=True)
 
     async def Checksums(self, request, context):
         try:

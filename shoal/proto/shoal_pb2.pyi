@@ -654,6 +654,32 @@ class IngestReply(_message.Message):
     rows: int
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
+class ExpertForwardRequest(_message.Message):
+    __slots__ = ("map_version", "table_uid", "routed", "experts", "counts", "hidden", "d_ff", "gated")
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    D_FF_FIELD_NUMBER: _ClassVar[int]
+    GATED_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    table_uid: int
+    routed: PartitionEpochs
+    experts: Tensor
+    counts: Tensor
+    hidden: Tensor
+    d_ff: int
+    gated: bool
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., experts: _Optional[_Union[Tensor, _Mapping]] = ..., counts: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., d_ff: _Optional[int] = ..., gated: _Optional[bool] = ...) -> None: ...
+
+class ExpertForwardReply(_message.Message):
+    __slots__ = ("out",)
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    out: Tensor
+    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class ChecksumsRequest(_message.Message):
     __slots__ = ("table_uid", "partitions", "recorded")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]

@@ -781,6 +781,11 @@ class ShardServerStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.IngestRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.IngestReply.FromString,
                 _registered_method=True)
+        self.ExpertForward = channel.unary_unary(
+                '/shoal.v1.ShardServer/ExpertForward',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ExpertForwardRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ExpertForwardReply.FromString,
+                _registered_method=True)
         self.BuildReplica = channel.unary_unary(
                 '/shoal.v1.ShardServer/BuildReplica',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.BuildReplicaRequest.SerializeToString,
@@ -842,6 +847,12 @@ class ShardServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExpertForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def BuildReplica(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -898,6 +909,11 @@ def add_ShardServerServicer_to_server(servicer, server):
                     servicer.Ingest,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.IngestRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.IngestReply.SerializeToString,
+            ),
+            'ExpertForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpertForward,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ExpertForwardRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ExpertForwardReply.SerializeToString,
             ),
             'BuildReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.BuildReplica,
@@ -1082,6 +1098,33 @@ class ShardServer:
             '/shoal.v1.ShardServer/Ingest',
             shoal_dot_proto_dot_shoal__pb2.IngestRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.IngestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpertForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/ExpertForward',
+            shoal_dot_proto_dot_shoal__pb2.ExpertForwardRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ExpertForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,82 @@
+"""Expert compute on a shard server (``ExpertForward``): the tokens for several of the experts
+this server holds, each expert's rows run as one matrix chain over its weights. An expert
+layer is a table whose partition e holds expert e's ``[w1; w3; w2.T]`` rows
+(``experts.layout``), so a resident expert's matrices are views of the memory tier (no copy);
+a cold one's rows are read from RocksDB first.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from experts.compute import mlp
+from experts.layout import expert_views
+from shoal.errors import InvalidArgument
+from shoal.proto import shoal_pb2 as pb
+from shoal.wire import pack, unpack
+
+MAX_EXPERT_TOKENS = 1 << 20
+
+
+class ExpertPath:
+    """Needs from the host: ``_enter``, ``_table``, ``_check``, ``_gather``, ``_count``."""
+
+    def expert_forward(self, request: pb.ExpertForwardRequest) -> pb.ExpertForwardReply:
+        self._enter(request.map_version, refresh=False)
+        table = self._table(request.table_uid)
+        spec = table.spec
+        experts = unpack(request.experts, "experts", "int32", 1).astype(np.int64)
+        counts = unpack(request.counts, "counts", "int64", 1)
+        hidden = unpack(request.hidden, "hidden", "float32", 2)
+        if counts.shape != experts.shape:
+            raise InvalidArgument(f"counts: {len(counts)} values for {len(experts)} experts")
+        if len(np.unique(experts)) != len(experts) or (experts.size and experts.min() < 0):
+            raise InvalidArgument("experts: must be distinct, each >= 0")
+        if (counts < 0).any() or int(counts.sum()) != hidden.shape[0]:
+            raise InvalidArgument(f"counts: must be >= 0 and sum to the {hidden.shape[0]} rows "
+                                  f"of hidden (they sum to {int(counts.sum())})")
+        if hidden.shape[0] > MAX_EXPERT_TOKENS:
+            raise InvalidArgument(f"hidden: {hidden.shape[0]} token rows exceed the limit of "
+                                  f"{MAX_EXPERT_TOKENS}")
+        if spec.dtype != "float32":
+            raise InvalidArgument(f"table_uid: table {spec.name!r} is {spec.dtype}; expert "
+                                  "layers are stored in float32")
+        if hidden.shape[1] != spec.dim:
+            raise InvalidArgument(f"hidden: {hidden.shape[1]} columns, but layer table "
+                                  f"{spec.name!r} has d_model {spec.dim}")
+        rows_per = (3 if request.gated else 2) * request.d_ff
+        rpp = table.arena.rows_per_partition
+        if request.d_ff < 1 or rows_per > rpp:
+            raise InvalidArgument(f"d_ff: {request.d_ff} ({'gated' if request.gated else 'GELU'}"
+                                  f" experts: {rows_per} rows) does not fit the {rpp} rows per "
+                                  f"expert of table {spec.name!r}")
+        if not np.isfinite(hidden).all():
+            raise InvalidArgument("hidden: must be finite (found NaN or inf)")
+        x = torch.from_numpy(hidden.copy() if not hidden.flags.writeable else hidden)
+        out = torch.empty_like(x)
+        P = spec.num_partitions
+        with table.lock.read():            # views of the arena stay valid meanwhile
+            local = np.arange(rows_per, dtype=np.int64) * P
+            ids = (local[None, :] + experts[:, None]).reshape(-1)
+            self._check(table, ids, request.routed, read=True)    # held, at a good epoch
+            start = 0
+            for e, n in zip(experts.tolist(), counts.tolist()):
+                if n:
+                    w1, w2, w3 = expert_views(self._expert_rows(table, e, rows_per),
+                                              request.d_ff, request.gated)
+                    mlp(x[start:start + n], w1, w2, w3, out=out[start:start + n])
+                start += n
+        table.looked_up[experts] += counts
+        self._count(int(counts.sum()))
+        return pb.ExpertForwardReply(out=pack(out.numpy()))
+
+    def _expert_rows(self, table, expert: int, rows: int) -> torch.Tensor:
+        """Expert ``expert``'s first ``rows`` rows: a view of the memory tier if resident."""
+        arena = table.arena
+        if arena.resident(expert):
+            base = int(arena.slot[expert]) * arena.rows_per_partition
+            return arena.weight[base:base + rows]
+        P = table.spec.num_partitions
+        ids = np.arange(rows, dtype=np.int64) * P + expert
+        weight, idx = self._gather(table, ids, np.full(rows, expert, np.int64))
+        return weight.index_select(0, torch.from_numpy(idx))
