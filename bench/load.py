@@ -59,7 +59,7 @@ def floor(path: str, chunk_bytes: int, data_dir: str) -> tuple[int, float]:
     store = RocksRowStore(data_dir, sst_threshold_rows=1)
     nbytes = 0
     t0 = time.perf_counter()
-    with heap_kept(4 * chunk_bytes), open_checkpoint(path) as r:   # as the servers keep it
+    with heap_kept(4 * chunk_bytes), open_checkpoint(path) as r:   # buffers reused, as Shoal's
         infos = r.tensors()
         for uid, (name, key) in enumerate(sorted(embedding_tables(infos).items()), 1):
             n = infos[key].shape[0]

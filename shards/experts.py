@@ -32,6 +32,9 @@ class ExpertPath:
             raise InvalidArgument(f"counts: {len(counts)} values for {len(experts)} experts")
         if len(np.unique(experts)) != len(experts) or (experts.size and experts.min() < 0):
             raise InvalidArgument("experts: must be distinct, each >= 0")
+        if experts.size and experts.max() >= spec.num_partitions:
+            raise InvalidArgument(f"experts: expert {int(experts.max())} is not in [0, "
+                                  f"{spec.num_partitions}) of table {spec.name!r}")
         if (counts < 0).any() or int(counts.sum()) != hidden.shape[0]:
             raise InvalidArgument(f"counts: must be >= 0 and sum to the {hidden.shape[0]} rows "
                                   f"of hidden (they sum to {int(counts.sum())})")
@@ -54,11 +57,9 @@ class ExpertPath:
             raise InvalidArgument("hidden: must be finite (found NaN or inf)")
         x = torch.from_numpy(hidden.copy() if not hidden.flags.writeable else hidden)
         out = torch.empty_like(x)
-        P = spec.num_partitions
         with table.lock.read():            # views of the arena stay valid meanwhile
-            local = np.arange(rows_per, dtype=np.int64) * P
-            ids = (local[None, :] + experts[:, None]).reshape(-1)
-            self._check(table, ids, request.routed, read=True)    # held, at a good epoch
+            # Row 0 of expert e has id e: the experts, as ids, are held at a good epoch.
+            self._check(table, experts, request.routed, read=True)
             start = 0
             for e, n in zip(experts.tolist(), counts.tolist()):
                 if n:
@@ -78,5 +79,5 @@ class ExpertPath:
             return arena.weight[base:base + rows]
         P = table.spec.num_partitions
         ids = np.arange(rows, dtype=np.int64) * P + expert
-        weight, idx = self._gather(table, ids, np.full(rows, expert, np.int64))
-        return weight.index_select(0, torch.from_numpy(idx))
+        weight, _ = self._gather(table, ids, np.full(rows, expert, np.int64))
+        return weight           # not resident: every row is cold, read into a buffer in order

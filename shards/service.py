@@ -290,6 +290,21 @@ class ShardService(WritePath, ExpertPath):
         map change does not turn every read in flight into a redirect."""
         spec = table.spec
         check_ids(ids, spec, "ids")
+        rp = self._check_routing(table, routed, read)
+        parts = partition_of(ids, spec.num_partitions)
+        declared = np.zeros(spec.num_partitions, bool)
+        declared[rp] = True
+        if ids.size and not declared[parts].all():
+            i = int(np.flatnonzero(~declared[parts])[0])
+            raise InvalidArgument(f"ids: id {int(ids[i])} is in partition {int(parts[i])} of "
+                                  f"table {spec.name!r}, which the request did not route here")
+        return parts
+
+    def _check_routing(self, table: HeldTable, routed: pb.PartitionEpochs,
+                       read: bool = False) -> np.ndarray:
+        """The routed partitions, if each is held here at the epoch it was routed with (see
+        ``_check``); else StaleMap."""
+        spec = table.spec
         rp = unpack(routed.partitions, "routed.partitions", "int32", 1)
         re = unpack(routed.epochs, "routed.epochs", "int64", 1)
         if rp.shape != re.shape:
@@ -308,14 +323,7 @@ class ShardService(WritePath, ExpertPath):
                            f"{self.server_id} at epoch {int(re[i])}; this server holds it at "
                            f"epoch {int(held[i])} (0 = not held), map version "
                            f"{self._map_version}", self._map_version, int(held[i]))
-        parts = partition_of(ids, spec.num_partitions)
-        declared = np.zeros(spec.num_partitions, bool)
-        declared[rp] = True
-        if ids.size and not declared[parts].all():
-            i = int(np.flatnonzero(~declared[parts])[0])
-            raise InvalidArgument(f"ids: id {int(ids[i])} is in partition {int(parts[i])} of "
-                                  f"table {spec.name!r}, which the request did not route here")
-        return parts
+        return rp
 
     def _gather(self, table: HeldTable, ids: np.ndarray, parts: np.ndarray):
         """(weight, idx): rows ``weight[idx]`` are the rows of ``ids``. Hot rows index the arena
@@ -446,7 +454,7 @@ class ShardService(WritePath, ExpertPath):
     def _commit_ingest(self, table: HeldTable, ids, parts, rows, routed, prepared) -> None:
         spec = table.spec
         with table.write_mutex:         # the map (epochs, learners) cannot change meanwhile
-            self._check(table, ids, routed)
+            self._check_routing(table, routed)
             for server, learning in table.learners.items():
                 busy = learning[parts]
                 if busy.any():

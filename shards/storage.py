@@ -221,20 +221,22 @@ class PreparedIngest:
                  ids: np.ndarray, rows: np.ndarray, lo: int, hi: int, present: np.ndarray,
                  paths: list[str]):
         self._store, self._uid = store, table_uid
-        self._parts, self._ids, self._rows, self._range = partitions, ids, rows, (lo, hi)
-        self._present, self._paths = present, paths
+        self._parts, self._ids, self._rows = partitions, ids, rows
+        self._paths = paths
+        # The records, computed here, outside the caller's lock.
+        sums, counts = partition_checksums(ids, rows, partitions, int(present.max()) + 1)
+        rk = np.empty(len(present), RECORD_KEY_DTYPE)
+        rk["space"], rk["table"], rk["partition"], rk["lo"] = RECORD_SPACE, table_uid, present, lo
+        rv = np.empty(len(present), RECORD_DTYPE)
+        rv["hi"], rv["rows"], rv["checksum"] = hi, counts[present], sums[present]
+        self._records = (rk.view(np.uint8).reshape(len(rk), -1),
+                         rv.view(np.uint8).reshape(len(rv), -1))
 
     def commit(self, positions: Positions | None) -> None:
         """Ingest the rows with each partition's ingest record (and ``positions``) in one
         atomic step, then read a sample back through RocksDB (``StorageError`` if it differs)."""
-        uid, present, (lo, hi) = self._uid, self._present, self._range
-        sums, counts = partition_checksums(self._ids, self._rows, self._parts,
-                                           int(present.max()) + 1)
-        rk = np.empty(len(present), RECORD_KEY_DTYPE)
-        rk["space"], rk["table"], rk["partition"], rk["lo"] = RECORD_SPACE, uid, present, lo
-        rv = np.empty(len(present), RECORD_DTYPE)
-        rv["hi"], rv["rows"], rv["checksum"] = hi, counts[present], sums[present]
-        meta = [(rk.view(np.uint8).reshape(len(rk), -1), rv.view(np.uint8).reshape(len(rv), -1))]
+        uid = self._uid
+        meta = [self._records]
         if positions is not None and len(positions[0]):
             meta.append(_position_run(uid, positions))
         paths, self._paths = self._paths, []
@@ -380,8 +382,9 @@ class RocksRowStore(RowStore):
 
     def bulk_write(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
                    rows: np.ndarray) -> None:
-        """Rows as SST files, one per partition, ingested at once: what ``ingest_rows`` does
-        without records, positions or the read-back (the floor ``bench/load.py`` measures)."""
+        """Rows as SST files, one per partition, ingested at once: what a load's ingest
+        (``prepare_ingest`` and ``commit``) does without records, positions or the read-back
+        (the floor ``bench/load.py`` measures)."""
         self._ingest(self._partition_files(table_uid, partitions, ids, rows)[0])
 
     @staticmethod
@@ -396,11 +399,12 @@ class RocksRowStore(RowStore):
         if n and int(ids[-1]) - int(ids[0]) == n - 1 and (n < 2 or (ids[1:] > ids[:-1]).all()) \
                 and P & (P - 1) == 0 and (partitions == ids & (P - 1)).all():
             # (P here is at most the table's partition count; any power of two >= the largest
-            # partition present cuts the range the same way for ids & (P - 1).)
-            firsts = ids[:min(n, P)]
-            files = [[(key_array(table_uid, int(p), ids[i::P]), raw[i::P])]
-                     for i, p in sorted(enumerate((firsts & (P - 1)).tolist()), key=lambda x: x[1])]
-            return files, np.sort(firsts & (P - 1))
+            # partition present cuts the range the same way for ids & (P - 1).) Partition p's
+            # first row is at (p - ids[0]) mod P.
+            present = [p for p in range(P) if (p - int(ids[0])) % P < n]
+            files = [[(key_array(table_uid, p, ids[(p - int(ids[0])) % P::P]),
+                       raw[(p - int(ids[0])) % P::P])] for p in present]
+            return files, np.array(present, np.int64)
         order = np.lexsort((ids, partitions))
         parts, ids, raw = partitions[order], ids[order], raw[order]
         present, starts = np.unique(parts, return_index=True)

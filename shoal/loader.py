@@ -216,17 +216,29 @@ def _chunks(reader, key: str, t: pb.TableSpec, chunk_bytes: int):
             reader.read_rows(key, lo, hi).to(dtype).contiguous().numpy()
 
 
+class _SourceSums:
+    """(checksums, rows) per partition of a table's rows in the checkpoint, summed a chunk at
+    a time."""
+
+    def __init__(self, num_partitions: int):
+        self.P = num_partitions
+        self.sums = np.zeros(num_partitions, np.uint64)
+        self.counts = np.zeros(num_partitions, np.int64)
+
+    def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        s, c = partition_checksums(ids, rows, ids & (self.P - 1), self.P)
+        with np.errstate(over="ignore"):
+            self.sums += s
+        self.counts += c
+
+
 def _source_checksums(reader, key: str, t: pb.TableSpec,
                       chunk_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """(checksums, rows) per partition of the table in the checkpoint, read a chunk at a time."""
-    P = t.num_partitions
-    sums, counts = np.zeros(P, np.uint64), np.zeros(P, np.int64)
+    acc = _SourceSums(t.num_partitions)
     for ids, rows in _chunks(reader, key, t, chunk_bytes):
-        s, c = partition_checksums(ids, rows, ids & (P - 1), P)
-        with np.errstate(over="ignore"):
-            sums += s
-        counts += c
-    return sums, counts
+        acc.add(ids, rows)
+    return acc.sums, acc.counts
 
 
 def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,
@@ -236,28 +248,24 @@ def _stream_table(sink: "Sink", reader, key: str, t: pb.TableSpec,
     rows) per partition of the whole table in the checkpoint. Each chunk's idempotency key is
     unique to this attempt (``attempt``): a resume may bring other rows for the same range (a
     repaired checkpoint), which must not be taken for a resend."""
-    P = t.num_partitions
-    sums, counts = np.zeros(P, np.uint64), np.zeros(P, np.int64)
+    acc = _SourceSums(t.num_partitions)
     row_bytes = TableSpec.from_proto(t).row_bytes
     for ids, rows in _chunks(reader, key, t, chunk_bytes):
-        parts = ids & (P - 1)
+        request_id = f"load/{attempt}/{t.table_uid}/{int(ids[0])}"
         if todo.all():
-            sink.write(t, ids, rows, f"load/{attempt}/{t.table_uid}/{int(ids[0])}")
+            sink.write(t, ids, rows, request_id)
             sent = len(ids)
-        else:
-            sel = todo[parts]
+        else:                                   # a resume: only the incomplete partitions
+            sel = todo[ids & (t.num_partitions - 1)]
             sent = int(sel.sum())
             if sent:
-                sink.write(t, ids[sel], rows[sel], f"load/{attempt}/{t.table_uid}/{int(ids[0])}")
-        s, c = partition_checksums(ids, rows, parts, P)
-        with np.errstate(over="ignore"):
-            sums += s
-        counts += c
+                sink.write(t, ids[sel], rows[sel], request_id)
+        acc.add(ids, rows)
         prog.rows_done += sent
         prog.bytes_done += sent * row_bytes
         if progress is not None:
             progress(prog)
-    return sums, counts
+    return acc.sums, acc.counts
 
 
 class Sink:

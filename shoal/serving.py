@@ -41,13 +41,19 @@ def tune_malloc(threshold: int = MMAP_THRESHOLD) -> None:
     if _malloc_tuned:
         return
     _malloc_tuned = True
+    _mallopt((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, 2 * threshold))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+
+
+def _mallopt(*settings: tuple[int, int]) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:          # not glibc: nothing to tune
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, threshold)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold)
+    for param, value in settings:
+        libc.mallopt(param, value)
 
 
 _malloc_tuned = False
@@ -61,14 +67,7 @@ def keep_heap(trim_bytes: int = 256 << 20, arenas: int | None = 1) -> None:
     server faulted in every byte it received about twice (a load ran at 0.064 GB/s instead of
     0.114). ``trim_heap`` returns the memory once the writes stop."""
     tune_malloc()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_ARENA_MAX = -1, -8
-    if arenas:
-        libc.mallopt(M_ARENA_MAX, arenas)
-    libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
+    _mallopt(*([(M_ARENA_MAX, arenas)] if arenas else []), (M_TRIM_THRESHOLD, trim_bytes))
 
 
 @contextlib.contextmanager

@@ -19,11 +19,14 @@ def pack(array, dtype: str | None = None) -> pb.Tensor:
     a = np.asarray(array)
     if dtype is not None and a.dtype != np.dtype(dtype):
         a = a.astype(dtype)
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
+    a = _little_endian_c(a)
     return pb.Tensor(dtype=a.dtype.name, shape=a.shape, data=a.tobytes())
+
+
+def _little_endian_c(a: np.ndarray) -> np.ndarray:
+    """``a`` as the wire holds it: C order, little-endian (a copy only when it is not)."""
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
 
 
 def _varint(n: int) -> bytes:
@@ -40,9 +43,7 @@ def serialize_with_tensor(msg, field_number: int, array: np.ndarray) -> bytes:
     ``msg`` leaves unset), the array's bytes copied once (``pack`` then ``SerializeToString``
     copy them three times): protobuf fields may come in any order, so the Tensor's encoding
     is appended to the rest of the message's."""
-    a = np.ascontiguousarray(array)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
+    a = _little_endian_c(array)
     head = pb.Tensor(dtype=a.dtype.name, shape=a.shape).SerializeToString()
     data = b"\x1a" + _varint(a.nbytes)                         # field 3 (data), bytes
     sub = len(head) + len(data) + a.nbytes

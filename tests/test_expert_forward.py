@@ -107,6 +107,10 @@ def test_bad_expert_requests_are_refused_clearly(tmp_path):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "d_ff: 9" in msg
         code, msg = refused(_request(m, uid, [0, 0], [1, 2], x, spec))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "distinct" in msg
+        req = _request(m, uid, [0], [3], x, spec)
+        req.experts.CopyFrom(pack(np.array([9], np.int32)))          # beyond the 4 partitions
+        code, msg = refused(req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "expert 9 is not in [0, 4)" in msg
         code, msg = refused(_request(m, uid, [0], [3], x, spec, epoch_shift=5))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "epoch" in msg
         assert stub.ExpertForward(_request(m, uid, [0, 2], [2, 1], x, spec), timeout=10).out.shape
