@@ -85,17 +85,21 @@ def partition_range(table_uid: int, partition: int) -> tuple[bytes, bytes]:
 Positions = tuple[np.ndarray, np.ndarray, np.ndarray]     # (partitions, seqs, epochs)
 
 
-def _drop_cached(path: str, wait: bool) -> None:
-    """Start writing a file back (``wait`` False), or sync it (``wait``), and drop its clean
-    pages from the page cache (as RocksDB's own SstFileWriter does): the memory tier serves
-    the rows, and the next file reuses the freed pages instead of faulting in new ones.
-    Starting every file's writeback before waiting for the first keeps the disk busy while
-    the next file is built."""
+def _start_writeback(path: str) -> None:
+    """Start writing a file's dirty pages back without waiting (``POSIX_FADV_DONTNEED`` on
+    dirty pages starts their writeback): every file of a chunk is on its way to the disk
+    before the first sync waits, and the disk stays busy while the next file is built."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        if wait:
-            os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # dirty pages: writeback starts
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 
@@ -245,8 +249,8 @@ class PreparedIngest:
         except BaseException:
             _unlink(paths)
             raise
-        self._store._ingest_files(paths)
-        self._store._read_back(uid, self._parts, self._ids, self._rows)
+        self._store._ingest_files(
+            paths, lambda: self._store._read_back(uid, self._parts, self._ids, self._rows))
 
     def discard(self) -> None:
         paths, self._paths = self._paths, []
@@ -459,19 +463,32 @@ class RocksRowStore(RowStore):
                 os.close(fd)
                 paths.append(path)
                 write_sst(path, runs)
-                _drop_cached(path, wait=False)
+                _start_writeback(path)
             for path in paths:
-                _drop_cached(path, wait=True)
+                _sync(path)
         except BaseException:
             _unlink(paths)
             raise
         return paths
 
-    def _ingest_files(self, paths: list[str]) -> None:
+    def _ingest_files(self, paths: list[str], then=None) -> None:
+        """Ingest ``paths`` (moved into the database) and run ``then()`` (the read-back) while
+        their pages are still cached; then drop those pages from the page cache, as RocksDB's
+        own SstFileWriter does: the memory tier serves the rows, and the next files reuse the
+        freed pages instead of faulting in new ones. (Dropping them before the ingest made
+        RocksDB's open and the read-back go to the disk: about 1.6 s a server per 2 GiB.)"""
+        fds = []
         try:
+            fds = [os.open(p, os.O_RDONLY) for p in paths]
             self._db.ingest_external_file(paths, self._ingest_opts)
+            _unlink(paths)
+            if then is not None:
+                then()
         finally:
             _unlink(paths)
+            for fd in fds:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
 
     def read_rows(self, table_uid, partitions, ids, row_bytes):
         if len(ids) == 0:
