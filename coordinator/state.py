@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from embeddings.partition import choose_num_partitions
 from embeddings.specs import TableSpec
+from experts.layout import table_for
+from experts.specs import ExpertLayerSpec
 from shoal.config import CoordinatorConfig
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
@@ -114,6 +116,7 @@ class ClusterState:
         _check_unique([t.name for t in tables], f"model {spec.name!r}: table name")
         _check_unique([f for t in tables for f in (t.feature_names or (t.name,))],
                       f"model {spec.name!r}: feature name")
+        layers = check_expert_layers(spec, tables)
         replication = spec.replication or default_replication or (2 if len(alive) >= 2 else 1)
         new = self.copy()
         placed_tables = []
@@ -152,7 +155,7 @@ class ClusterState:
                              memory_quota_bytes=spec.memory_quota_bytes,
                              server_quota_bytes=spec.server_quota_bytes,
                              state="loading" if loading else "ready",
-                             current=not loading)
+                             current=not loading, expert_layers=layers)
         if model.memory_quota_bytes or model.server_quota_bytes:     # quotas are per model
             for md in new.versions(spec.name):
                 md.memory_quota_bytes = model.memory_quota_bytes
@@ -360,9 +363,29 @@ def slot_bytes(t: pb.TableSpec) -> int:
     return -(-t.num_embeddings // t.num_partitions) * TableSpec.from_proto(t).row_bytes
 
 
+def check_expert_layers(spec: pb.ModelSpec, tables: list[TableSpec]) -> list[pb.ExpertLayer]:
+    """The model's expert layers, each valid and backed by the table ``experts.layout`` makes
+    for it (InvalidArgument naming the layer and the field otherwise)."""
+    by_name = {t.name: t for t in tables}
+    _check_unique([m.name for m in spec.expert_layers], f"model {spec.name!r}: expert layer")
+    for m in spec.expert_layers:
+        layer = ExpertLayerSpec.from_proto(m).validate()
+        want = table_for(layer)
+        have = by_name.get(m.table)
+        if m.table != want.name or have is None:
+            raise InvalidArgument(f"expert_layers: layer {m.name!r} needs its experts' table "
+                                  f"{want.name!r} in the model (table given: {m.table!r})")
+        for f in ("num_embeddings", "dim", "dtype", "pooling", "num_partitions"):
+            if getattr(have, f) != getattr(want, f):
+                raise InvalidArgument(f"expert_layers: table {want.name!r} of layer "
+                                      f"{m.name!r} has {f} {getattr(have, f)!r}, expected "
+                                      f"{getattr(want, f)!r} (experts.layout.table_for)")
+    return list(spec.expert_layers)
+
+
 def _versioned(spec: pb.ModelSpec, base: pb.ModelSpec) -> pb.ModelSpec:
-    """A new version's spec: the given tables (else the base version's, re-placed), the base's
-    replication and quotas unless given."""
+    """A new version's spec: the given tables (else the base version's, re-placed, with its
+    expert layers), the base's replication and quotas unless given."""
     out = pb.ModelSpec()
     out.CopyFrom(spec)
     if not out.tables:
@@ -370,6 +393,8 @@ def _versioned(spec: pb.ModelSpec, base: pb.ModelSpec) -> pb.ModelSpec:
             c = out.tables.add()
             c.CopyFrom(t)
             c.table_uid = 0
+        if not out.expert_layers:
+            out.expert_layers.extend(base.expert_layers)
     out.replication = out.replication or base.replication
     out.memory_quota_bytes = out.memory_quota_bytes or base.memory_quota_bytes
     out.server_quota_bytes = out.server_quota_bytes or base.server_quota_bytes

@@ -110,6 +110,26 @@ class ExpertLayerSpec:
                                   f"to gate) ({where})")
         return self
 
+    FIELDS = ("name", "num_experts", "d_model", "d_ff", "top_k", "activation", "gating",
+              "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor", "shared_d_ff",
+              "shared_gate", "dtype")
+
+    def to_proto(self, table: str):
+        """The wire form (``pb.ExpertLayer``), naming the table of its routed experts."""
+        from shoal.proto import shoal_pb2 as pb
+        return pb.ExpertLayer(table=table, **{f: getattr(self, f) for f in self.FIELDS})
+
+    @classmethod
+    def from_proto(cls, m) -> "ExpertLayerSpec":
+        """From ``pb.ExpertLayer`` (unset strings and counts take the defaults)."""
+        d = cls.__dataclass_fields__
+        kw = {f: getattr(m, f) for f in cls.FIELDS}
+        for f in ("activation", "gating", "dtype", "n_group", "topk_group",
+                  "routed_scaling_factor"):
+            if not kw[f]:
+                kw[f] = d[f].default
+        return cls(**kw)
+
 
 @dataclass
 class ExpertLayerWeights:
@@ -123,6 +143,40 @@ class ExpertLayerWeights:
     shared_w3: torch.Tensor | None = None   # [shared_d_ff, d_model]
     shared_w2: torch.Tensor | None = None   # [d_model, shared_d_ff]
     shared_gate: torch.Tensor | None = None  # [1, d_model]
+
+    DENSE = ("gate", "bias", "shared_w1", "shared_w3", "shared_w2", "shared_gate")
+
+    def dense(self, spec: ExpertLayerSpec) -> dict[str, torch.Tensor]:
+        """The tensors the router keeps (all but the routed experts), as dense parameters of
+        the model version: ``moe.<layer>.<field>``."""
+        return {dense_name(spec.name, f): getattr(self, f) for f in self.DENSE
+                if getattr(self, f) is not None}
+
+    @classmethod
+    def from_dense(cls, spec: ExpertLayerSpec, params: dict) -> "ExpertLayerWeights":
+        """The router's part of a layer (routed experts left empty) from a version's dense
+        parameters, in the layer's dtype; a missing tensor is reported by ``check_dense``."""
+        kw = {f: params.get(dense_name(spec.name, f)) for f in cls.DENSE}
+        for f, t in kw.items():                     # stored as float32 (bf16 exactly)
+            if t is not None and f != "bias":
+                kw[f] = t.to(spec.torch_dtype)
+        empty = torch.empty(0)
+        return cls(w1=empty, w2=empty, **kw)
+
+    def check_dense(self, spec: ExpertLayerSpec) -> "ExpertLayerWeights":
+        """As ``check``, for the dense part only (the routed experts live on the servers)."""
+        E = spec.num_experts
+        shell = ExpertLayerWeights(
+            gate=self.gate if self.gate is not None else torch.empty(0),
+            w1=torch.empty(E, spec.d_ff, spec.d_model, device="meta"),
+            w2=torch.empty(E, spec.d_model, spec.d_ff, device="meta"),
+            w3=torch.empty(E, spec.d_ff, spec.d_model, device="meta") if spec.gated else None,
+            **{f: getattr(self, f) for f in self.DENSE if f != "gate"})
+        if self.gate is None:
+            raise InvalidArgument(f"gate: missing for layer {spec.name!r} (dense parameter "
+                                  f"{dense_name(spec.name, 'gate')!r})")
+        shell.check(spec)
+        return self
 
     def check(self, spec: ExpertLayerSpec) -> "ExpertLayerWeights":
         """``self`` if every tensor has the spec's shape, else InvalidArgument naming it."""
@@ -150,3 +204,8 @@ class ExpertLayerWeights:
                 raise InvalidArgument(f"{field}: shape {list(t.shape)} must be {list(shape)} "
                                       f"for layer {spec.name!r}")
         return self
+
+
+def dense_name(layer: str, field: str) -> str:
+    """The dense parameter holding ``field`` of expert layer ``layer``."""
+    return f"moe.{layer}.{field}"

@@ -5,12 +5,14 @@ it without locks; a new map replaces the whole object.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from embeddings.specs import TableSpec
+from experts.layout import table_for
+from experts.specs import ExpertLayerSpec
 from shoal.errors import NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack
@@ -59,6 +61,7 @@ class ModelRoute:
     tables: dict[str, TableRoute]            # by table name, in model order
     features: dict[str, tuple[str, int]]     # feature -> (table name, position in output order)
     state: str = "ready"                     # "ready" | "loading" (writable, not readable)
+    expert_layers: dict[str, ExpertLayerSpec] = field(default_factory=dict)   # by layer name
 
     def readable(self) -> "ModelRoute":
         if self.state == "loading":
@@ -73,6 +76,13 @@ class ModelRoute:
         except KeyError:
             raise NotFound(f"table {name!r} is not in model {self.name!r} (tables: "
                            f"{', '.join(self.tables)})") from None
+
+    def expert_layer(self, name: str) -> tuple[ExpertLayerSpec, TableRoute]:
+        """(the layer's spec, the table of its routed experts)."""
+        if name not in self.expert_layers:
+            raise NotFound(f"layer: {name!r} is not an expert layer of model {self.name!r} "
+                           f"(expert layers: {', '.join(self.expert_layers) or 'none'})")
+        return self.expert_layers[name], self.tables[table_for(self.expert_layers[name]).name]
 
     def feature(self, name: str) -> TableRoute:
         if name not in self.features:
@@ -119,7 +129,9 @@ class RoutingTable:
                 tables[spec.name] = TableRoute(spec, replicas, epochs, writers)
                 for f in spec.feature_names:
                     features[f] = (spec.name, len(features))
-            route = ModelRoute(md.name, md.version, tables, features, md.state or "ready")
+            layers = {m.name: ExpertLayerSpec.from_proto(m) for m in md.expert_layers}
+            route = ModelRoute(md.name, md.version, tables, features, md.state or "ready",
+                               layers)
             versions[(md.name, md.version)] = route
             if md.current:
                 models[md.name] = route

@@ -14,11 +14,15 @@ from shoal.config import RouterConfig
 from shoal.errors import InvalidArgument, ShoalError, abort_async, from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.wire import is_set, pack, unpack
+from shoal.wire import is_set, pack, to_torch, unpack
+from experts.compute import check_hidden
+from experts.specs import ExpertLayerWeights
 
 import grpc
 
 from router.batcher import Batcher
+from router.dense import DenseCache
+from router.moe import MoeStats, moe_forward
 from router.hedging import Hedger, RetryBudget
 from router.mapcache import MapCache
 from router.pooled import Query, Stats, output_keys, pooled_lookup
@@ -47,6 +51,8 @@ class RouterService(pbg.RouterServicer):
         self._write_ids = itertools.count()
         self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
                                 config.max_batch_ids)
+        self.dense = DenseCache(coordinator)
+        self.moe = MoeStats()
 
     # ------------------------------------------------------------ pooled lookup
     async def Lookup(self, request, context):
@@ -163,6 +169,35 @@ class RouterService(pbg.RouterServicer):
                                      self._transport, self._cfg.rpc_timeout_s, self.stats,
                                      model.readable().version)
             return pb.RouterLookupRowsReply(rows=pack(rows))
+        except ShoalError as e:
+            await abort_async(context, e)
+
+    # ------------------------------------------------------------ MoE
+    async def MoeForward(self, request, context):
+        try:
+            self._requests += 1
+            model = self._maps.current().model(request.model, request.version).readable()
+            spec, _ = model.expert_layer(request.layer)
+            hidden = to_torch(request.hidden, "hidden", spec.dtype, 2)
+            check_hidden(spec, hidden, "hidden")
+            if hidden.shape[0] > self._cfg.max_moe_tokens:
+                raise InvalidArgument(f"hidden: {hidden.shape[0]} tokens exceed max_moe_tokens "
+                                      f"{self._cfg.max_moe_tokens}; split the batch")
+            ids = weights = None
+            if is_set(request.expert_ids) or is_set(request.expert_weights):
+                ids = to_torch(request.expert_ids, "expert_ids", ("int64", "int32"), 2)
+                weights = to_torch(request.expert_weights, "expert_weights", "float32", 2)
+            dense = await self.dense.derived(
+                model.name, model.version, f"moe.{spec.name}",
+                lambda params: ExpertLayerWeights.from_dense(spec, params).check_dense(spec))
+            result = await moe_forward(model, spec.name, dense, hidden, ids, weights,
+                                       self._maps, self._transport, self._cfg.rpc_timeout_s,
+                                       self.stats)
+            self.moe.requests += 1
+            self.moe.add((model.name, model.version, spec.name), result.counts)
+            return pb.MoeForwardReply(out=pack(result.out), version=model.version,
+                                      expert_tokens=pack(result.counts),
+                                      timings=result.timings)
         except ShoalError as e:
             await abort_async(context, e)
 

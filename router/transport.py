@@ -28,6 +28,10 @@ class ShardTransport(abc.ABC):
     async def write_rows(self, address: str, request: pb.WriteRowsRequest,
                          timeout: float) -> pb.WriteRowsReply: ...
 
+    @abc.abstractmethod
+    async def expert_forward(self, address: str, request: pb.ExpertForwardRequest,
+                             timeout: float) -> pb.ExpertForwardReply: ...
+
 
 class GrpcShardTransport(ShardTransport):
     """One grpc.aio channel per server address, created on first use (inside the loop)."""
@@ -50,3 +54,6 @@ class GrpcShardTransport(ShardTransport):
 
     async def write_rows(self, address, request, timeout):
         return await self._call(self._stub(address).WriteRows, request, timeout)
+
+    async def expert_forward(self, address, request, timeout):
+        return await self._call(self._stub(address).ExpertForward, request, timeout)

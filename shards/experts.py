@@ -6,6 +6,8 @@ a cold one's rows are read from RocksDB first.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -57,6 +59,7 @@ class ExpertPath:
             raise InvalidArgument("hidden: must be finite (found NaN or inf)")
         x = torch.from_numpy(hidden.copy() if not hidden.flags.writeable else hidden)
         out = torch.empty_like(x)
+        t0 = time.perf_counter()
         with table.lock.read():            # views of the arena stay valid meanwhile
             # Row 0 of expert e has id e: the experts, as ids, are held at a good epoch.
             self._check(table, experts, request.routed, read=True)
@@ -67,9 +70,10 @@ class ExpertPath:
                                               request.d_ff, request.gated)
                     mlp(x[start:start + n], w1, w2, w3, out=out[start:start + n])
                 start += n
+        compute_s = time.perf_counter() - t0
         table.looked_up[experts] += counts
         self._count(int(counts.sum()))
-        return pb.ExpertForwardReply(out=pack(out.numpy()))
+        return pb.ExpertForwardReply(out=pack(out.numpy()), compute_s=compute_s)
 
     def _expert_rows(self, table, expert: int, rows: int) -> torch.Tensor:
         """Expert ``expert``'s first ``rows`` rows: a view of the memory tier if resident."""

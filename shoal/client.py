@@ -37,16 +37,22 @@ class Client(RpcClient):
         super().__init__(address, pbg.RouterStub, timeout)
 
     # ------------------------------------------------------------ models
-    def create_model(self, name: str, tables: Iterable, replication: int = 0,
+    def create_model(self, name: str, tables: Iterable = (), replication: int = 0,
                      memory_quota_bytes: int = 0, server_quota_bytes: int = 0,
-                     loading: bool = False) -> list[TableSpec]:
-        """Register a model from TableSpecs or torchrec EmbeddingBagConfig / EmbeddingConfig.
-        Returns the tables as placed (with partition counts and uids). Quotas (0 = none): the
-        bytes of this model the cluster may hold, every replica counted, and the bytes of it
-        one server may hold (placement and the rebalancer keep to it). ``loading``: version 1
-        is created loading (not servable) for ``load(..., version=1)`` to fill."""
+                     loading: bool = False, expert_layers: Iterable = ()) -> list[TableSpec]:
+        """Register a model from TableSpecs or torchrec EmbeddingBagConfig / EmbeddingConfig,
+        and ``experts.specs.ExpertLayerSpec``s (each adds the table of its routed experts,
+        ``experts.layout.table_for``). Returns the tables as placed (with partition counts and
+        uids). Quotas (0 = none): the bytes of this model the cluster may hold, every replica
+        counted, and the bytes of it one server may hold (placement and the rebalancer keep to
+        it). ``loading``: version 1 is created loading (not servable) for ``load(...,
+        version=1)`` or ``put_expert_layer(..., version=1)`` to fill."""
+        from experts.layout import table_for
+        layers = [(s, table_for(s)) for s in expert_layers]
         spec = pb.ModelSpec(name=name, replication=replication,
-                            tables=[to_spec(t).to_proto() for t in tables],
+                            tables=[to_spec(t).to_proto() for t in tables] +
+                            [t.to_proto() for _, t in layers],
+                            expert_layers=[s.to_proto(t.name) for s, t in layers],
                             memory_quota_bytes=memory_quota_bytes,
                             server_quota_bytes=server_quota_bytes,
                             state="loading" if loading else "")
@@ -156,6 +162,55 @@ class Client(RpcClient):
         values = np.frombuffer(reply.values.data, np.float32).reshape(tuple(reply.values.shape))
         return KeyedTensor(keys=list(reply.keys), length_per_key=list(reply.length_per_key),
                            values=torch.from_numpy(values.copy()))
+
+
+    # ------------------------------------------------------------ MoE
+    def moe_forward(self, model: str, layer: str, hidden_states, expert_ids=None,
+                    expert_weights=None, version: int = 0, timings: dict | None = None):
+        """Expert layer ``layer`` of ``model`` on ``hidden_states`` [tokens, d_model] (the
+        layer's dtype): the router gates them, runs each token's top-k experts on the servers
+        that hold them and combines the outputs, plus the shared expert. Callers that gate
+        themselves pass ``expert_ids`` [tokens, k] and ``expert_weights`` [tokens, k].
+        Returns [tokens, d_model] in the hidden states' dtype; ``timings`` (a dict), if given,
+        receives the seconds per stage."""
+        from shoal.wire import to_torch
+        req = pb.MoeForwardRequest(model=model, version=version, layer=layer,
+                                   hidden=pack(hidden_states))
+        if expert_ids is not None or expert_weights is not None:
+            if expert_ids is None or expert_weights is None:
+                raise InvalidArgument("expert_ids and expert_weights: give both or neither")
+            req.expert_ids.CopyFrom(pack(expert_ids))
+            req.expert_weights.CopyFrom(pack(expert_weights, "float32"))
+        reply = self._call(self._stub.MoeForward, req)
+        if timings is not None:
+            timings.update(reply.timings)
+        return to_torch(reply.out, "out").clone()
+
+    def put_expert_layers(self, model: str, layers, replication: int = 0) -> pb.ModelSpec:
+        """A new version of ``model`` (the first, if it does not exist) with these expert
+        layers, ``[(ExpertLayerSpec, ExpertLayerWeights)]``: the routed experts written to
+        their tables an expert at a time, the gates and shared experts stored as the
+        version's dense parameters; then made ready and current. Returns the version."""
+        from experts.layout import expert_row_ids, pack_expert, table_for
+        layers = [(spec.validate(), w.check(spec)) for spec, w in layers]
+        tables = [table_for(s) for s, _ in layers]
+        spec = pb.ModelSpec(name=model, replication=replication,
+                            tables=[t.to_proto() for t in tables],
+                            expert_layers=[s.to_proto(t.name) for (s, _), t in
+                                           zip(layers, tables)], state="loading")
+        exists = any(m.name == model for m in self.models())
+        md = self._call(self._stub.CreateModel,
+                        pb.CreateModelRequest(spec=spec, new_version=exists)).model
+        dense = {}
+        for (s, w), t in zip(layers, tables):
+            for e in range(s.num_experts):
+                self.write_rows(model, t.name, expert_row_ids(s, e),
+                                pack_expert(w.w1[e], w.w2[e],
+                                            w.w3[e] if w.w3 is not None else None),
+                                version=md.version)
+            dense.update(w.dense(s))
+        self.put_dense(model, md.version, dense)
+        return self.update_version(model, md.version, ready=True, make_current=True)
 
 
 def connect(address: str, timeout: float = 120.0) -> Client:

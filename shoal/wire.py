@@ -9,18 +9,44 @@ import numpy as np
 from shoal.errors import InvalidArgument
 from shoal.proto import shoal_pb2 as pb
 
-ALLOWED_DTYPES = ("int64", "int32", "float32", "float16")
+ALLOWED_DTYPES = ("int64", "int32", "float32", "float16", "bfloat16")
+# bfloat16 travels as its 16-bit patterns; numpy has no bfloat16, so its views are uint16
+# (``to_torch`` makes them bfloat16 again).
+_NP_WIRE = {"bfloat16": "uint16"}
 
 
 def pack(array, dtype: str | None = None) -> pb.Tensor:
-    """numpy array (or torch tensor) -> Tensor message, little-endian C order."""
+    """numpy array (or torch tensor, bfloat16 included) -> Tensor message, little-endian C
+    order."""
+    name = None
     if hasattr(array, "detach"):  # torch.Tensor without importing torch here
-        array = array.detach().cpu().numpy()
+        t = array.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import torch
+            if dtype in (None, "bfloat16"):
+                t, name, dtype = t.view(torch.int16), "bfloat16", None
+            else:
+                t = t.float()
+        array = t.numpy()
     a = np.asarray(array)
     if dtype is not None and a.dtype != np.dtype(dtype):
         a = a.astype(dtype)
     a = _little_endian_c(a)
-    return pb.Tensor(dtype=a.dtype.name, shape=a.shape, data=a.tobytes())
+    return pb.Tensor(dtype=name or a.dtype.name, shape=a.shape, data=a.tobytes())
+
+
+def to_torch(t: pb.Tensor, field: str, dtype: str | tuple[str, ...] | None = None,
+             ndim: int | None = None):
+    """Tensor message -> torch tensor viewing the message's bytes (read-only: do not write to
+    it), bfloat16 included; InvalidArgument naming ``field`` if malformed."""
+    import warnings
+
+    import torch
+    a = unpack(t, field, dtype, ndim)
+    with warnings.catch_warnings():             # the view is read-only, and only read
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(a)
+    return x.view(torch.bfloat16) if t.dtype == "bfloat16" else x
 
 
 def _little_endian_c(a: np.ndarray) -> np.ndarray:
@@ -157,7 +183,7 @@ def _view(t: pb.Tensor, data, field: str, dtype=None, ndim: int | None = None) -
                               f"expected {ndim}")
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{field}: shape {list(shape)} has a negative dimension")
-    dt = np.dtype(t.dtype).newbyteorder("<")
+    dt = np.dtype(_NP_WIRE.get(t.dtype, t.dtype)).newbyteorder("<")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count * dt.itemsize != len(data):
         raise InvalidArgument(f"{field}: {len(data)} bytes do not match shape {list(shape)} "

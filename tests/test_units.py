@@ -455,7 +455,21 @@ def test_check_ids():
 
 # ================================================================ wire
 
-@pytest.mark.parametrize("dtype", ALLOWED_DTYPES)
+def test_wire_bfloat16_round_trip():
+    from shoal.wire import to_torch
+    x = torch.randn(3, 5).to(torch.bfloat16)
+    t = pb.Tensor.FromString(pack(x).SerializeToString())
+    assert t.dtype == "bfloat16" and list(t.shape) == [3, 5] and len(t.data) == 30
+    y = to_torch(t, "x", "bfloat16", 2)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x)
+    assert torch.equal(to_torch(pack(x[:, ::2]), "x"), x[:, ::2])
+    assert unpack(t, "x").dtype == np.uint16              # numpy sees the 16-bit patterns
+    assert pack(x, "float32").dtype == "float32"          # an explicit dtype converts
+    with pytest.raises(InvalidArgument, match="x: dtype is bfloat16, expected float32"):
+        to_torch(t, "x", "float32")
+
+
+@pytest.mark.parametrize("dtype", [d for d in ALLOWED_DTYPES if d != "bfloat16"])
 def test_wire_round_trip(dtype):
     a = (np.arange(24) - 7).astype(dtype).reshape(2, 3, 4)
     t = pack(a)

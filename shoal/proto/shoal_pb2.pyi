@@ -37,7 +37,7 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., pooling: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_partitions: _Optional[int] = ..., table_uid: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current", "dense_bytes", "dense_tensors")
+    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current", "dense_bytes", "dense_tensors", "expert_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class ModelSpec(_message.Message):
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DENSE_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
@@ -58,7 +59,42 @@ class ModelSpec(_message.Message):
     current: bool
     dense_bytes: int
     dense_tensors: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ..., dense_bytes: _Optional[int] = ..., dense_tensors: _Optional[int] = ...) -> None: ...
+    expert_layers: _containers.RepeatedCompositeFieldContainer[ExpertLayer]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ..., dense_bytes: _Optional[int] = ..., dense_tensors: _Optional[int] = ..., expert_layers: _Optional[_Iterable[_Union[ExpertLayer, _Mapping]]] = ...) -> None: ...
+
+class ExpertLayer(_message.Message):
+    __slots__ = ("name", "table", "num_experts", "d_model", "d_ff", "top_k", "activation", "gating", "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor", "shared_d_ff", "shared_gate", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    D_MODEL_FIELD_NUMBER: _ClassVar[int]
+    D_FF_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    GATING_FIELD_NUMBER: _ClassVar[int]
+    NORM_TOPK_PROB_FIELD_NUMBER: _ClassVar[int]
+    N_GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPK_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SHARED_D_FF_FIELD_NUMBER: _ClassVar[int]
+    SHARED_GATE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    table: str
+    num_experts: int
+    d_model: int
+    d_ff: int
+    top_k: int
+    activation: str
+    gating: str
+    norm_topk_prob: bool
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    shared_d_ff: int
+    shared_gate: bool
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., table: _Optional[str] = ..., num_experts: _Optional[int] = ..., d_model: _Optional[int] = ..., d_ff: _Optional[int] = ..., top_k: _Optional[int] = ..., activation: _Optional[str] = ..., gating: _Optional[str] = ..., norm_topk_prob: _Optional[bool] = ..., n_group: _Optional[int] = ..., topk_group: _Optional[int] = ..., routed_scaling_factor: _Optional[float] = ..., shared_d_ff: _Optional[int] = ..., shared_gate: _Optional[bool] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DenseParams(_message.Message):
     __slots__ = ("model", "version", "names", "tensors")
@@ -675,10 +711,12 @@ class ExpertForwardRequest(_message.Message):
     def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., experts: _Optional[_Union[Tensor, _Mapping]] = ..., counts: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., d_ff: _Optional[int] = ..., gated: _Optional[bool] = ...) -> None: ...
 
 class ExpertForwardReply(_message.Message):
-    __slots__ = ("out",)
+    __slots__ = ("out", "compute_s")
     OUT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     out: Tensor
-    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class ChecksumsRequest(_message.Message):
     __slots__ = ("table_uid", "partitions", "recorded")
@@ -881,6 +919,41 @@ class RouterLookupRowsReply(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: Tensor
     def __init__(self, rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class MoeForwardRequest(_message.Message):
+    __slots__ = ("model", "version", "layer", "hidden", "expert_ids", "expert_weights")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layer: str
+    hidden: Tensor
+    expert_ids: Tensor
+    expert_weights: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class MoeForwardReply(_message.Message):
+    __slots__ = ("out", "version", "expert_tokens", "timings")
+    class TimingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    out: Tensor
+    version: int
+    expert_tokens: Tensor
+    timings: _containers.ScalarMap[str, float]
+    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., expert_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -1288,6 +1288,11 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.RouterLookupRowsRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.RouterLookupRowsReply.FromString,
                 _registered_method=True)
+        self.MoeForward = channel.unary_unary(
+                '/shoal.v1.Router/MoeForward',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/shoal.v1.Router/Status',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.StatusRequest.SerializeToString,
@@ -1340,6 +1345,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoeForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1383,6 +1394,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.LookupRows,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.RouterLookupRowsRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.RouterLookupRowsReply.SerializeToString,
+            ),
+            'MoeForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoeForward,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -1579,6 +1595,33 @@ class Router:
             '/shoal.v1.Router/LookupRows',
             shoal_dot_proto_dot_shoal__pb2.RouterLookupRowsRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.RouterLookupRowsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoeForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Router/MoeForward',
+            shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

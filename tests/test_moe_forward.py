@@ -1,0 +1,197 @@
+"""``client.moe_forward`` through a real 3-server cluster (replication 2) equals the plain
+PyTorch reference blocks of ``tests/test_experts.py`` (written from the published Mixtral,
+Qwen2-MoE and DeepSeek-V3 code) with the same weights: every gating variant, float32 and
+bfloat16 (experts run in float32 on the servers), 1 to 4096 tokens (a single token leaves most experts idle), the router's routing and
+the caller's own. Then the failure and bad-input cases: a server SIGKILLed between requests,
+and refusals that name the field."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+import shoal
+from shoal.errors import ShoalError
+from tests.test_experts import (D_MODEL, DTYPES, E, FIRM_MARGIN, FP32_ATOL, FP32_RTOL,
+                                BF16_TOL, TOKEN_COUNTS, VARIANTS, assert_not_worse, rel_err,
+                                lib_weights, make_hidden, make_refs, make_spec, random_routing)
+
+MODELS = {"float32": "moe32", "bfloat16": "moe16"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with shoal.LocalCluster(servers=3, replication=2,
+                            data_dir=str(tmp_path_factory.mktemp("moe"))) as c:
+        client = c.client(timeout=120)
+        for dtype, model in MODELS.items():
+            layers = []
+            for variant in sorted(VARIANTS):
+                ref32, ref16, _ = make_refs(variant)
+                layers.append((make_spec(variant, dtype),
+                               lib_weights(ref32 if dtype == "float32" else ref16)))
+            client.put_expert_layers(model, layers)
+        yield c, client
+        client.close()
+
+
+def _check(got, variant, dtype, x, ids=None, w=None):
+    ref32, ref16, ref32r = make_refs(variant)
+    T = x.shape[0]
+    with torch.no_grad():
+        if dtype == "float32":
+            want = ref32(x) if ids is None else ref32(x, ids, w)
+            assert got.dtype == torch.float32 and got.shape == (T, D_MODEL)
+            torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=FP32_ATOL)
+            return
+        x16 = x.to(torch.bfloat16)
+        want16 = ref16(x16) if ids is None else ref16(x16, ids, w)
+        want32 = ref32r(x16.float()) if ids is None else ref32r(x16.float(), ids, w)
+        firm = ref16.route(x16)[2] > FIRM_MARGIN if ids is None else torch.ones(T, dtype=bool)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, D_MODEL)
+    what = f"{variant} bf16 T={T}"
+    # The servers store and run bfloat16 layers' experts in float32 (the router gates and
+    # combines in bfloat16), so elements differ from the bfloat16 block by its rounding: the
+    # output is within bfloat16 precision of the float32 block on the same (bfloat16) weights
+    # and inputs as a whole, and no further from it than the bfloat16 block is.
+    err = rel_err(got[firm], want32[firm])
+    assert err < BF16_TOL / 2, f"{what}: relative error {err:.2e} against the float32 block"
+    assert_not_worse(got[firm], want16[firm], want32[firm], what)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_forward_equals_the_reference_block(cluster, variant, dtype):
+    _, client = cluster
+    for T in TOKEN_COUNTS:
+        x = make_hidden(T, seed=10_000 + T)
+        xin = x if dtype == "float32" else x.to(torch.bfloat16)
+        timings = {}
+        got = client.moe_forward(MODELS[dtype], variant, xin, timings=timings)
+        _check(got, variant, dtype, x)
+        assert set(timings) == {"gate", "dispatch", "servers", "expert_compute", "combine"}
+        assert timings["servers"] >= timings["expert_compute"] > 0
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_forward_with_the_callers_routing(cluster, variant, dtype):
+    _, client = cluster
+    spec = make_spec(variant, dtype)
+    x = make_hidden(513, seed=30_000)
+    ids, w = random_routing(513, spec.top_k, E, seed=31)
+    has5 = (ids == 5).any(dim=1)
+    ids[~has5, 0] = 5                 # expert 5 in every token (still distinct per token)
+    xin = x if dtype == "float32" else x.to(torch.bfloat16)
+    got = client.moe_forward(MODELS[dtype], variant, xin, expert_ids=ids, expert_weights=w)
+    _check(got, variant, dtype, x, ids, w)
+    got32 = client.moe_forward(MODELS[dtype], variant, xin, expert_ids=ids.int(),
+                               expert_weights=w)
+    assert torch.equal(got, got32)
+
+
+def _refused(call, code, *words):
+    with pytest.raises(ShoalError) as e:
+        call()
+    assert e.value.code == code, e.value
+    for w in words:
+        assert w in e.value.message, e.value.message
+    return e.value.message
+
+
+def test_bad_moe_requests_name_the_field(cluster):
+    _, client = cluster
+    x = make_hidden(4, seed=1)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    _refused(lambda: client.moe_forward("moe32", "mixtral", torch.randn(4, D_MODEL + 1)), bad,
+             "hidden", f"d_model={D_MODEL}")
+    nan = x.clone()
+    nan[2, 3] = float("inf")
+    _refused(lambda: client.moe_forward("moe32", "mixtral", nan), bad, "hidden", "finite")
+    _refused(lambda: client.moe_forward("moe32", "mixtral", x.to(torch.bfloat16)), bad,
+             "hidden", "float32")
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    ids[1, 1] = E
+    _refused(lambda: client.moe_forward("moe32", "mixtral", x, expert_ids=ids,
+                                        expert_weights=torch.ones(4, 2)), bad,
+             "expert_ids", f"expert {E}")
+    _refused(lambda: client.moe_forward("moe32", "mixtral", x, expert_ids=ids[:, :1],
+                                        expert_weights=torch.ones(4, 2)), bad,
+             "expert_weights", "shape")
+    _refused(lambda: client.moe_forward("moe32", "mixtral", x,
+                                        expert_ids=torch.zeros(4, 2, dtype=torch.int64),
+                                        expert_weights=torch.full((4, 2), float("nan"))),
+             bad, "expert_weights", "finite")
+    _refused(lambda: client.moe_forward("moe32", "nope", x), grpc.StatusCode.NOT_FOUND,
+             "layer", "'nope'", "mixtral")
+    _refused(lambda: client.moe_forward("moe32", "mixtral", x, version=9),
+             grpc.StatusCode.NOT_FOUND, "version 9")
+
+
+def test_top_k_beyond_the_experts_is_refused():
+    from experts.specs import ExpertLayerSpec
+    with pytest.raises(ShoalError) as e:
+        ExpertLayerSpec("l", num_experts=4, d_model=8, d_ff=8, top_k=5).validate()
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k: 5" in e.value.message
+
+
+def test_moe_forward_survives_a_killed_server(tmp_path):
+    """Replication 2 on 3 servers: with one SIGKILLed, every expert still has a replica, and
+    the router moves each piece the dead server held to the other."""
+    variant, dtype = "mixtral", "float32"
+    ref32, _, _ = make_refs(variant)
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path / "c")) as c:
+        client = c.client(timeout=120)
+        client.put_expert_layers("m", [(make_spec(variant, dtype), lib_weights(ref32))])
+        x = make_hidden(256, seed=7)
+        _check(client.moe_forward("m", variant, x), variant, dtype, x)
+        c.kill(c.servers[1].server_id)
+        for i in range(5):
+            xi = make_hidden(256, seed=70 + i)
+            _check(client.moe_forward("m", variant, xi), variant, dtype, xi)
+        assert np.all(np.isfinite(client.moe_forward("m", variant, x).numpy()))
+        client.close()
+
+
+def test_pieces_split_an_experts_tokens_across_its_live_replicas():
+    from router.moe import _pieces
+    from shoal.errors import Unavailable
+    counts = np.array([5, 0, 3, 1])
+    replicas = np.array([[0, 1], [1, 2], [2, -1], [0, 2]], np.int32)
+    todo = np.ones(4, bool)
+    got = _pieces(counts, todo, replicas, set(), rotation=0, layer="l")
+    # expert 0: 5 slots at 0..5 over servers 0 and 1 (3 + 2); expert 2: slots 5..8 on server
+    # 2 only; expert 3: slot 8 on one of its replicas (rotation (0 + 3) % 2 = 1: server 2).
+    assert got == [(0, 0, 0, 3), (1, 0, 3, 2), (2, 2, 5, 3), (2, 3, 8, 1)]
+    got = _pieces(counts, todo, replicas, {0}, rotation=1, layer="l")
+    assert got == [(1, 0, 0, 5), (2, 2, 5, 3), (2, 3, 8, 1)]
+    only2 = np.array([False, False, True, False])
+    assert _pieces(counts, only2, replicas, set(), 0, "l") == [(2, 2, 5, 3)]
+    with pytest.raises(Unavailable, match="expert 2 of layer 'l' has no live replica"):
+        _pieces(counts, todo, replicas, {2}, 0, "l")
+    total = sum(n for *_, n in _pieces(np.array([7]), np.ones(1, bool),
+                                       np.array([[0, 1, 2]]), set(), 0, "l"))
+    assert total == 7
+
+
+def test_an_expert_layer_needs_its_table(cluster):
+    import dataclasses
+
+    from experts.layout import table_for
+    from shoal.proto import shoal_pb2 as pb
+    _, client = cluster
+    spec = make_spec("mixtral", "float32")
+    table = table_for(spec)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    for tables, words in (([], ("'moe.mixtral'",)),
+                          ([dataclasses.replace(table, dim=D_MODEL // 2)], ("dim", "32"))):
+        md = pb.ModelSpec(name="bad", tables=[t.to_proto() for t in tables] +
+                          [pb.TableSpec(name="other", num_embeddings=4, dim=4, dtype="float32",
+                                       pooling="sum")],
+                          expert_layers=[spec.to_proto(table.name)])
+        _refused(lambda: client.create_model_spec(md), bad, "expert_layers", *words)
+    md = pb.ModelSpec(name="bad", tables=[table.to_proto()],
+                      expert_layers=[dataclasses.replace(spec, top_k=E + 1).to_proto(table.name)])
+    _refused(lambda: client.create_model_spec(md), bad, "top_k")
+    assert "bad" not in {m.name for m in client.models()}
