@@ -130,6 +130,11 @@ def cmd_models(args) -> int:
         for t in md.tables:
             print(f"  {t.name}: {t.num_embeddings} x {t.dim} {t.dtype} {t.pooling}, "
                   f"{t.num_partitions} partitions, features {', '.join(t.feature_names)}")
+        for m in md.expert_layers:
+            shared = f", shared expert d_ff {m.shared_d_ff}" if m.shared_d_ff else ""
+            print(f"  expert layer {m.name}: {m.num_experts} experts, top-{m.top_k}, d_model "
+                  f"{m.d_model}, d_ff {m.d_ff}, {m.activation}, {m.gating}, {m.dtype}{shared} "
+                  f"(table {m.table})")
     return 0
 
 
@@ -298,6 +303,10 @@ def cmd_load(args) -> int:
           f"{len(res.dense)} dense tensors stored with it"
           + (f"; {res.skipped_partitions} partitions were already complete and kept"
              if res.skipped_partitions else ""))
+    if res.expert_layers:
+        print(f"shoal: expert layers {', '.join(res.expert_layers)}"
+              + (f"; not MoE, skipped: {', '.join(res.skipped_layers)}"
+                 if res.skipped_layers else ""))
     return 0
 
 

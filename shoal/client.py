@@ -186,6 +186,19 @@ class Client(RpcClient):
             timings.update(reply.timings)
         return to_torch(reply.out, "out").clone()
 
+    def create_expert_version(self, model: str, specs, replication: int = 0) -> pb.ModelSpec:
+        """A new loading version of ``model`` (its first, if it does not exist) with these
+        expert layers (``ExpertLayerSpec``s) and their experts' tables."""
+        from experts.layout import table_for
+        tables = [table_for(s) for s in specs]
+        spec = pb.ModelSpec(name=model, replication=replication,
+                            tables=[t.to_proto() for t in tables],
+                            expert_layers=[s.to_proto(t.name) for s, t in zip(specs, tables)],
+                            state="loading")
+        exists = any(m.name == model for m in self.models())
+        return self._call(self._stub.CreateModel,
+                          pb.CreateModelRequest(spec=spec, new_version=exists)).model
+
     def put_expert_layers(self, model: str, layers, replication: int = 0) -> pb.ModelSpec:
         """A new version of ``model`` (the first, if it does not exist) with these expert
         layers, ``[(ExpertLayerSpec, ExpertLayerWeights)]``: the routed experts written to
@@ -193,16 +206,10 @@ class Client(RpcClient):
         version's dense parameters; then made ready and current. Returns the version."""
         from experts.layout import expert_row_ids, pack_expert, table_for
         layers = [(spec.validate(), w.check(spec)) for spec, w in layers]
-        tables = [table_for(s) for s, _ in layers]
-        spec = pb.ModelSpec(name=model, replication=replication,
-                            tables=[t.to_proto() for t in tables],
-                            expert_layers=[s.to_proto(t.name) for (s, _), t in
-                                           zip(layers, tables)], state="loading")
-        exists = any(m.name == model for m in self.models())
-        md = self._call(self._stub.CreateModel,
-                        pb.CreateModelRequest(spec=spec, new_version=exists)).model
+        md = self.create_expert_version(model, [s for s, _ in layers], replication)
         dense = {}
-        for (s, w), t in zip(layers, tables):
+        for s, w in layers:
+            t = table_for(s)
             for e in range(s.num_experts):
                 self.write_rows(model, t.name, expert_row_ids(s, e),
                                 pack_expert(w.w1[e], w.w2[e],

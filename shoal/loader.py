@@ -6,7 +6,8 @@ not servable: queries keep getting the current version), and stream every table'
 bounded chunks (``chunk_bytes``; the loader holds a few chunks, never a table). Each chunk goes
 to every replica directly (``Ingest``: the servers write it as SST files, one per partition,
 and ingest them with an ingest record of the chunk's checksums), pipelined so the loader reads
-the next chunk while the servers store this one; partitions with a copy being built, and any
+the next chunk while the servers store this one (MoE checkpoints: ``shoal.moe_loader``, an
+expert at a time); partitions with a copy being built, and any
 replica that refuses or fails, take the routers' replicated write path instead. Then verify:
 every replica's per-partition checksums must equal the source's, computed while streaming
 (answered from the ingest records, or by a scan where other writes touched a partition). The
@@ -76,6 +77,8 @@ class LoadResult:
     seconds: float
     dense: list[str]                # dense parameter keys, stored with the version
     skipped_partitions: int = 0     # a resume's partitions already complete on every replica
+    expert_layers: list[str] = field(default_factory=list)    # an MoE checkpoint's layers
+    skipped_layers: list[str] = field(default_factory=list)   # ... and those not MoE
 
 
 def load(client, path: str, model: str, version: int = 0, format: str = "auto",
@@ -92,6 +95,11 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
     with open_checkpoint(path, format) as reader:
         infos = reader.tensors()
         tables = embedding_tables(infos, mapping)
+        if not tables and not mapping:
+            from shoal.moe_loader import is_moe_checkpoint, load_moe
+            if is_moe_checkpoint(path, infos):
+                return load_moe(client, reader, path, model, version, chunk_bytes,
+                                make_current, resume, progress, direct)
         if not tables:
             raise CheckpointError(f"{path}: no embedding tables found (keys like "
                                   "'...embedding_bags.<name>.weight'); pass a mapping",

@@ -97,6 +97,19 @@ def test_up_status_models_down(tmp_path):
         c = shoal.connect(address)
         torch.testing.assert_close(c.lookup_rows("ld", "t", torch.arange(500)), w, rtol=0,
                                    atol=0)
+        # An MoE checkpoint: its layers, and those skipped for not being MoE.
+        from tests.test_moe_checkpoint import D, make, naive
+        (tmp_path / "moe").mkdir()
+        _, tensors = make("qwen2_moe", tmp_path / "moe")
+        ld = shoal_cli(["load", str(tmp_path / "moe"), "--model", "qw"], env)
+        assert ld.returncode == 0, ld.stderr
+        assert "expert layers layers.1, layers.2; not MoE, skipped: model.layers.0" in ld.stdout
+        models = shoal_cli(["models"], env)
+        assert "expert layer layers.1: 8 experts, top-2, d_model 16, d_ff 24, silu_gated, " \
+            "softmax, float32, shared expert d_ff 32 (table moe.layers.1)" in models.stdout
+        x = torch.randn(3, D)
+        torch.testing.assert_close(c.moe_forward("qw", "layers.2", x),
+                                   naive("qwen2_moe", tensors, 2, x), rtol=1e-4, atol=1e-4)
         c.close()
     finally:
         down = shoal_cli(["down"], env)
