@@ -64,3 +64,9 @@ class LoadTracker:
         return {s: float(sum(r.sum() for r in rates.values()))
                 for s, rates in self._rate.items()}
 
+
+    def table_server_load(self, table_uid: int) -> dict[str, float]:
+        """Ids (for an expert layer's table: tokens) per second each server serves of one
+        table."""
+        return {s: float(rates[table_uid].sum()) for s, rates in self._rate.items()
+                if table_uid in rates}

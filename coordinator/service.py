@@ -20,6 +20,7 @@ from shoal.proto import shoal_pb2_grpc as pbg
 
 from coordinator.autoscale import AutoscaleRPCs
 from coordinator.loadstats import LoadTracker
+from coordinator.experts import ExpertRPCs
 from coordinator.resize import ResizeRPCs
 from coordinator.split import SplitRPCs
 from coordinator.versions import VersionRPCs
@@ -29,7 +30,7 @@ from coordinator.store import StateStore
 log = logging.getLogger("coordinator")
 
 
-class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs,
+class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, ExpertRPCs,
                          pbg.CoordinatorServicer):
     def __init__(self, store: StateStore, config: CoordinatorConfig,
                  default_replication: int = 0, clock: Callable[[], float] = time.monotonic,
@@ -53,6 +54,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs,
         self._move_started: dict[tuple, float] = {}   # soft: (key, target) -> clock
         self._load = LoadTracker()                     # soft: lookups per partition
         self._split_frozen_at: dict[int, float] = {}   # soft: table_uid -> clock of its freeze
+        self._experts_at = clock()                     # soft: clock of the last hot-expert pass
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -113,6 +115,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs,
             self._continue_draining(alive)
             self._advance_splits()
             self._autoscale(alive)
+            self._maybe_rebalance_experts(now)
         self._rebuild()
         return acted
 

@@ -41,11 +41,11 @@ def imbalance(load: np.ndarray, placement: dict[int, list[str]], servers: list[s
 
 def plan_replicas(load: np.ndarray, placement: dict[int, list[str]], servers: list[str],
                   capacity: dict[str, int], max_moves: int = 8,
-                  min_gain: float = 0.02) -> list[Action]:
+                  min_gain: float = 0.02, min_replicas: int = 1) -> list[Action]:
     """Steps that lower the busiest server's load, at most ``max_moves`` copies. ``capacity``:
     how many experts each server may hold (its memory budget / one expert's bytes). No expert
-    loses its last replica: only redundant ones are dropped. Control-plane work: loops over
-    experts and servers, not tokens."""
+    drops below ``min_replicas`` (the model's replication): only redundant replicas are
+    dropped. Control-plane work: loops over experts and servers, not tokens."""
     place = {e: list(where) for e, where in placement.items()}
     held = {s: sum(s in where for where in place.values()) for s in servers}
     actions: list[Action] = []
@@ -63,7 +63,7 @@ def plan_replicas(load: np.ndarray, placement: dict[int, list[str]], servers: li
                                  key=lambda s: (loads[s], s)):
                 dropped = None
                 if held[target] >= capacity.get(target, 0):
-                    dropped = _coldest_redundant(load, place, target, exclude=e)
+                    dropped = _coldest_redundant(load, place, target, e, min_replicas)
                     if dropped is None:
                         continue
                 trial = {x: list(w) for x, w in place.items()}
@@ -89,11 +89,11 @@ def plan_replicas(load: np.ndarray, placement: dict[int, list[str]], servers: li
 
 
 def _coldest_redundant(load: np.ndarray, place: dict[int, list[str]], server: str,
-                       exclude: int) -> int | None:
-    """The expert on ``server`` with more than one replica whose replica there carries the
-    fewest tokens, or None."""
+                       exclude: int, min_replicas: int = 1) -> int | None:
+    """The expert on ``server`` with more than ``min_replicas`` replicas whose replica there
+    carries the fewest tokens, or None."""
     cands = [e for e, where in place.items()
-             if server in where and len(where) > 1 and e != exclude]
+             if server in where and len(where) > max(1, min_replicas) and e != exclude]
     return min(cands, key=lambda e: (float(load[e]) / len(place[e]), e)) if cands else None
 
 

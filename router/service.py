@@ -222,6 +222,14 @@ class RouterService(pbg.RouterServicer):
         except grpc.RpcError as e:
             await abort_async(context, from_rpc_error(e))
 
+    async def RebalanceExperts(self, request, context):
+        try:
+            reply = await self._coord.RebalanceExperts(request, timeout=30)
+        except grpc.RpcError as e:
+            await abort_async(context, from_rpc_error(e))
+        await self._maps.refresh_async(at_least=reply.map_version)
+        return reply
+
     async def UpdateModel(self, request, context):
         try:
             reply = await self._coord.UpdateModel(request, timeout=30)

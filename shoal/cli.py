@@ -310,6 +310,24 @@ def cmd_load(args) -> int:
     return 0
 
 
+def cmd_experts(args) -> int:
+    client = _client(args)
+    reply = client.rebalance_experts(args.model, args.layer, dry_run=not args.rebalance)
+    for b in reply.layers:
+        rates = ", ".join(f"{e}:{r:,.0f}" for e, r in enumerate(b.tokens_per_s))
+        verb = "changes" if args.rebalance else "would make"
+        print(f"{b.model} v{b.version} {b.layer}: imbalance {b.imbalance_before:.2f} measured, "
+              f"{b.imbalance_after:.2f} after the plan; tokens/s per expert {rates}")
+        if b.changes:
+            print(f"  {verb}: " + ", ".join(f"{c.kind} expert {c.expert} on {c.server}"
+                                            for c in b.changes))
+        elif b.note:
+            print(f"  no change: {b.note}")
+    if not reply.layers:
+        print("shoal: no current model has expert layers")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from shoal.demo import main as demo
     return demo([])
@@ -363,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--tolerance", type=float, default=0.0,
                     help="stop within this fraction of the mean (default 0.05)")
     rb.set_defaults(fn=cmd_rebalance)
+    ex = sub.add_parser("experts", help="expert load per layer; give hot experts replicas")
+    ex.add_argument("model", nargs="?", default="")
+    ex.add_argument("--layer", default="")
+    ex.add_argument("--rebalance", action="store_true", help="apply the plan now")
+    ex.add_argument("--data-dir")
+    ex.add_argument("--address", help="a router address instead of the local cluster")
+    ex.set_defaults(fn=cmd_experts)
     sub.add_parser("cancel", help="cancel the moves in flight").set_defaults(fn=cmd_cancel)
     sp = sub.add_parser("split", help="double a table's partition count while it serves")
     sp.add_argument("model")

@@ -186,6 +186,14 @@ class Client(RpcClient):
             timings.update(reply.timings)
         return to_torch(reply.out, "out").clone()
 
+    def rebalance_experts(self, model: str = "", layer: str = "",
+                          dry_run: bool = False) -> pb.RebalanceExpertsReply:
+        """Give hot experts redundant replicas now (the coordinator also does it every
+        ``expert_rebalance_s``): per layer, the experts' token rates, the replicas added and
+        dropped, and the imbalance (max / mean tokens per server) measured and as planned."""
+        return self._call(self._stub.RebalanceExperts, pb.RebalanceExpertsRequest(
+            model=model, layer=layer, dry_run=dry_run))
+
     def create_expert_version(self, model: str, specs, replication: int = 0) -> pb.ModelSpec:
         """A new loading version of ``model`` (its first, if it does not exist) with these
         expert layers (``ExpertLayerSpec``s) and their experts' tables."""

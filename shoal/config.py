@@ -64,6 +64,11 @@ class CoordinatorConfig:
                                             # are not urgent, so they leave CPU to queries
     build_resend_s: float = 10.0            # re-ask a learner that has not reported by then
     split_freeze_s: float = 10.0            # a split's cut-over pauses writes at most this long
+    expert_rebalance_s: float = 30.0        # how often hot experts get replicas (0: only on demand)
+    hot_expert_bytes: int = 1 << 30         # redundant expert replicas one server may hold, per
+                                            # layer, beyond its even share of the layer's experts
+    expert_min_gain: float = 0.05           # a copy must lower the busiest server by this share
+                                            # of the mean
 
 
 @dataclass(frozen=True)

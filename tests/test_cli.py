@@ -110,6 +110,9 @@ def test_up_status_models_down(tmp_path):
         x = torch.randn(3, D)
         torch.testing.assert_close(c.moe_forward("qw", "layers.2", x),
                                    naive("qwen2_moe", tensors, 2, x), rtol=1e-4, atol=1e-4)
+        ex = shoal_cli(["experts", "qw"], env)
+        assert ex.returncode == 0, ex.stderr
+        assert "qw v1 layers.1: imbalance" in ex.stdout and "qw v1 layers.2:" in ex.stdout
         c.close()
     finally:
         down = shoal_cli(["down"], env)

@@ -55,3 +55,15 @@ def test_full_servers_drop_a_cold_redundant_replica_for_a_hot_one():
     assert all(len(w) >= 1 for w in after.values())
     held = {s: sum(s in w for w in after.values()) for s in servers}
     assert all(held[s] <= cap[s] for s in servers)
+
+
+def test_no_expert_drops_below_the_models_replication():
+    # Expert 1 has 3 replicas; with replication 3 none is redundant, so the full servers
+    # cannot make room and nothing is planned; with replication 2 one copy may go.
+    place = {0: ["s0"], 1: ["s1", "s2", "s3"], 2: ["s1"], 3: ["s2"], 4: ["s3"]}
+    load = np.array([900.0, 3.0, 10.0, 10.0, 10.0])
+    cap = {"s0": 1, "s1": 2, "s2": 2, "s3": 2}
+    assert plan_replicas(load, place, SERVERS, cap, max_moves=3, min_replicas=3) == []
+    acts = plan_replicas(load, place, SERVERS, cap, max_moves=3, min_replicas=2)
+    assert [a.kind for a in acts][:2] == ["drop", "add"] and acts[0].expert == 1
+    assert all(len(w) >= 2 for e, w in apply(place, acts).items() if e == 1)

@@ -578,6 +578,54 @@ class SetAutoscaleRequest(_message.Message):
     status_only: bool
     def __init__(self, policy: _Optional[_Union[AutoscalePolicy, _Mapping]] = ..., status_only: _Optional[bool] = ...) -> None: ...
 
+class RebalanceExpertsRequest(_message.Message):
+    __slots__ = ("model", "layer", "dry_run")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    layer: str
+    dry_run: bool
+    def __init__(self, model: _Optional[str] = ..., layer: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ExpertReplicaChange(_message.Message):
+    __slots__ = ("kind", "expert", "server")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    expert: int
+    server: str
+    def __init__(self, kind: _Optional[str] = ..., expert: _Optional[int] = ..., server: _Optional[str] = ...) -> None: ...
+
+class ExpertLayerBalance(_message.Message):
+    __slots__ = ("model", "version", "layer", "imbalance_before", "imbalance_after", "changes", "tokens_per_s", "note")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layer: str
+    imbalance_before: float
+    imbalance_after: float
+    changes: _containers.RepeatedCompositeFieldContainer[ExpertReplicaChange]
+    tokens_per_s: _containers.RepeatedScalarFieldContainer[float]
+    note: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., changes: _Optional[_Iterable[_Union[ExpertReplicaChange, _Mapping]]] = ..., tokens_per_s: _Optional[_Iterable[float]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class RebalanceExpertsReply(_message.Message):
+    __slots__ = ("layers", "map_version")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[ExpertLayerBalance]
+    map_version: int
+    def __init__(self, layers: _Optional[_Iterable[_Union[ExpertLayerBalance, _Mapping]]] = ..., map_version: _Optional[int] = ...) -> None: ...
+
 class PartitionEpochs(_message.Message):
     __slots__ = ("partitions", "epochs")
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]

@@ -114,6 +114,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.SetAutoscaleRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.AutoscaleStatus.FromString,
                 _registered_method=True)
+        self.RebalanceExperts = channel.unary_unary(
+                '/shoal.v1.Coordinator/RebalanceExperts',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -215,6 +220,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebalanceExperts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +308,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SetAutoscale,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.SetAutoscaleRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.AutoscaleStatus.SerializeToString,
+            ),
+            'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceExperts,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -731,6 +747,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/SetAutoscale',
             shoal_dot_proto_dot_shoal__pb2.SetAutoscaleRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.AutoscaleStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/RebalanceExperts',
+            shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1293,6 +1336,11 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
                 _registered_method=True)
+        self.RebalanceExperts = channel.unary_unary(
+                '/shoal.v1.Router/RebalanceExperts',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/shoal.v1.Router/Status',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.StatusRequest.SerializeToString,
@@ -1351,6 +1399,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebalanceExperts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1399,6 +1453,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.MoeForward,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.SerializeToString,
+            ),
+            'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceExperts,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -1622,6 +1681,33 @@ class Router:
             '/shoal.v1.Router/MoeForward',
             shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Router/RebalanceExperts',
+            shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsReply.FromString,
             options,
             channel_credentials,
             insecure,
