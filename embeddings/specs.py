@@ -8,7 +8,7 @@ import numpy as np
 from shoal.errors import InvalidArgument
 from shoal.proto import shoal_pb2 as pb
 
-DTYPES = {"float32": 4, "float16": 2}
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 POOLINGS = ("sum", "mean", "none")
 MAX_DIM = 65_536
 MAX_ROWS = 1 << 40
@@ -31,7 +31,9 @@ class TableSpec:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        """The rows' numpy dtype; bfloat16 rows are their 16-bit patterns (uint16), as numpy
+        has no bfloat16 (``shoal.wire`` labels uint16 arrays bfloat16)."""
+        return np.dtype("uint16" if self.dtype == "bfloat16" else self.dtype)
 
     def validate(self) -> "TableSpec":
         where = f"table {self.name!r}"
@@ -70,10 +72,10 @@ def from_torchrec(config) -> TableSpec:
     """A Shoal TableSpec from a torchrec ``EmbeddingBagConfig`` or ``EmbeddingConfig``."""
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-    dtypes = {DataType.FP32: "float32", DataType.FP16: "float16"}
+    dtypes = {DataType.FP32: "float32", DataType.FP16: "float16", DataType.BF16: "bfloat16"}
     if config.data_type not in dtypes:
         raise InvalidArgument(f"table {config.name!r}: data_type {config.data_type} is not "
-                              "supported (allowed: FP32, FP16)")
+                              "supported (allowed: FP32, FP16, BF16)")
     if isinstance(config, EmbeddingBagConfig):
         pooling = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean",
                    PoolingType.NONE: "none"}[config.pooling]

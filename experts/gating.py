@@ -48,6 +48,9 @@ def check_routing(spec: ExpertLayerSpec, expert_ids: torch.Tensor, weights: torc
     if expert_ids.dim() != 2 or expert_ids.shape[0] != num_tokens:
         raise InvalidArgument(f"expert_ids: shape {list(expert_ids.shape)} must be "
                               f"[{num_tokens}, k]")
+    if expert_ids.shape[1] > spec.num_experts:
+        raise InvalidArgument(f"expert_ids: top_k {expert_ids.shape[1]} (columns) exceeds the "
+                              f"{spec.num_experts} experts of layer {spec.name!r}")
     if tuple(weights.shape) != shape:
         raise InvalidArgument(f"expert_weights: shape {list(weights.shape)} must be "
                               f"{list(shape)}, as expert_ids")

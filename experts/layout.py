@@ -7,7 +7,7 @@ partition e, in order: ``w1`` (``d_ff`` rows), then ``w3`` (``d_ff`` rows, gated
 only), then ``w2`` transposed (``d_ff`` rows: ``w2.T`` is ``[d_ff, d_model]``). Row r of expert
 e has id ``r * P + e``, so ``partition_of(id) = e`` and its local index is r: in the memory tier
 an expert's rows are one contiguous block, and ``unpack_expert`` turns that block into the three
-matrices as views, without a copy. Stored in float32 for now (tables have no bfloat16 yet).
+matrices as views, without a copy. Stored in the layer's dtype (float32 or bfloat16).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def table_for(spec: ExpertLayerSpec) -> TableSpec:
     """The table that holds the layer's routed experts, a partition each."""
     P = num_partitions(spec)
     return TableSpec(name=f"moe.{spec.name}", num_embeddings=P * rows_per_expert(spec),
-                     dim=spec.d_model, dtype="float32", pooling="none", num_partitions=P)
+                     dim=spec.d_model, dtype=spec.dtype, pooling="none", num_partitions=P)
 
 
 def expert_row_ids(spec: ExpertLayerSpec, expert: int) -> np.ndarray:
@@ -38,10 +38,12 @@ def expert_row_ids(spec: ExpertLayerSpec, expert: int) -> np.ndarray:
     return np.arange(rows_per_expert(spec), dtype=np.int64) * num_partitions(spec) + expert
 
 
-def pack_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor:
-    """One expert's weights as its rows: [w1; w3; w2.T], float32, [rows_per_expert, d_model]."""
+def pack_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One expert's weights as its rows: [w1; w3; w2.T], [rows_per_expert, d_model], in
+    ``dtype`` (the layer's)."""
     parts = [w1] + ([w3] if w3 is not None else []) + [w2.t()]
-    return torch.cat([p.float() for p in parts]).contiguous()
+    return torch.cat([p.to(dtype) for p in parts]).contiguous()
 
 
 def unpack_expert(spec: ExpertLayerSpec, rows: torch.Tensor):

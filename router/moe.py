@@ -71,7 +71,7 @@ async def moe_forward(model: ModelRoute, layer: str, weights: ExpertLayerWeights
     t1 = time.perf_counter()
     k = expert_ids.shape[1]
     order, counts = dispatch(expert_ids, spec.num_experts)
-    x_sorted = hidden.index_select(0, order // k).float()     # experts run in float32
+    x_sorted = hidden.index_select(0, order // k)
     loop = asyncio.get_running_loop()
     shared = loop.run_in_executor(None, shared_expert, spec, weights, hidden) \
         if spec.shared_d_ff and T else None
@@ -79,7 +79,7 @@ async def moe_forward(model: ModelRoute, layer: str, weights: ExpertLayerWeights
     out_sorted, compute_s = await _run_experts(model, spec, x_sorted, counts.numpy(), maps,
                                                transport, timeout, stats)
     t3 = time.perf_counter()
-    y = combine(out_sorted.to(hidden.dtype), order, expert_weights, T)
+    y = combine(out_sorted, order, expert_weights, T)
     if shared is not None:
         y = y + await shared
     t4 = time.perf_counter()
@@ -166,7 +166,7 @@ async def _run_experts(model: ModelRoute, spec: ExpertLayerSpec, x_sorted: torch
             elif isinstance(reply, BaseException):
                 raise reply
             else:
-                out.index_copy_(0, idx, to_torch(reply.out, "out", "float32", 2))
+                out.index_copy_(0, idx, to_torch(reply.out, "out", spec.dtype, 2))
                 compute_s = max(compute_s, reply.compute_s)
         todo &= bad
         failed_rounds += failed

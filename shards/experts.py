@@ -29,7 +29,10 @@ class ExpertPath:
         spec = table.spec
         experts = unpack(request.experts, "experts", "int32", 1).astype(np.int64)
         counts = unpack(request.counts, "counts", "int64", 1)
-        hidden = unpack(request.hidden, "hidden", "float32", 2)
+        if spec.dtype not in ("float32", "bfloat16"):
+            raise InvalidArgument(f"table_uid: table {spec.name!r} is {spec.dtype}; expert "
+                                  "layers are stored in float32 or bfloat16")
+        hidden = unpack(request.hidden, "hidden", spec.dtype, 2)     # the layer's dtype
         if counts.shape != experts.shape:
             raise InvalidArgument(f"counts: {len(counts)} values for {len(experts)} experts")
         if len(np.unique(experts)) != len(experts) or (experts.size and experts.min() < 0):
@@ -43,9 +46,6 @@ class ExpertPath:
         if hidden.shape[0] > MAX_EXPERT_TOKENS:
             raise InvalidArgument(f"hidden: {hidden.shape[0]} token rows exceed the limit of "
                                   f"{MAX_EXPERT_TOKENS}")
-        if spec.dtype != "float32":
-            raise InvalidArgument(f"table_uid: table {spec.name!r} is {spec.dtype}; expert "
-                                  "layers are stored in float32")
         if hidden.shape[1] != spec.dim:
             raise InvalidArgument(f"hidden: {hidden.shape[1]} columns, but layer table "
                                   f"{spec.name!r} has d_model {spec.dim}")
@@ -55,9 +55,10 @@ class ExpertPath:
             raise InvalidArgument(f"d_ff: {request.d_ff} ({'gated' if request.gated else 'GELU'}"
                                   f" experts: {rows_per} rows) does not fit the {rpp} rows per "
                                   f"expert of table {spec.name!r}")
-        if not np.isfinite(hidden).all():
+        x = torch.from_numpy(hidden.copy() if not hidden.flags.writeable else hidden) \
+            .view(table.arena.dtype)
+        if not torch.isfinite(x).all():
             raise InvalidArgument("hidden: must be finite (found NaN or inf)")
-        x = torch.from_numpy(hidden.copy() if not hidden.flags.writeable else hidden)
         out = torch.empty_like(x)
         t0 = time.perf_counter()
         with table.lock.read():            # views of the arena stay valid meanwhile
@@ -73,7 +74,7 @@ class ExpertPath:
         compute_s = time.perf_counter() - t0
         table.looked_up[experts] += counts
         self._count(int(counts.sum()))
-        return pb.ExpertForwardReply(out=pack(out.numpy()), compute_s=compute_s)
+        return pb.ExpertForwardReply(out=pack(out), compute_s=compute_s)
 
     def _expert_rows(self, table, expert: int, rows: int) -> torch.Tensor:
         """Expert ``expert``'s first ``rows`` rows: a view of the memory tier if resident."""

@@ -16,7 +16,7 @@ import torch
 from embeddings.partition import local_index
 
 
-NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 class TableArena:
@@ -32,7 +32,7 @@ class TableArena:
         self.dtype = dtype
         self.slot = np.full(num_partitions, -1, dtype=np.int64)
         self.weight = torch.from_numpy(np.zeros((num_partitions * self.rows_per_partition, dim),
-                                                dtype=NP_DTYPES[dtype]))
+                                                dtype=NP_DTYPES[dtype])).view(dtype)
 
     @property
     def nbytes(self) -> int:

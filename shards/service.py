@@ -39,7 +39,7 @@ from shards.storage import Positions, RowStore, StorageError
 from shards.writes import WritePath
 
 log = logging.getLogger("shard")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -365,7 +365,8 @@ class ShardService(WritePath, ExpertPath):
                 idx, rows = idx[hot], rows[hot]
             with table.lock.write():
                 table.arena.weight.index_copy_(
-                    0, torch.from_numpy(idx), torch.from_numpy(np.ascontiguousarray(rows)))
+                    0, torch.from_numpy(idx),
+                    torch.from_numpy(np.ascontiguousarray(rows)).view(table.arena.dtype))
 
     # ------------------------------------------------------------ splits (see shards.split)
     @property
@@ -400,7 +401,7 @@ class ShardService(WritePath, ExpertPath):
         spec = table.spec
         half = spec.num_partitions // 2
         if rows is None:
-            rows = np.zeros((0, spec.dim), dtype=spec.dtype)
+            rows = np.zeros((0, spec.dim), dtype=spec.np_dtype)
         positions = None
         if at is not None:
             parts = np.array([at[0], at[0] + half])
@@ -532,7 +533,7 @@ class ShardService(WritePath, ExpertPath):
                 weight, idx = self._gather(table, ids, parts)
                 rows = weight.index_select(0, torch.from_numpy(idx))
             table.looked_up += np.bincount(parts, minlength=table.spec.num_partitions)
-            out.append(pack(rows.numpy()))
+            out.append(pack(rows))
             self._count(len(ids))
         return pb.LookupRowsReply(rows=out)
 

@@ -106,7 +106,7 @@ class SplitBuilder:
                 ids, raw = snap.read(per_chunk)
                 if not len(ids):
                     break
-                rows = np.frombuffer(raw, dtype=table.spec.dtype).reshape(-1, table.spec.dim)
+                rows = np.frombuffer(raw, dtype=table.spec.np_dtype).reshape(-1, table.spec.dim)
                 if not svc.put_split_rows(uid2, ids, rows, None):
                     return None
                 copied += len(raw)

@@ -26,8 +26,12 @@ WRITE_TRIES = 3
 
 
 def _np(x) -> np.ndarray:
+    """numpy of ``x``; a bfloat16 tensor as its 16-bit patterns (uint16, sent as bfloat16)."""
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
     return np.asarray(x)
 
 
@@ -141,8 +145,8 @@ class Client(RpcClient):
         """Unpooled rows ``[len(ids), dim]`` in the table's dtype."""
         req = pb.RouterLookupRowsRequest(model=model, version=version, table=table,
                                          ids=pack(_np(ids)))
-        t = self._call(self._stub.LookupRows, req).rows
-        return torch.from_numpy(np.frombuffer(t.data, t.dtype).reshape(tuple(t.shape)).copy())
+        from shoal.wire import to_torch
+        return to_torch(self._call(self._stub.LookupRows, req).rows, "rows").clone()
 
     def lookup(self, model: str, kjt, version: int = 0):
         """Pooled embeddings of a torchrec ``KeyedJaggedTensor``, as a ``KeyedTensor`` equal to
@@ -221,7 +225,8 @@ class Client(RpcClient):
             for e in range(s.num_experts):
                 self.write_rows(model, t.name, expert_row_ids(s, e),
                                 pack_expert(w.w1[e], w.w2[e],
-                                            w.w3[e] if w.w3 is not None else None),
+                                            w.w3[e] if w.w3 is not None else None,
+                                            s.torch_dtype),
                                 version=md.version)
             dense.update(w.dense(s))
         self.put_dense(model, md.version, dense)

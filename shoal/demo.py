@@ -2,9 +2,11 @@
 
 Starts a local cluster (3 shard servers, replication 2), creates a DLRM-shaped model of 8
 tables, fills it with random rows, streams Zipf-distributed queries from 4 client threads and
-checks every answer against a local torchrec EmbeddingBagCollection with the same weights.
-Five seconds in, it SIGKILLs a shard server: the queries go on, and the coordinator declares it
-dead and rebuilds its replicas elsewhere.
+checks every answer against a local torchrec EmbeddingBagCollection with the same weights;
+beside them, a Mixture-of-Experts layer (8 experts, top-2) answers ``moe_forward`` calls,
+each checked against the same layer computed locally. Five seconds in, it SIGKILLs a shard
+server: the queries go on, and the coordinator declares it dead and rebuilds its replicas
+elsewhere; then it adds a server, rebalances onto it and splits a table, still under load.
 """
 from __future__ import annotations
 
@@ -77,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{res.seconds:.1f}s ({res.bytes / 2**20 / res.seconds:.0f} MiB/s), every replica "
              "verified against it; version 1 is current")
 
+        moe = _MoeQueries(cluster.router_address)
+        client.put_expert_layers("mixtral", [(moe.spec, moe.weights)])
+        step(f"registered MoE model 'mixtral': 1 layer of {moe.spec.num_experts} experts, "
+             f"top-{moe.spec.top_k}, d_model {moe.spec.d_model}, d_ff {moe.spec.d_ff} (each "
+             "expert a partition, replicated like the tables)")
+
         step(f"querying for {args.seconds:.0f}s from {args.clients} clients: batch "
              f"{args.batch}, ~{args.bag} ids per bag, Zipf ids; every answer checked against "
              "a local torchrec EmbeddingBagCollection")
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
+        threads.append(threading.Thread(target=moe.run, args=(stop,)))
         t0 = time.monotonic()
         for th in threads:
             th.start()
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    latency:          p50 {np.percentile(lat_ms, 50):.2f} ms, p99 "
               f"{np.percentile(lat_ms, 99):.2f} ms per batch")
         print(f"    max |shoal - torchrec|: {max_diff[0]:.3g}")
+        print(f"    moe_forward:      {moe.ok:,} requests of {moe.tokens} tokens answered "
+              f"({len(moe.errors)} failed), max |shoal - local| {moe.max_diff:.3g}")
         print(f"    router merged {st.router.requests:,} requests into "
               f"{st.router.batches:,} batches; {st.router.replica_retries} reads retried on "
               f"another replica, {st.router.hedges} hedged")
@@ -143,10 +154,50 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s.stats.raw_bytes / 2**20:.0f} MiB of rows, RSS "
                   f"{s.stats.rss_bytes / 2**20:.0f} MiB, {s.stats.ids_looked_up:,} ids served")
         client.close()
-    ok = not errors and max_diff[0] < 1e-4 and len(lat) > 0
-    step("stopped the cluster. " + ("OK: every answer matched torchrec." if ok
+    ok = not errors and max_diff[0] < 1e-4 and len(lat) > 0 and moe.passed
+    step("stopped the cluster. " + ("OK: every answer matched torchrec and the local MoE "
+                                    "layer." if ok
                                     else "FAILED: see the numbers above."))
     return 0 if ok else 1
+
+
+class _MoeQueries:
+    """A client calling ``moe_forward`` on one Mixtral-style layer, checking every answer
+    against the layer computed in this process with the same weights."""
+
+    def __init__(self, address: str, tokens: int = 128):
+        from experts.specs import ExpertLayerSpec, ExpertLayerWeights
+        self.address, self.tokens = address, tokens
+        self.spec = ExpertLayerSpec("l0", num_experts=8, d_model=64, d_ff=128, top_k=2)
+        g = torch.Generator().manual_seed(7)
+        E, d, f = 8, 64, 128
+        self.weights = ExpertLayerWeights(
+            gate=torch.randn(E, d, generator=g), w1=torch.randn(E, f, d, generator=g) * 0.1,
+            w2=torch.randn(E, d, f, generator=g) * 0.1,
+            w3=torch.randn(E, f, d, generator=g) * 0.1).check(self.spec)
+        self.ok, self.errors, self.max_diff = 0, [], 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.ok > 0 and not self.errors and self.max_diff < 1e-4
+
+    def run(self, stop: threading.Event) -> None:
+        import shoal
+        from experts.compute import moe_forward_local
+        c = shoal.connect(self.address)
+        g = torch.Generator().manual_seed(8)
+        while not stop.is_set():
+            x = torch.randn(self.tokens, self.spec.d_model, generator=g)
+            try:
+                got = c.moe_forward("mixtral", "l0", x)
+            except shoal.ShoalError as e:
+                self.errors.append(e)
+                continue
+            with torch.no_grad():
+                want = moe_forward_local(self.spec, self.weights, x)
+            self.max_diff = max(self.max_diff, float((got - want).abs().max()))
+            self.ok += 1
+        c.close()
 
 
 def _save_checkpoint(ebc, path: str) -> None:

@@ -17,8 +17,10 @@ import uuid
 
 import grpc
 import numpy as np
+import torch
 
 from embeddings.checkpoint import CheckpointError
+from embeddings.specs import TableSpec
 from experts.checkpoint import LAYOUTS, MoeLayer, moe_layers, read_config, read_expert, read_gate
 from experts.layout import expert_row_ids, pack_expert, rows_per_expert, table_for
 from experts.specs import ExpertLayerSpec
@@ -60,7 +62,8 @@ def load_moe(client, reader, path: str, model: str, version: int, chunk_bytes: i
     per_expert = {n: rows_per_expert(by_table[n].spec) for n in placed}
     left = {n: int(todo[n][:by_table[n].spec.num_experts].sum()) for n in placed}
     prog = LoadProgress(rows_total=sum(per_expert[n] * left[n] for n in placed),
-                        bytes_total=sum(per_expert[n] * left[n] * by_table[n].spec.d_model * 4
+                        bytes_total=sum(per_expert[n] * left[n] *
+                                        TableSpec.from_proto(placed[n]).row_bytes
                                         for n in placed))
     attempt = uuid.uuid4().hex[:12]
     with heap_kept(2 * chunk_bytes), Sink(client, model, md.version, direct) as sink:
@@ -87,9 +90,11 @@ def _layer_sums(reader, layer: MoeLayer, t: pb.TableSpec, chunk_bytes: int, sink
     too, in chunks of about ``chunk_bytes``."""
     spec = layer.spec
     acc = _SourceSums(t.num_partitions)
-    step = max(1, chunk_bytes // (spec.d_model * 4))
+    step = max(1, chunk_bytes // TableSpec.from_proto(t).row_bytes)
     for e in range(spec.num_experts):
-        rows = pack_expert(*read_expert(reader, layer, e)).numpy()
+        rows = pack_expert(*read_expert(reader, layer, e), spec.torch_dtype)
+        rows = rows.view(torch.int16).numpy().view(np.uint16) \
+            if rows.dtype == torch.bfloat16 else rows.numpy()        # bfloat16: its bit patterns
         ids = expert_row_ids(spec, e)
         acc.add(ids, rows)
         if sink is None or not todo[e]:
@@ -100,7 +105,7 @@ def _layer_sums(reader, layer: MoeLayer, t: pb.TableSpec, chunk_bytes: int, sink
                        f"load/{attempt}/{t.table_uid}/{e}/{lo}")
             n = min(step, len(ids) - lo)
             prog.rows_done += n
-            prog.bytes_done += n * rows.shape[1] * 4
+            prog.bytes_done += n * rows.shape[1] * rows.itemsize
             if progress is not None:
                 progress(prog)
     return acc.sums, acc.counts

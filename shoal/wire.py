@@ -11,8 +11,13 @@ from shoal.proto import shoal_pb2 as pb
 
 ALLOWED_DTYPES = ("int64", "int32", "float32", "float16", "bfloat16")
 # bfloat16 travels as its 16-bit patterns; numpy has no bfloat16, so its views are uint16
-# (``to_torch`` makes them bfloat16 again).
+# (``to_torch`` makes them bfloat16 again), and a numpy uint16 array is packed as bfloat16:
+# Shoal has no other 16-bit integers.
 _NP_WIRE = {"bfloat16": "uint16"}
+
+
+def _wire_name(a: np.ndarray) -> str:
+    return "bfloat16" if a.dtype == np.uint16 else a.dtype.name
 
 
 def pack(array, dtype: str | None = None) -> pb.Tensor:
@@ -32,7 +37,7 @@ def pack(array, dtype: str | None = None) -> pb.Tensor:
     if dtype is not None and a.dtype != np.dtype(dtype):
         a = a.astype(dtype)
     a = _little_endian_c(a)
-    return pb.Tensor(dtype=name or a.dtype.name, shape=a.shape, data=a.tobytes())
+    return pb.Tensor(dtype=name or _wire_name(a), shape=a.shape, data=a.tobytes())
 
 
 def to_torch(t: pb.Tensor, field: str, dtype: str | tuple[str, ...] | None = None,
@@ -70,7 +75,7 @@ def serialize_with_tensor(msg, field_number: int, array: np.ndarray) -> bytes:
     copy them three times): protobuf fields may come in any order, so the Tensor's encoding
     is appended to the rest of the message's."""
     a = _little_endian_c(array)
-    head = pb.Tensor(dtype=a.dtype.name, shape=a.shape).SerializeToString()
+    head = pb.Tensor(dtype=_wire_name(a), shape=a.shape).SerializeToString()
     data = b"\x1a" + _varint(a.nbytes)                         # field 3 (data), bytes
     sub = len(head) + len(data) + a.nbytes
     return b"".join([msg.SerializeToString(), _varint(field_number << 3 | 2), _varint(sub),

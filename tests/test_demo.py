@@ -1,5 +1,6 @@
 """The README's demo, small: it must finish with every answer matching torchrec, the killed
-server's replicas rebuilt, a server added and a table split while the queries ran."""
+server's replicas rebuilt, a server added and a table split while the queries ran, and every
+MoE answer matching the layer computed locally."""
 from __future__ import annotations
 
 from shoal.demo import main
@@ -14,4 +15,7 @@ def test_demo_small(capsys):
     assert "loaded the checkpoint: 40,000 rows" in out and "verified" in out
     assert "every partition back to 2 replicas" in out
     assert "added s3 and moved" in out and "t_cat_0 split to" in out
-    assert "OK: every answer matched torchrec." in out
+    assert "OK: every answer matched torchrec and the local MoE layer." in out
+    import re
+    moe = re.search(r"moe_forward: +([\d,]+) requests of 128 tokens answered \(0 failed\)", out)
+    assert moe and int(moe.group(1).replace(",", "")) > 0, out

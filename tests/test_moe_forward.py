@@ -1,7 +1,7 @@
 """``client.moe_forward`` through a real 3-server cluster (replication 2) equals the plain
 PyTorch reference blocks of ``tests/test_experts.py`` (written from the published Mixtral,
 Qwen2-MoE and DeepSeek-V3 code) with the same weights: every gating variant, float32 and
-bfloat16 (experts run in float32 on the servers), 1 to 4096 tokens (a single token leaves most experts idle), the router's routing and
+bfloat16 (stored and run in bfloat16 on the servers), 1 to 4096 tokens (a single token leaves most experts idle), the router's routing and
 the caller's own. Then the failure and bad-input cases: a server SIGKILLed between requests,
 and refusals that name the field."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import shoal
 from shoal.errors import ShoalError
 from tests.test_experts import (D_MODEL, DTYPES, E, FIRM_MARGIN, FP32_ATOL, FP32_RTOL,
-                                BF16_TOL, TOKEN_COUNTS, VARIANTS, assert_not_worse, rel_err,
+                                TOKEN_COUNTS, VARIANTS, assert_bf16_close, assert_not_worse,
                                 lib_weights, make_hidden, make_refs, make_spec, random_routing)
 
 MODELS = {"float32": "moe32", "bfloat16": "moe16"}
@@ -51,12 +51,7 @@ def _check(got, variant, dtype, x, ids=None, w=None):
         firm = ref16.route(x16)[2] > FIRM_MARGIN if ids is None else torch.ones(T, dtype=bool)
     assert got.dtype == torch.bfloat16 and got.shape == (T, D_MODEL)
     what = f"{variant} bf16 T={T}"
-    # The servers store and run bfloat16 layers' experts in float32 (the router gates and
-    # combines in bfloat16), so elements differ from the bfloat16 block by its rounding: the
-    # output is within bfloat16 precision of the float32 block on the same (bfloat16) weights
-    # and inputs as a whole, and no further from it than the bfloat16 block is.
-    err = rel_err(got[firm], want32[firm])
-    assert err < BF16_TOL / 2, f"{what}: relative error {err:.2e} against the float32 block"
+    assert_bf16_close(got[firm], want16[firm], what)
     assert_not_worse(got[firm], want16[firm], want32[firm], what)
 
 
@@ -123,6 +118,10 @@ def test_bad_moe_requests_name_the_field(cluster):
                                         expert_ids=torch.zeros(4, 2, dtype=torch.int64),
                                         expert_weights=torch.full((4, 2), float("nan"))),
              bad, "expert_weights", "finite")
+    _refused(lambda: client.moe_forward("moe32", "mixtral", x,
+                                        expert_ids=torch.zeros(4, E + 1, dtype=torch.int64),
+                                        expert_weights=torch.ones(4, E + 1)),
+             bad, "expert_ids", f"top_k {E + 1}", f"{E} experts")
     _refused(lambda: client.moe_forward("moe32", "nope", x), grpc.StatusCode.NOT_FOUND,
              "layer", "'nope'", "mixtral")
     _refused(lambda: client.moe_forward("moe32", "mixtral", x, version=9),
@@ -195,3 +194,36 @@ def test_an_expert_layer_needs_its_table(cluster):
                       expert_layers=[dataclasses.replace(spec, top_k=E + 1).to_proto(table.name)])
     _refused(lambda: client.create_model_spec(md), bad, "top_k")
     assert "bad" not in {m.name for m in client.models()}
+
+
+def test_bfloat16_tables_store_rows_exactly(cluster):
+    """A bfloat16 layer's experts are stored as bfloat16 (half the bytes) and read back bit
+    for bit; a plain bfloat16 table writes, reads and pools through both replicas."""
+    import torch.nn.functional as F
+
+    from embeddings.specs import TableSpec
+    from experts.layout import expert_row_ids, unpack_expert
+    _, client = cluster
+    md = next(m for m in client.models() if m.name == "moe16")
+    assert {t.dtype for t in md.tables} == {"bfloat16"}
+    spec = make_spec("mixtral", "bfloat16")
+    w = lib_weights(make_refs("mixtral")[1])
+    rows = client.lookup_rows("moe16", "moe.mixtral", expert_row_ids(spec, 6))
+    assert rows.dtype == torch.bfloat16
+    w1, w2, w3 = unpack_expert(spec, rows)
+    assert torch.equal(w1, w.w1[6]) and torch.equal(w2, w.w2[6]) and torch.equal(w3, w.w3[6])
+
+    client.create_model("b16", [TableSpec("t", 1000, 16, dtype="bfloat16", pooling="sum",
+                                          feature_names=("f",))])
+    table = torch.randn(1000, 16).to(torch.bfloat16)
+    client.write_rows("b16", "t", torch.arange(1000), table)
+    assert torch.equal(client.lookup_rows("b16", "t", torch.arange(1000)), table)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    ids = torch.tensor([3, 999, 3, 500, 7])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=ids,
+                                              lengths=torch.tensor([2, 3]))
+    got = client.lookup("b16", kjt).values()
+    want = F.embedding_bag(ids, table.float(), torch.tensor([0, 2]), mode="sum")
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    _refused(lambda: client.moe_forward("moe16", "mixtral", torch.randn(3, D_MODEL)),
+             grpc.StatusCode.INVALID_ARGUMENT, "hidden", "bfloat16")
