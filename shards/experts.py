@@ -15,7 +15,7 @@ from experts.compute import mlp
 from experts.layout import expert_views
 from shoal.errors import InvalidArgument
 from shoal.proto import shoal_pb2 as pb
-from shoal.wire import pack, unpack
+from shoal.wire import pack, to_torch, unpack
 
 MAX_EXPERT_TOKENS = 1 << 20
 
@@ -55,8 +55,7 @@ class ExpertPath:
             raise InvalidArgument(f"d_ff: {request.d_ff} ({'gated' if request.gated else 'GELU'}"
                                   f" experts: {rows_per} rows) does not fit the {rpp} rows per "
                                   f"expert of table {spec.name!r}")
-        x = torch.from_numpy(hidden.copy() if not hidden.flags.writeable else hidden) \
-            .view(table.arena.dtype)
+        x = to_torch(request.hidden, "hidden")      # a view of the request's bytes, read only
         if not torch.isfinite(x).all():
             raise InvalidArgument("hidden: must be finite (found NaN or inf)")
         out = torch.empty_like(x)
