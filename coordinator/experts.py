@@ -98,7 +98,8 @@ class ExpertRPCs:
         room = even + self._cfg.hot_expert_bytes // max(1, slot_bytes(table))
         capacity = {s: max(room, sum(s in w for w in placement.values())) for s in servers}
         actions = plan_replicas(load, placement, servers, capacity, MAX_COPIES_PER_PASS,
-                                self._cfg.expert_min_gain, min_replicas=R)
+                                self._cfg.expert_min_gain, min_replicas=R,
+                                domain_of={s: state.domain_of(s) for s in servers})
         out.imbalance_after = imbalance(load, apply(placement, actions), servers)
         for a in actions:
             key = (uid, a.expert)

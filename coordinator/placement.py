@@ -24,12 +24,29 @@ class ServerLoad:
     server_id: str
     bytes: int = 0
     leaders: int = 0
+    domain: str = ""            # its failure domain (a host, a Ray node); "": itself alone
+
+
+def distinct_domains(order: list[str], n: int, domain_of: dict[str, str],
+                     taken: set[str] = frozenset()) -> list[str]:
+    """The first ``n`` servers of ``order`` whose failure domains differ from each other and
+    from ``taken``; where there are not enough such domains, the next servers in order fill
+    the rest (sharing a domain beats having too few replicas)."""
+    chosen, seen = [], set(taken)
+    for s in order:
+        d = domain_of.get(s) or s
+        if d not in seen:
+            chosen.append(s)
+            seen.add(d)
+            if len(chosen) == n:
+                return chosen
+    return chosen + [s for s in order if s not in chosen][:n - len(chosen)]
 
 
 def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
           replication: int, server_quota: int = 0) -> dict[tuple[int, int], tuple[str, ...]]:
-    """Replica sets for the partitions of one model: ``replication`` distinct servers each,
-    first the leader.
+    """Replica sets for the partitions of one model: ``replication`` distinct servers each, in
+    distinct failure domains while there are enough (``ServerLoad.domain``), first the leader.
 
     Greedy: largest partitions first, each onto the servers holding the fewest of this model's
     bytes, then the fewest bytes overall, so every model is spread over all servers (one
@@ -46,6 +63,7 @@ def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
                          f"{len(servers)} are alive ({', '.join(s.server_id for s in servers)}). "
                          "Start more servers or lower the replication factor.")
     load = {s.server_id: s.bytes for s in servers}
+    domain_of = {s.server_id: s.domain for s in servers}
     mine = {s.server_id: 0 for s in servers}
     leaders = {s.server_id: s.leaders for s in servers}
     out: dict[tuple[int, int], tuple[str, ...]] = {}
@@ -62,7 +80,7 @@ def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
                              f"table_uid {part.table_uid} ({part.bytes / 2**20:,.1f} MiB) "
                              f"has room on {len(order)} servers, needs {replication}; raise "
                              "the quota or add servers")
-        chosen = order[:replication]
+        chosen = distinct_domains(order, replication, domain_of)
         leader = min(chosen, key=lambda s: (leaders[s], load[s], s))
         replicas = (leader,) + tuple(s for s in chosen if s != leader)
         for s in chosen:

@@ -29,6 +29,7 @@ class ServerSpec:
     server_id: str
     memory_budget_bytes: int = 0     # 0: unlimited
     draining: bool = False           # must end up holding nothing
+    domain: str = ""                 # failure domain; "": the server alone
 
 
 @dataclass(frozen=True)
@@ -100,16 +101,25 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
                 m = (s, quota_of[k])
                 model_bytes[m] = model_bytes.get(m, 0) + sizes[k]
 
-    def fits(k: Key, t: str) -> bool:
-        if k in held[t] or bytes_on[t] + sizes[k] > budget[t]:
+    domain = {s.server_id: s.domain or s.server_id for s in servers}
+
+    def apart(k: Key, t: str, src: str) -> bool:
+        """Moving k's replica from ``src`` to ``t`` puts no two of its replicas in one failure
+        domain that were not already sharing one."""
+        others = {domain.get(r, r) for r in owner[k] if r != src}
+        return domain[t] not in others or domain[src] in others
+
+    def fits(k: Key, t: str, src: str) -> bool:
+        if k in held[t] or bytes_on[t] + sizes[k] > budget[t] or not apart(k, t, src):
             return False
         if quota_of and quotas and quota_of[k] in quotas:
             return model_bytes.get((t, quota_of[k]), 0) + sizes[k] <= quotas[quota_of[k]]
         return True
 
-    def fits_swap(k: Key, t: str, leaving: Key) -> bool:
-        """``k`` fits on ``t`` once ``leaving`` has left it."""
-        if k in held[t] or bytes_on[t] - sizes[leaving] + sizes[k] > budget[t]:
+    def fits_swap(k: Key, t: str, leaving: Key, src: str) -> bool:
+        """``k`` (from ``src``) fits on ``t`` once ``leaving`` has left it."""
+        if k in held[t] or bytes_on[t] - sizes[leaving] + sizes[k] > budget[t] or \
+                not apart(k, t, src):
             return False
         if quota_of and quotas and quota_of[k] in quotas:
             freed = sizes[leaving] if quota_of[leaving] == quota_of[k] else 0
@@ -141,7 +151,7 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
     #    servers would need two moves of it; the second waits for the next plan.)
     for s in (s.server_id for s in servers if s.draining):
         for k in sorted(held[s] - moved, key=lambda k: (-sizes[k], k)):
-            options = [t.server_id for t in active if fits(k, t.server_id)]
+            options = [t.server_id for t in active if fits(k, t.server_id, s)]
             if not options:
                 raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"partition {k[1]} of table_uid {k[0]} ({_mib(sizes[k])}) on "
@@ -167,7 +177,7 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
             best, best_gap = None, gap
             for k in sorted(held[hi] - moved):
                 d = of(k)
-                if fits(k, lo) and abs(gap - 2 * d) < best_gap - 1e-12 and \
+                if fits(k, lo, hi) and abs(gap - 2 * d) < best_gap - 1e-12 and \
                         guard({hi: -sizes[k], lo: sizes[k]}):
                     best, best_gap = (k, None), abs(gap - 2 * d)
             if best is None:
@@ -176,7 +186,7 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
                         d = of(k) - of(j)
                         if k in held[lo] or j in held[hi] or \
                                 abs(gap - 2 * d) >= best_gap - 1e-12 or \
-                                not (fits_swap(k, lo, j) and fits_swap(j, hi, k)):
+                                not (fits_swap(k, lo, j, hi) and fits_swap(j, hi, k, lo)):
                             continue
                         b = sizes[k] - sizes[j]
                         if guard({hi: -b, lo: b}):

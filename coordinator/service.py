@@ -142,7 +142,10 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
                            and building[s] < self._cfg.max_builds_per_server]
                 if not options:
                     continue
-                target = min(options, key=lambda s: (loads[s], s))
+                # Another failure domain than the copies it has, where one can take it.
+                held_in = {state.domain_of(s) for s in rec.replicas + rec.learners}
+                elsewhere = [s for s in options if state.domain_of(s) not in held_in]
+                target = min(elsewhere or options, key=lambda s: (loads[s], s))
                 state = state.with_learner(key, target)
                 building[target] += 1
                 loads[target] += 1
@@ -234,7 +237,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
     def Register(self, request, context):
         with self._lock:
             self._commit(self._state.with_server(request.server_id, request.address,
-                                                 request.memory_budget_bytes))
+                                                 request.memory_budget_bytes, request.domain))
             self._last_seen[request.server_id] = self._clock()
             return pb.RegisterReply(map_version=self._state.version)
 

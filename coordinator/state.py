@@ -47,7 +47,7 @@ class ClusterState:
             models=[md for _, md in sorted(self.models.items())],
             servers=[pb.ServerInfo(server_id=s.server_id, address=s.address,
                                    memory_budget_bytes=s.memory_budget_bytes,
-                                   draining=s.draining)
+                                   draining=s.draining, domain=s.domain)
                      for s in self.servers.values()],
             partitions=[pb.ReplicaSet(table_uid=uid, partition=p, replicas=list(r.replicas),
                                       epoch=r.epoch, learners=list(r.learners))
@@ -72,14 +72,17 @@ class ClusterState:
         return copy.deepcopy(self)
 
     # ------------------------------------------------------------ steps (each returns a new state)
-    def with_server(self, server_id: str, address: str, memory_budget: int) -> "ClusterState":
+    def with_server(self, server_id: str, address: str, memory_budget: int,
+                    domain: str = "") -> "ClusterState":
         old = self.servers.get(server_id)
-        if old is not None and old.address == address and old.memory_budget_bytes == memory_budget:
+        if old is not None and old.address == address and \
+                old.memory_budget_bytes == memory_budget and old.domain == domain:
             return self
         new = self.copy()
         new.servers[server_id] = pb.ServerInfo(server_id=server_id, address=address,
                                                memory_budget_bytes=memory_budget,
-                                               draining=bool(old and old.draining))
+                                               draining=bool(old and old.draining),
+                                               domain=domain)
         new.version += 1
         return new
 
@@ -355,7 +358,12 @@ class ClusterState:
                 if s in load:
                     load[s] += sizes[key]
                     leaders[s] += i == 0
-        return [ServerLoad(s, load[s], leaders[s]) for s in alive]
+        return [ServerLoad(s, load[s], leaders[s], self.domain_of(s)) for s in alive]
+
+    def domain_of(self, server_id: str) -> str:
+        """A server's failure domain (itself, unless it registered one)."""
+        info = self.servers.get(server_id)
+        return (info.domain if info is not None else "") or server_id
 
 
 def slot_bytes(t: pb.TableSpec) -> int:

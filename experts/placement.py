@@ -41,11 +41,15 @@ def imbalance(load: np.ndarray, placement: dict[int, list[str]], servers: list[s
 
 def plan_replicas(load: np.ndarray, placement: dict[int, list[str]], servers: list[str],
                   capacity: dict[str, int], max_moves: int = 8,
-                  min_gain: float = 0.02, min_replicas: int = 1) -> list[Action]:
+                  min_gain: float = 0.02, min_replicas: int = 1,
+                  domain_of: dict[str, str] | None = None) -> list[Action]:
     """Steps that lower the busiest server's load, at most ``max_moves`` copies. ``capacity``:
     how many experts each server may hold (its memory budget / one expert's bytes). No expert
     drops below ``min_replicas`` (the model's replication): only redundant replicas are
-    dropped. Control-plane work: loops over experts and servers, not tokens."""
+    dropped. ``domain_of``: each server's failure domain; a copy never goes to a domain that
+    already holds the expert. Control-plane work: loops over experts and servers, not
+    tokens."""
+    dom = domain_of or {}
     place = {e: list(where) for e, where in placement.items()}
     held = {s: sum(s in where for where in place.values()) for s in servers}
     actions: list[Action] = []
@@ -59,7 +63,8 @@ def plan_replicas(load: np.ndarray, placement: dict[int, list[str]], servers: li
         best = None                       # (new max load, expert, target, dropped)
         for e in sorted((e for e, where in place.items() if hot in where),
                         key=lambda e: -float(load[e]) / len(place[e])):
-            for target in sorted((s for s in servers if s not in place[e]),
+            held_in = {dom.get(s, s) for s in place[e]}
+            for target in sorted((s for s in servers if dom.get(s, s) not in held_in),
                                  key=lambda s: (loads[s], s)):
                 dropped = None
                 if held[target] >= capacity.get(target, 0):

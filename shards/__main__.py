@@ -62,7 +62,8 @@ async def serve(args) -> None:
     pbg.add_ShardServerServicer_to_server(ShardServicer(service, replicator, builder), server)
     await server.start()
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
-                                  memory_budget_bytes=cfg.memory_budget_bytes)
+                                  memory_budget_bytes=cfg.memory_budget_bytes,
+                                  domain=cfg.domain)
     await asyncio.to_thread(call_until_up, lambda: coord.Register(register, timeout=5))
     await asyncio.to_thread(service.refresh_map)
     write_ready(data / "ready.json", address=address, server_id=args.server_id)

@@ -33,13 +33,15 @@ def cmd_up(args) -> int:
     from shoal.local import LocalCluster
 
     data = pathlib.Path(args.data_dir or shoal_home() / "cluster")
-    if (data / "cluster.json").exists():
+    if (data / "cluster.json").exists() or (data / "ray.json").exists():
         sys.exit(f"shoal: a cluster is already running from {data} (see `shoal status`; "
                  "stop it with `shoal down`)")
     cfg = ShoalConfig.from_json(pathlib.Path(args.config).read_text()) if args.config \
         else ShoalConfig()
     if args.memory_budget:
         cfg = cfg.replace(server__memory_budget_bytes=int(args.memory_budget))
+    if args.ray is not None:
+        return _up_on_ray(args, cfg, data)
     cluster = LocalCluster(servers=args.servers, replication=args.replication, data_dir=str(data),
                            config=cfg, detach=True)
     shoal_home().mkdir(parents=True, exist_ok=True)
@@ -49,10 +51,48 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _up_on_ray(args, cfg: ShoalConfig, data: pathlib.Path) -> int:
+    """``shoal up --ray [ADDRESS]``: the cluster as detached actors on a Ray cluster; this
+    machine remembers where (``ray.json``) for the other commands."""
+    from shoal.raycluster import connect_ray, RayCluster
+    connect_ray(args.ray)
+    rc = RayCluster(servers=args.servers, replication=args.replication, config=cfg,
+                    name=args.ray_name, data_dir=args.ray_data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "ray.json").write_text(json.dumps({
+        "ray_address": args.ray or "auto", "name": args.ray_name,
+        "data_dir": args.ray_data_dir, "router": rc.router_address,
+        "coordinator": rc.coordinator_address}))
+    shoal_home().mkdir(parents=True, exist_ok=True)
+    _current_file().write_text(json.dumps({"data_dir": str(data)}))
+    nodes = sorted({s["node_id"][:8] for s in rc.servers})
+    print(f"shoal: {args.servers} servers on Ray nodes {', '.join(nodes)}, replication "
+          f"{rc.replication}, data in {args.ray_data_dir} on each node")
+    print(f"router: {rc.router_address}")
+    return 0
+
+
+def _ray_cluster(data: pathlib.Path):
+    """The Ray-backed cluster remembered in ``data`` (None: a local one)."""
+    path = data / "ray.json"
+    if not path.exists():
+        return None
+    from shoal.raycluster import connect_ray, RayCluster
+    state = json.loads(path.read_text())
+    connect_ray(state["ray_address"])
+    return RayCluster.attach(state["name"], state["data_dir"])
+
+
 def cmd_down(args) -> int:
     from shoal.local import LocalCluster
 
     data = _cluster_dir(args)
+    rc = _ray_cluster(data)
+    if rc is not None:
+        rc.stop()
+        (data / "ray.json").unlink()
+        print(f"shoal: stopped the cluster {rc.name!r} on Ray (data stays on the nodes)")
+        return 0
     if not (data / "cluster.json").exists():
         sys.exit(f"shoal: no cluster is running from {data}")
     LocalCluster.attach(data).stop()
@@ -69,7 +109,10 @@ def _client(args):
 
     if args.address:
         return connect(args.address)
-    return connect(LocalCluster.attach(_cluster_dir(args)).router_address)
+    data = _cluster_dir(args)
+    if (data / "ray.json").exists():       # no Ray needed: the router's address is enough
+        return connect(json.loads((data / "ray.json").read_text())["router"])
+    return connect(LocalCluster.attach(data).router_address)
 
 
 def cmd_status(args) -> int:
@@ -170,6 +213,16 @@ def _progress():
 
 
 def cmd_resize(args) -> int:
+    rc = _ray_cluster(_cluster_dir(args))
+    if rc is not None:                      # on Ray: server actors added or drained away
+        before = len(rc.servers)
+        if args.dry_run:
+            print(f"shoal: would go from {before} to {args.servers} servers on Ray")
+            return 0
+        rc.resize(args.servers, progress=_progress())
+        print(f"shoal: {before} -> {len(rc.servers)} servers on Ray "
+              f"({', '.join(s['name'] + '@' + s['node_id'][:8] for s in rc.servers)})")
+        return 0
     cluster = _local(args)
     before = len(cluster.servers)
     if args.dry_run:
@@ -343,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--data-dir", help="default: $SHOAL_HOME/cluster")
     up.add_argument("--memory-budget", help="bytes of memory tier per server")
     up.add_argument("--config", help="a JSON file with server / router / coordinator settings")
+    up.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run on a Ray cluster (default address: the one this machine runs)")
+    up.add_argument("--ray-name", default="shoal", help="the cluster's name on Ray")
+    up.add_argument("--ray-data-dir", default="/tmp/shoal-ray",
+                    help="where each node keeps its servers' data (node-local disk)")
     up.set_defaults(fn=cmd_up)
     for name, fn, help_ in (("down", cmd_down, "stop the local cluster"),
                             ("status", cmd_status, "servers, partitions, bytes and memory"),

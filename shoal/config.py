@@ -32,6 +32,9 @@ class ShardServerConfig:
     # Copies and writes run in threads beside the event loop that answers lookups: a thread
     # hands the GIL back after this long (Python's default is 5 ms).
     gil_switch_interval_s: float = 0.001
+    # The server's failure domain (a host, a Ray node): the coordinator keeps a partition's
+    # replicas in distinct domains while there are enough. "": the server alone.
+    domain: str = ""
 
 
 @dataclass(frozen=True)

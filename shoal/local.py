@@ -283,38 +283,14 @@ class LocalCluster:
     # ------------------------------------------------------------ processes
     def _spawn(self, role: str, name: str, extra: list[str], port: int = 0) -> ProcessHandle:
         data = self.data_dir / name
-        data.mkdir(parents=True, exist_ok=True)
-        (data / "ready.json").unlink(missing_ok=True)
-        module = {"coordinator": "coordinator", "server": "shards", "router": "router",
-                  "provisioner": "shoal.provisioner"}[role]
-        cmd = [sys.executable, "-m", module, "--data-dir", str(data), "--port", str(port),
-               "--config", self.config.to_json(), *extra]
-        if role == "server":
-            cmd += ["--server-id", name]
-        if role in ("server", "router"):
-            cmd += ["--coordinator", self.coordinator.address]
-        log = open(data / "process.log", "ab")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, stdin=subprocess.DEVNULL)
-        log.close()
+        proc = spawn_role(role, name, data, self.config.to_json(),
+                          self.coordinator.address if role in ("server", "router") else "",
+                          extra, port=port)
         self._procs[name] = proc
         return ProcessHandle(role, name, str(data), pid=proc.pid)
 
     def _wait_ready(self, h: ProcessHandle) -> None:
-        ready = pathlib.Path(h.data_dir) / "ready.json"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        proc = self._procs[h.name]
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{h.role} {h.name} exited with code {proc.returncode} "
-                                   f"before it was ready; log:\n{_tail(h.data_dir)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{h.role} {h.name} not ready after {READY_TIMEOUT_S}s; "
-                                   f"log:\n{_tail(h.data_dir)}")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        h.address = info["address"]
+        h.address = wait_ready(self._procs[h.name], h.role, h.name, h.data_dir)
         h.port = int(h.address.rsplit(":", 1)[1])
 
     # ------------------------------------------------------------ remembered state (CLI)
@@ -365,6 +341,56 @@ def _wait(pid: int, proc: subprocess.Popen | None, timeout: float = 10.0) -> Non
     deadline = time.monotonic() + timeout
     while _alive(pid, None) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+MODULES = {"coordinator": "coordinator", "server": "shards", "router": "router",
+           "provisioner": "shoal.provisioner"}
+
+
+def spawn_role(role: str, name: str, data: pathlib.Path, config_json: str, coordinator: str,
+               extra: list[str], host: str = "127.0.0.1", port: int = 0,
+               die_with_parent: bool = False) -> subprocess.Popen:
+    """Start one Shoal process (``python -m <role module>``) with its data folder ``data``
+    (its log in ``process.log``). ``die_with_parent``: the kernel SIGKILLs it when the process
+    that started it dies (a Ray actor hosting it), so it never outlives its host."""
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "ready.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", MODULES[role], "--data-dir", str(data), "--port", str(port),
+           "--config", config_json, *extra]
+    if role != "provisioner":
+        cmd += ["--host", host]
+    if role == "server":
+        cmd += ["--server-id", name]
+    if coordinator:
+        cmd += ["--coordinator", coordinator]
+    log = open(data / "process.log", "ab")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if die_with_parent else None)
+    log.close()
+    return proc
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def wait_ready(proc: subprocess.Popen, role: str, name: str, data_dir) -> str:
+    """The address a started process serves on, once it has written its ready.json."""
+    ready = pathlib.Path(data_dir) / "ready.json"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{role} {name} exited with code {proc.returncode} before it was "
+                               f"ready; log:\n{_tail(str(data_dir))}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{role} {name} not ready after {READY_TIMEOUT_S}s; "
+                               f"log:\n{_tail(str(data_dir))}")
+        time.sleep(0.05)
+    return json.loads(ready.read_text())["address"]
 
 
 def _tail(data_dir: str, lines: int = 30) -> str:
