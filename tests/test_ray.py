@@ -15,11 +15,16 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's loopback-only mode: every node (and so every Shoal process) binds 127.0.0.1, where
+# Ray would otherwise take the machine's address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray")
 
 import shoal  # noqa: E402
 from embeddings.synthetic import random_kjt  # noqa: E402
-from tests.oracle import fill_from_oracle  # noqa: E402
+from tests.ckpt_fixtures import EBC_PREFIX, write_safetensors_index  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +33,7 @@ def ray_nodes():
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 1, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    assert cluster.address.startswith(LOOPBACK + ":")
     ray.init(address=cluster.address, namespace="shoal-test", log_to_driver=False)
     try:
         yield cluster, workers
@@ -39,7 +45,7 @@ def ray_nodes():
 def _tables(rows=2000, dim=8):
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=rows,
-                               feature_names=[f"f{i}"]) for i in range(3)]
+                               feature_names=[f"t{i}"]) for i in range(3)]   # as `load` names them
 
 
 def _node_of(cluster_map) -> dict[str, str]:
@@ -117,9 +123,20 @@ def test_a_shoal_cluster_on_ray_nodes_survives_losing_one_and_grows(ray_nodes, t
     with RayCluster(servers=3, replication=2, data_dir=str(tmp_path), config=cfg,
                     name="t1") as rc:
         assert sorted(s["node_id"] for s in rc.servers) == sorted(nodes)   # one per node
+        assert all(s["address"].startswith(LOOPBACK + ":") for s in rc.servers)
+        assert rc.router_address.startswith(LOOPBACK + ":")
         client = rc.client()
-        client.create_model("m", tables)
-        fill_from_oracle(client, "m", ebc)
+        # The model's tables saved as a sharded safetensors checkpoint, loaded with `load`:
+        # every chunk goes straight to the replicas on their nodes.
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        with torch.no_grad():
+            weights = {f"{EBC_PREFIX}{n}.weight": b.weight.detach().clone()
+                       for n, b in ebc.embedding_bags.items()}
+        write_safetensors_index(str(ckpt), {f"part-{i}.safetensors": {k: weights[k]}
+                                            for i, k in enumerate(sorted(weights))})
+        res = client.load(str(ckpt), model="m", chunk_bytes=16 << 10)
+        assert res.tables == {t.name: t.num_embeddings for t in tables}
         m = client.status().map
         assert {s.server_id: s.domain for s in m.servers} == \
             {s["name"]: s["node_id"] for s in rc.servers}
@@ -129,6 +146,23 @@ def test_a_shoal_cluster_on_ray_nodes_survives_losing_one_and_grows(ray_nodes, t
             kjt = random_kjt(rng, features, sizes, 32, 4)
             torch.testing.assert_close(client.lookup("m", kjt).values(), ebc(kjt).values(),
                                        atol=1e-5, rtol=0)
+
+        # A shard server process crashes: its actor ends with it, Ray restarts the actor, and
+        # the server comes back on its data folder, at a new pid.
+        crashed = next(s for s in rc.servers if s["node_id"] != nodes[0])
+        os.kill(crashed["pid"], 9)
+
+        def back():
+            try:
+                info = ray.get(rc._actors[crashed["name"]].info.remote(), timeout=5)
+            except Exception:
+                return False
+            st = {s.server_id: s.state for s in client.status().map.servers}
+            return info["pid"] != crashed["pid"] and st[crashed["name"]] == "alive"
+        _wait(back, 90, "the crashed server to be restarted by Ray")
+        kjt = random_kjt(rng, features, sizes, 32, 4)
+        torch.testing.assert_close(client.lookup("m", kjt).values(), ebc(kjt).values(),
+                                   atol=1e-5, rtol=0)
 
         # A worker node goes away under load.
         victim = next(s for s in rc.servers if s["node_id"] != nodes[0])
@@ -164,3 +198,51 @@ def test_a_shoal_cluster_on_ray_nodes_survives_losing_one_and_grows(ray_nodes, t
         assert any(info["name"] in rs.replicas for rs in m.partitions)
         _assert_apart(m)
         client.close()
+
+
+def test_shoal_up_on_ray_and_resize_from_the_command_line(ray_nodes, tmp_path):
+    """``shoal up --ray ADDRESS``, ``status``, ``resize`` and ``down`` drive a cluster of
+    detached actors; ``status`` reaches the router with gRPC alone."""
+    import subprocess
+    import sys
+    cluster, _ = ray_nodes
+    env = dict(os.environ, SHOAL_HOME=str(tmp_path / "home"))
+    data = str(tmp_path / "state")
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "shoal.cli", *args, "--data-dir", data],
+                             env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    up = cli("up", "--ray", cluster.address, "--servers", "2", "--replication", "2",
+             "--ray-name", "cli", "--ray-data-dir", str(tmp_path / "nodes"))
+    assert "2 servers on Ray nodes" in up and "router: 127.0.0.1:" in up
+    from embeddings.specs import TableSpec
+    client = shoal.connect(up.split("router: ")[1].split()[0])
+    client.create_model("c", [TableSpec("t", 1000, 8, num_partitions=8)])
+    rows = torch.randn(1000, 8)
+    client.write_rows("c", "t", torch.arange(1000), rows)
+    st = cli("status")
+    assert sum(ln.split()[1] == "alive" for ln in st.splitlines()
+               if ln.startswith("s") and len(ln.split()) > 1) == 2
+    grown = cli("resize", "--servers", "3")
+    assert "2 -> 3 servers on Ray" in grown
+    from shoal.raycluster import RayCluster
+    rc = RayCluster.attach("cli")
+    assert len(rc.servers) == 3 and len({s["node_id"] for s in rc.servers}) == 3
+    assert any("s2" in rs.replicas for rs in client.status().map.partitions)   # moved onto
+    shrunk = cli("resize", "--servers", "2")             # s2 drained, then its actor ended
+    assert "3 -> 2 servers on Ray" in shrunk
+    rc = RayCluster.attach("cli")
+    assert sorted(s["name"] for s in rc.servers) == ["s0", "s1"]
+    m = client.status().map
+    assert all("s2" not in rs.replicas for rs in m.partitions)
+    assert "s2" not in {s.server_id for s in m.servers}
+    torch.testing.assert_close(client.lookup_rows("c", "t", torch.arange(1000)), rows,
+                               rtol=0, atol=0)
+    client.close()
+    down = cli("down")
+    assert "stopped the cluster 'cli' on Ray" in down
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("cli-")]
