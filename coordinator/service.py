@@ -55,6 +55,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
         self._load = LoadTracker()                     # soft: lookups per partition
         self._split_frozen_at: dict[int, float] = {}   # soft: table_uid -> clock of its freeze
         self._experts_at = clock()                     # soft: clock of the last hot-expert pass
+        self.metrics_address = ""                      # set by the process once it serves them
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -74,6 +75,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
         m = state.to_map()
         now = self._clock()
         m.default_replication = self._default_replication
+        m.coordinator_metrics_address = self.metrics_address
         for s in m.servers:
             seen = last_seen.get(s.server_id, -1e18)
             s.state = "alive" if now - seen <= self._cfg.lease_s else "dead"
@@ -237,7 +239,8 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
     def Register(self, request, context):
         with self._lock:
             self._commit(self._state.with_server(request.server_id, request.address,
-                                                 request.memory_budget_bytes, request.domain))
+                                                 request.memory_budget_bytes, request.domain,
+                                                 request.metrics_address))
             self._last_seen[request.server_id] = self._clock()
             return pb.RegisterReply(map_version=self._state.version)
 

@@ -38,13 +38,15 @@ async def serve(args) -> None:
     call_until_up(maps.refresh)
     coord = pbg.CoordinatorStub(grpc.aio.insecure_channel(args.coordinator,
                                                           options=GRPC_OPTIONS))
+    from shoal.metrics import serve_metrics
     service = RouterService(cfg, maps, GrpcShardTransport(), coord)
+    service.metrics_address = metrics = serve_metrics("router", args.host)
     server, address = make_aio_server(args.host, args.port)
     pbg.add_RouterServicer_to_server(service, server)
     await server.start()
     data = pathlib.Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    write_ready(data / "ready.json", address=address)
+    write_ready(data / "ready.json", address=address, metrics=metrics)
     logging.info("serving on %s at map version %d", address, maps.current().version)
     stop_poll = threading.Event()
     threading.Thread(target=maps.poll_forever, args=(cfg.map_poll_interval_s, stop_poll),

@@ -20,6 +20,7 @@ from experts.specs import ExpertLayerWeights
 
 import grpc
 
+from shoal.metrics import MODEL_REQUESTS
 from router.batcher import Batcher
 from router.dense import DenseCache
 from router.moe import MoeStats, moe_forward
@@ -52,6 +53,7 @@ class RouterService(pbg.RouterServicer):
         self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
                                 config.max_batch_ids)
         self.dense = DenseCache(coordinator)
+        self.metrics_address = ""               # set by the process once it serves them
         self.moe = MoeStats()
 
     # ------------------------------------------------------------ pooled lookup
@@ -61,9 +63,18 @@ class RouterService(pbg.RouterServicer):
             q = self._parse(request)
             values = await self._batcher.run(q, (q.model.name, q.model.version), q.num_ids)
             keys, dims = output_keys(q)
+            self._counted("Lookup", q.model.name, q.model.version)
             return pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
         except ShoalError as e:
+            self._counted("Lookup", request.model, request.version, e)
             await abort_async(context, e)
+
+    @staticmethod
+    def _counted(rpc: str, model: str, version: int, error: ShoalError | None = None) -> None:
+        """A client request answered, per model and version (0: the current one, when it
+        failed before the version was known)."""
+        MODEL_REQUESTS.labels(model, str(version or "current"), rpc,
+                              error.code.name if error is not None else "OK").inc()
 
     async def _execute(self, queries: list[Query]) -> list[np.ndarray]:
         return await pooled_lookup(queries, self._maps, self._transport,
@@ -151,8 +162,10 @@ class RouterService(pbg.RouterServicer):
                                  self._transport, self.stats, request_id,
                                  self._cfg.rpc_timeout_s, self._cfg.write_attempt_timeout_s,
                                  model.version)
+            self._counted("WriteRows", model.name, model.version)
             return pb.WriteRowsReply(written=n)
         except ShoalError as e:
+            self._counted("WriteRows", request.model, request.version, e)
             await abort_async(context, e)
 
     async def LookupRows(self, request, context):
@@ -168,8 +181,10 @@ class RouterService(pbg.RouterServicer):
             rows = await lookup_rows(request.model, request.table, ids, self._maps,
                                      self._transport, self._cfg.rpc_timeout_s, self.stats,
                                      model.readable().version)
+            self._counted("LookupRows", model.name, model.version)
             return pb.RouterLookupRowsReply(rows=pack(rows))
         except ShoalError as e:
+            self._counted("LookupRows", request.model, request.version, e)
             await abort_async(context, e)
 
     # ------------------------------------------------------------ MoE
@@ -195,10 +210,12 @@ class RouterService(pbg.RouterServicer):
                                        self.stats)
             self.moe.requests += 1
             self.moe.add((model.name, model.version, spec.name), result.counts)
+            self._counted("MoeForward", model.name, model.version)
             return pb.MoeForwardReply(out=pack(result.out), version=model.version,
                                       expert_tokens=pack(result.counts),
                                       timings=result.timings)
         except ShoalError as e:
+            self._counted("MoeForward", request.model, request.version, e)
             await abort_async(context, e)
 
     # ------------------------------------------------------------ control
@@ -249,5 +266,5 @@ class RouterService(pbg.RouterServicer):
             requests=self._requests, batches=s.batches, redirects=s.redirects,
             map_refreshes=self._maps.refreshes, replica_retries=s.replica_retries,
             map_version=self._maps.current().version, hedges=self.hedger.hedges,
-            hedge_wins=self.hedger.hedge_wins,
+            hedge_wins=self.hedger.hedge_wins, metrics_address=self.metrics_address,
             cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid()))

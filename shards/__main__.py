@@ -61,12 +61,15 @@ async def serve(args) -> None:
     replicator = Replicator(service, report, cfg.replicate_timeout_s)
     pbg.add_ShardServerServicer_to_server(ShardServicer(service, replicator, builder), server)
     await server.start()
+    from shoal.metrics import serve_metrics
+    metrics = serve_metrics("server", args.host)
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
                                   memory_budget_bytes=cfg.memory_budget_bytes,
-                                  domain=cfg.domain)
+                                  domain=cfg.domain, metrics_address=metrics)
     await asyncio.to_thread(call_until_up, lambda: coord.Register(register, timeout=5))
     await asyncio.to_thread(service.refresh_map)
-    write_ready(data / "ready.json", address=address, server_id=args.server_id)
+    write_ready(data / "ready.json", address=address, server_id=args.server_id,
+                metrics=metrics)
     log.info("serving on %s at map version %d", address, service.map_version)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(coord, service, register, cfg.heartbeat_interval_s,

@@ -150,6 +150,9 @@ def cmd_status(args) -> int:
     r = st.router
     print(f"\nrouter: {r.requests} requests in {r.batches} batches, {r.redirects} redirects, "
           f"{r.replica_retries} replica retries, map version {r.map_version}")
+    ends = [("coordinator", m.coordinator_metrics_address), ("router", r.metrics_address)] + \
+        [(s.server_id, s.metrics_address) for s in m.servers]
+    print("metrics (Prometheus): " + ", ".join(f"{n} http://{a}/metrics" for n, a in ends if a))
     return 0
 
 

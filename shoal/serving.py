@@ -126,8 +126,10 @@ def make_aio_server(host: str = "127.0.0.1", port: int = 0,
                     parsers: dict | None = None) -> tuple[grpc.aio.Server, str]:
     """An asyncio gRPC server bound to host:port. Create it inside the running loop.
     ``parsers``: request deserializers by full method name (``RequestParsers``)."""
+    from shoal.metrics import AsyncMetricsInterceptor
     tune_malloc()
-    interceptors = [AsyncAccessInterceptor()] + ([RequestParsers(parsers)] if parsers else [])
+    interceptors = [AsyncAccessInterceptor(), AsyncMetricsInterceptor()] + \
+        ([RequestParsers(parsers)] if parsers else [])
     server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -137,9 +139,11 @@ def make_aio_server(host: str = "127.0.0.1", port: int = 0,
 
 def make_server(threads: int, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, str]:
     """A gRPC server bound to host:port (port 0: a free one). Returns it and its address."""
+    from shoal.metrics import MetricsInterceptor
     tune_malloc()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-                         interceptors=[AccessInterceptor()], options=GRPC_OPTIONS)
+                         interceptors=[AccessInterceptor(), MetricsInterceptor()],
+                         options=GRPC_OPTIONS)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")

@@ -139,7 +139,7 @@ class ReplicaSet(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., learners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats", "draining", "domain")
+    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats", "draining", "domain", "metrics_address")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class ServerInfo(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     address: str
     state: str
@@ -156,7 +157,8 @@ class ServerInfo(_message.Message):
     stats: ServerStats
     draining: bool
     domain: str
-    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ..., domain: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ServerStats(_message.Message):
     __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits")
@@ -259,7 +261,7 @@ class Move(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., bytes: _Optional[int] = ..., bytes_done: _Optional[int] = ..., seconds: _Optional[float] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("version", "models", "servers", "partitions", "default_replication", "moves", "splits", "autoscale")
+    __slots__ = ("version", "models", "servers", "partitions", "default_replication", "moves", "splits", "autoscale", "coordinator_metrics_address")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +270,7 @@ class ShardMap(_message.Message):
     MOVES_FIELD_NUMBER: _ClassVar[int]
     SPLITS_FIELD_NUMBER: _ClassVar[int]
     AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     version: int
     models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
@@ -276,7 +279,8 @@ class ShardMap(_message.Message):
     moves: _containers.RepeatedCompositeFieldContainer[Move]
     splits: _containers.RepeatedCompositeFieldContainer[Split]
     autoscale: AutoscaleStatus
-    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., autoscale: _Optional[_Union[AutoscaleStatus, _Mapping]] = ...) -> None: ...
+    coordinator_metrics_address: str
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., default_replication: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., autoscale: _Optional[_Union[AutoscaleStatus, _Mapping]] = ..., coordinator_metrics_address: _Optional[str] = ...) -> None: ...
 
 class Split(_message.Message):
     __slots__ = ("model", "table", "table_uid", "new_table", "frozen", "frozen_version", "model_version")
@@ -343,16 +347,18 @@ class AutoscaleStatus(_message.Message):
     def __init__(self, policy: _Optional[_Union[AutoscalePolicy, _Mapping]] = ..., desired_servers: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[AutoscaleDecision, _Mapping]]] = ..., utilisation: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("server_id", "address", "memory_budget_bytes", "domain")
+    __slots__ = ("server_id", "address", "memory_budget_bytes", "domain", "metrics_address")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     address: str
     memory_budget_bytes: int
     domain: str
-    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., domain: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("map_version",)
@@ -1012,7 +1018,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins")
+    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins", "metrics_address")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     REDIRECTS_FIELD_NUMBER: _ClassVar[int]
@@ -1023,6 +1029,7 @@ class RouterStats(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     HEDGES_FIELD_NUMBER: _ClassVar[int]
     HEDGE_WINS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     requests: int
     batches: int
     redirects: int
@@ -1033,7 +1040,8 @@ class RouterStats(_message.Message):
     pid: int
     hedges: int
     hedge_wins: int
-    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("map", "router")
