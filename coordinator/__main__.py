@@ -42,8 +42,9 @@ def main() -> None:
     server.start()
     stop = threading.Event()
     threading.Thread(target=service.run_reconcile_loop, args=(stop,), daemon=True).start()
-    from shoal.metrics import serve_metrics
+    from shoal.metrics import REGISTRY, MapCollector, serve_metrics
     service.metrics_address = metrics = serve_metrics("coordinator", args.host)
+    REGISTRY.register(MapCollector(service.shard_map))
     write_ready(data / "ready.json", address=address, metrics=metrics)
     logging.info("serving on %s", address)
     serve_until_signalled(server, on_stop=lambda: (stop.set(), store.close()))

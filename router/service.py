@@ -20,7 +20,7 @@ from experts.specs import ExpertLayerWeights
 
 import grpc
 
-from shoal.metrics import MODEL_REQUESTS
+from shoal.metrics import MODEL_REQUESTS, STAGE_SECONDS
 from router.batcher import Batcher
 from router.dense import DenseCache
 from router.moe import MoeStats, moe_forward
@@ -210,6 +210,8 @@ class RouterService(pbg.RouterServicer):
                                        self.stats)
             self.moe.requests += 1
             self.moe.add((model.name, model.version, spec.name), result.counts)
+            for stage, seconds in result.timings.items():
+                STAGE_SECONDS.labels("moe", stage).observe(seconds)
             self._counted("MoeForward", model.name, model.version)
             return pb.MoeForwardReply(out=pack(result.out), version=model.version,
                                       expert_tokens=pack(result.counts),

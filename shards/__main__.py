@@ -61,8 +61,9 @@ async def serve(args) -> None:
     replicator = Replicator(service, report, cfg.replicate_timeout_s)
     pbg.add_ShardServerServicer_to_server(ShardServicer(service, replicator, builder), server)
     await server.start()
-    from shoal.metrics import serve_metrics
+    from shoal.metrics import REGISTRY, ServerCollector, serve_metrics
     metrics = serve_metrics("server", args.host)
+    REGISTRY.register(ServerCollector(service.stats))
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
                                   memory_budget_bytes=cfg.memory_budget_bytes,
                                   domain=cfg.domain, metrics_address=metrics)

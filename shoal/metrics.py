@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -93,3 +94,84 @@ class AsyncMetricsInterceptor(grpc.aio.ServerInterceptor):
             return out
 
         return handler._replace(unary_unary=behavior)
+
+
+class ServerCollector:
+    """A shard server's figures, read from its ``ServerStats`` when scraped: rows and bytes
+    held, memory split into fixed (the memory tier's resident partitions, expert weights
+    included) and variable (the replication log; the rest of the RSS is buffers and caches),
+    ids served and how many came from RocksDB, and the ids served per partition."""
+
+    def __init__(self, stats):
+        self._stats = stats                  # () -> pb.ServerStats
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        s = self._stats()
+        g = lambda name, doc, v: GaugeMetricFamily(name, doc, value=v)   # noqa: E731
+        c = lambda name, doc, v: CounterMetricFamily(name, doc, value=v)  # noqa: E731
+        yield g("shoal_server_rows", "Rows held, over the partitions this server serves", s.rows)
+        yield g("shoal_server_raw_bytes", "Bytes of the rows held (rows x row bytes)",
+                s.raw_bytes)
+        mem = GaugeMetricFamily("shoal_server_memory_bytes", "Memory by kind: fixed "
+                                "(memory_tier) and variable (replication_log, rss)",
+                                labels=["kind"])
+        mem.add_metric(["memory_tier"], s.resident_bytes)
+        mem.add_metric(["replication_log"], s.replication_log_bytes)
+        mem.add_metric(["rss"], s.rss_bytes)
+        yield mem
+        yield g("shoal_server_partitions", "Partitions served", s.partitions)
+        yield g("shoal_server_resident_partitions", "Partitions in the memory tier",
+                s.resident_partitions)
+        yield g("shoal_server_stored_partitions", "Partitions with rows on disk",
+                s.stored_partitions)
+        yield g("shoal_server_builds", "Replica copies being built here", len(s.builds))
+        yield c("shoal_server_lookups", "Lookup requests served", s.lookups)
+        yield c("shoal_server_ids", "Ids (or expert tokens) served", s.ids_looked_up)
+        yield c("shoal_server_cold_ids", "Ids served from RocksDB, not the memory tier",
+                s.cold_ids)
+        yield c("shoal_server_redirects", "Requests refused for a stale map", s.redirects)
+        yield c("shoal_server_cpu_seconds", "CPU seconds used", s.cpu_seconds)
+        per = CounterMetricFamily("shoal_partition_ids", "Ids (expert tokens) served per "
+                                  "partition", labels=["table_uid", "partition"])
+        from shoal.wire import unpack
+        for tl in s.table_loads:
+            counts = unpack(tl.ids_looked_up, "ids_looked_up", "int64", 1)
+            for p in np.flatnonzero(counts).tolist():   # control plane: a line per partition
+                per.add_metric([str(tl.table_uid), str(p)], float(counts[p]))
+        yield per
+
+
+class MapCollector:
+    """The coordinator's view, read from its shard map when scraped: servers by state,
+    partitions, moves and splits in flight, and bytes held per server."""
+
+    def __init__(self, shard_map):
+        self._map = shard_map                # () -> pb.ShardMap
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        m = self._map()
+        servers = GaugeMetricFamily("shoal_cluster_servers", "Servers by state",
+                                    labels=["state"])
+        for state in ("alive", "dead"):
+            servers.add_metric([state], sum(s.state == state for s in m.servers))
+        yield servers
+        yield GaugeMetricFamily("shoal_cluster_partitions", "Replica sets in the map",
+                                value=len(m.partitions))
+        yield GaugeMetricFamily("shoal_cluster_moves", "Partition moves in flight",
+                                value=len(m.moves))
+        yield GaugeMetricFamily("shoal_cluster_splits", "Table splits in flight",
+                                value=len(m.splits))
+        yield GaugeMetricFamily("shoal_cluster_map_version", "Shard map version",
+                                value=m.version)
+        held = GaugeMetricFamily("shoal_cluster_server_raw_bytes", "Bytes of rows each "
+                                 "server holds, as it last reported", labels=["server"])
+        for s in m.servers:
+            held.add_metric([s.server_id], s.stats.raw_bytes)
+        yield held
+
+
+STAGE_SECONDS = Histogram("shoal_router_stage_seconds", "Time in each stage of a router "
+                          "request (moe: gate, dispatch, servers, expert_compute, combine)",
+                          ["path", "stage"], buckets=BUCKETS, registry=REGISTRY)

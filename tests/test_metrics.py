@@ -32,13 +32,18 @@ def value(samples, name, **labels) -> float:
 
 
 def test_counters_equal_the_requests_sent(tmp_path):
-    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c")) as cluster:
+    cfg = shoal.ShoalConfig().replace(router__hedge=False)    # every id read exactly once
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c"),
+                            config=cfg) as cluster:
         client = cluster.client()
         client.create_model("m", [TableSpec("t", 1000, 8, feature_names=("f",))])
         client.write_rows("m", "t", torch.arange(1000), torch.randn(1000, 8))
         rng = np.random.default_rng(0)
+        ids_sent = 0
         for _ in range(25):
-            client.lookup("m", random_kjt(rng, ["f"], [1000], 16, 3))
+            kjt = random_kjt(rng, ["f"], [1000], 16, 3)
+            client.lookup("m", kjt)
+            ids_sent += kjt.values().numel()
         bad = random_kjt(rng, ["f"], [1000], 4, 2)
         for _ in range(3):
             with pytest.raises(shoal.ShoalError):
@@ -64,18 +69,57 @@ def test_counters_equal_the_requests_sent(tmp_path):
         assert value(r, "shoal_model_requests_total", model="m", version="1", rpc="WriteRows",
                      code="OK") == 1
 
-        # Each server answered lookups, and the coordinator took their heartbeats.
+        # Each server answered lookups, and the coordinator took their heartbeats. Every
+        # server holds the whole table (replication 2 on 2): 1000 rows x 32 bytes, all of it
+        # in the memory tier; between them they served every id sent, once.
+        served = 0
         for s in m.servers:
             samples = scrape(s.metrics_address)
+            assert value(samples, "shoal_server_rows") == 1000
+            assert value(samples, "shoal_server_raw_bytes") == 1000 * 32
+            tier = value(samples, "shoal_server_memory_bytes", kind="memory_tier")
+            assert abs(tier - 32000) <= 0.1 * 32000, tier
+            assert value(samples, "shoal_server_cold_ids_total") == 0
+            served += value(samples, "shoal_server_ids_total")
+            per = sum(v for (n, _), v in samples.items() if n == "shoal_partition_ids_total")
+            assert per == value(samples, "shoal_server_ids_total")
             assert value(samples, "shoal_rpc_requests_total", role="server",
                          method="LookupPooled", code="OK") > 0
             assert value(samples, "shoal_rpc_seconds_count", role="server",
                          method="LookupPooled") == value(
                 samples, "shoal_rpc_requests_total", role="server", method="LookupPooled",
                 code="OK")
+        assert served == ids_sent
         c = scrape(m.coordinator_metrics_address)
+        assert value(c, "shoal_cluster_servers", state="alive") == 2
+        assert value(c, "shoal_cluster_partitions") == 4
+        assert value(c, "shoal_cluster_moves") == 0
         assert value(c, "shoal_rpc_requests_total", role="coordinator", method="Heartbeat",
                      code="OK") > 0
         assert value(c, "shoal_rpc_requests_total", role="coordinator", method="CreateModel",
                      code="OK") == 1
         client.close()
+
+
+def test_the_grafana_dashboard_only_uses_metrics_shoal_exports(tmp_path):
+    """deploy/grafana/shoal.json parses, and every metric its queries name is exported by a
+    live cluster's processes (a renamed metric would leave a panel empty)."""
+    import json
+    import pathlib
+    import re
+    dash = json.loads((pathlib.Path(__file__).parents[1] / "deploy/grafana/shoal.json")
+                      .read_text())
+    used = {m for p in dash["panels"] for t in p["targets"]
+            for m in re.findall(r"shoal_[a-z_]+", t["expr"])}
+    assert len(used) >= 10
+    with shoal.LocalCluster(servers=1, replication=1, data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client()
+        st = client.status()
+        names = set()
+        for a in [st.router.metrics_address, st.map.coordinator_metrics_address] + \
+                [s.metrics_address for s in st.map.servers]:
+            with urllib.request.urlopen(f"http://{a}/metrics", timeout=10) as r:
+                names |= {f.name for f in text_string_to_metric_families(r.read().decode())}
+        client.close()
+    exported = names | {n + s for n in names for s in ("_total", "_bucket", "_count", "_sum")}
+    assert used <= exported, sorted(used - exported)

@@ -227,3 +227,18 @@ def test_bfloat16_tables_store_rows_exactly(cluster):
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
     _refused(lambda: client.moe_forward("moe16", "mixtral", torch.randn(3, D_MODEL)),
              grpc.StatusCode.INVALID_ARGUMENT, "hidden", "bfloat16")
+
+
+def test_the_router_times_every_moe_stage(cluster):
+    from tests.test_metrics import scrape, value
+    _, client = cluster
+    before = scrape(client.status().router.metrics_address)
+    for T in (3, 40):
+        client.moe_forward("moe32", "mixtral", make_hidden(T, seed=T))
+    after = scrape(client.status().router.metrics_address)
+    for stage in ("gate", "dispatch", "servers", "expert_compute", "combine"):
+        n = value(after, "shoal_router_stage_seconds_count", path="moe", stage=stage) - \
+            value(before, "shoal_router_stage_seconds_count", path="moe", stage=stage)
+        assert n == 2, stage
+    assert value(after, "shoal_model_requests_total", model="moe32", version="1",
+                 rpc="MoeForward", code="OK") >= 2
