@@ -42,6 +42,8 @@ class Query:
     lengths: np.ndarray          # int64 [len(keys) * batch_size]
     weights: np.ndarray | None   # float32 [len(values)]
     batch_size: int
+    arrived: float = 0.0         # perf_counter when the router parsed it
+    timings: dict = None         # seconds per stage, once answered (LOOKUP_STAGES)
 
     @property
     def num_ids(self) -> int:
@@ -76,19 +78,27 @@ class Stats:
 async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
                         timeout: float, dedup: bool, stats: Stats,
                         hedger: Hedger) -> list[np.ndarray]:
+    t0 = time.perf_counter()
     model = queries[0].model
     works, slots = merge(queries)
     for w in works.values():
         w.sums = np.zeros((len(w.lengths), model.tables[w.name].spec.dim), dtype=np.float32)
     for _ in queries:
         hedger.budget.deposit()
+    t1 = time.perf_counter()
     await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats,
                   hedger, model.version)
+    t2 = time.perf_counter()
     for w in works.values():
         if model.tables[w.name].spec.pooling == "mean":
             w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
     stats.batches += 1
-    return [split(q, works, slots[i]) for i, q in enumerate(queries)]
+    out = [split(q, works, slots[i]) for i, q in enumerate(queries)]
+    t3 = time.perf_counter()
+    for q in queries:
+        q.timings = {"batching": t0 - q.arrived if q.arrived else 0.0, "merge": t1 - t0,
+                     "servers": t2 - t1, "pool_split": t3 - t2, "batch_requests": len(queries)}
+    return out
 
 
 def merge(queries: list[Query]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import os
 import resource
 import uuid
@@ -54,20 +55,44 @@ class RouterService(pbg.RouterServicer):
                                 config.max_batch_ids)
         self.dense = DenseCache(coordinator)
         self.metrics_address = ""               # set by the process once it serves them
+        self._slow_logged = 0.0
         self.moe = MoeStats()
 
     # ------------------------------------------------------------ pooled lookup
     async def Lookup(self, request, context):
         try:
             self._requests += 1
+            t0 = time.perf_counter()
             q = self._parse(request)
+            q.arrived = t0
             values = await self._batcher.run(q, (q.model.name, q.model.version), q.num_ids)
             keys, dims = output_keys(q)
             self._counted("Lookup", q.model.name, q.model.version)
-            return pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
+            timings = dict(q.timings or {}, total=time.perf_counter() - t0)
+            self._traced("lookup", timings, f"lookup of {q.num_ids} ids, model {q.model.name} "
+                         f"v{q.model.version}")
+            reply = pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
+            if request.trace:
+                reply.timings.update(timings)
+            return reply
         except ShoalError as e:
             self._counted("Lookup", request.model, request.version, e)
             await abort_async(context, e)
+
+    def _traced(self, path: str, timings: dict, what: str) -> None:
+        """Every request's stages into the histograms; a slow one (over ``slow_request_ms``)
+        logged with them, at most one a second."""
+        for stage, seconds in timings.items():
+            if stage not in ("total", "batch_requests"):
+                STAGE_SECONDS.labels(path, stage).observe(seconds)
+        total = timings.get("total", 0.0)
+        now = time.monotonic()
+        if total * 1e3 > self._cfg.slow_request_ms and now - self._slow_logged >= 1.0:
+            self._slow_logged = now
+            log.warning("slow request (%.1f ms > %.0f ms): %s; %s", total * 1e3,
+                        self._cfg.slow_request_ms, what,
+                        ", ".join(f"{k} {v * 1e3:.2f} ms" if k != "batch_requests" else
+                                  f"{k} {int(v)}" for k, v in timings.items()))
 
     @staticmethod
     def _counted(rpc: str, model: str, version: int, error: ShoalError | None = None) -> None:
@@ -210,8 +235,10 @@ class RouterService(pbg.RouterServicer):
                                        self.stats)
             self.moe.requests += 1
             self.moe.add((model.name, model.version, spec.name), result.counts)
-            for stage, seconds in result.timings.items():
-                STAGE_SECONDS.labels("moe", stage).observe(seconds)
+            self._traced("moe", dict(result.timings, total=sum(
+                v for k, v in result.timings.items() if k != "expert_compute")),
+                f"moe_forward of {hidden.shape[0]} tokens, model {model.name} "
+                f"v{model.version} layer {spec.name}")
             self._counted("MoeForward", model.name, model.version)
             return pb.MoeForwardReply(out=pack(result.out), version=model.version,
                                       expert_tokens=pack(result.counts),

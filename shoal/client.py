@@ -148,9 +148,10 @@ class Client(RpcClient):
         from shoal.wire import to_torch
         return to_torch(self._call(self._stub.LookupRows, req).rows, "rows").clone()
 
-    def lookup(self, model: str, kjt, version: int = 0):
+    def lookup(self, model: str, kjt, version: int = 0, timings: dict | None = None):
         """Pooled embeddings of a torchrec ``KeyedJaggedTensor``, as a ``KeyedTensor`` equal to
-        what a local ``EmbeddingBagCollection`` with the same weights returns."""
+        what a local ``EmbeddingBagCollection`` with the same weights returns. ``timings`` (a
+        dict), if given, receives the request's seconds per stage in the router."""
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         values = _np(kjt.values())
@@ -158,11 +159,13 @@ class Client(RpcClient):
             values = values.astype(np.int32)      # half the bytes on the wire
         req = pb.FeatureBatch(model=model, version=version, keys=kjt.keys(),
                               values=pack(values), lengths=pack(kjt.lengths()),
-                              batch_size=kjt.stride())
+                              batch_size=kjt.stride(), trace=timings is not None)
         weights = kjt.weights_or_none()
         if weights is not None:
             req.weights.CopyFrom(pack(weights, "float32"))
         reply = self._call(self._stub.Lookup, req)
+        if timings is not None:
+            timings.update(reply.timings)
         values = np.frombuffer(reply.values.data, np.float32).reshape(tuple(reply.values.shape))
         return KeyedTensor(keys=list(reply.keys), length_per_key=list(reply.length_per_key),
                            values=torch.from_numpy(values.copy()))

@@ -52,7 +52,8 @@ class RouterConfig:
     retry_budget_ratio: float = 0.1         # hedges + retries allowed per request served
     retry_budget_min_per_s: float = 10.0    # ... plus this many per second
     rpc_timeout_s: float = 30.0
-    write_attempt_timeout_s: float = 5.0    # one try at a leader; then refresh the map, retry
+    write_attempt_timeout_s: float = 5.0
+    slow_request_ms: float = 200.0          # a request slower than this is logged with its stages    # one try at a leader; then refresh the map, retry
 
 
 @dataclass(frozen=True)

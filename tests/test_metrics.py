@@ -123,3 +123,34 @@ def test_the_grafana_dashboard_only_uses_metrics_shoal_exports(tmp_path):
         client.close()
     exported = names | {n + s for n in names for s in ("_total", "_bucket", "_count", "_sum")}
     assert used <= exported, sorted(used - exported)
+
+
+def test_a_request_gets_its_trace_and_slow_ones_are_logged(tmp_path):
+    """A lookup that asks for its timing breakdown gets it with the answer; with the slow
+    threshold at 0 every request is slow, and the router logs one with its stages."""
+    import pathlib
+    import time
+    cfg = shoal.ShoalConfig().replace(router__slow_request_ms=0.0)
+    with shoal.LocalCluster(servers=1, replication=1, data_dir=str(tmp_path / "c"),
+                            config=cfg) as cluster:
+        client = cluster.client()
+        client.create_model("m", [TableSpec("t", 100, 4, feature_names=("f",))])
+        rng = np.random.default_rng(1)
+        t = {}
+        kjt = random_kjt(rng, ["f"], [100], 8, 2)
+        client.lookup("m", kjt, timings=t)
+        assert set(t) == {"batching", "merge", "servers", "pool_split", "total",
+                          "batch_requests"}
+        assert t["batch_requests"] >= 1 and all(v >= 0 for v in t.values())
+        assert t["total"] >= t["servers"] > 0
+        client.lookup("m", kjt)                     # without asking: timed, nothing sent
+        r = scrape(client.status().router.metrics_address)
+        assert value(r, "shoal_router_stage_seconds_count", path="lookup", stage="servers") == 2
+        log = pathlib.Path(cluster.router.data_dir) / "process.log"
+        deadline = time.monotonic() + 10
+        while "slow request" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        line = next(ln for ln in log.read_text().splitlines() if "slow request" in ln)
+        assert f"lookup of {kjt.values().numel()} ids, model m v1" in line, line
+        assert "servers" in line and "batching" in line
+        client.close()

@@ -917,7 +917,7 @@ class PartitionChunk(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., snapshot_seq: _Optional[int] = ..., snapshot_epoch: _Optional[int] = ...) -> None: ...
 
 class FeatureBatch(_message.Message):
-    __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size")
+    __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size", "trace")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -925,6 +925,7 @@ class FeatureBatch(_message.Message):
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     keys: _containers.RepeatedScalarFieldContainer[str]
@@ -932,17 +933,27 @@ class FeatureBatch(_message.Message):
     lengths: Tensor
     weights: Tensor
     batch_size: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    trace: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., batch_size: _Optional[int] = ..., trace: _Optional[bool] = ...) -> None: ...
 
 class PooledReply(_message.Message):
-    __slots__ = ("keys", "length_per_key", "values")
+    __slots__ = ("keys", "length_per_key", "values", "timings")
+    class TimingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     KEYS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PER_KEY_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     length_per_key: _containers.RepeatedScalarFieldContainer[int]
     values: Tensor
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    timings: _containers.ScalarMap[str, float]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RouterWriteRowsRequest(_message.Message):
     __slots__ = ("model", "version", "table", "ids", "rows", "request_id")
