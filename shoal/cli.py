@@ -384,6 +384,14 @@ def cmd_experts(args) -> int:
     return 0
 
 
+def cmd_cost(args) -> int:
+    from shoal.cost import measure, table
+    costs, uses = measure(_client(args), args.seconds)
+    print(f"over {args.seconds:.0f}s of the traffic the cluster served:")
+    print(table(costs, uses))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from shoal.demo import main as demo
     return demo([])
@@ -442,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--tolerance", type=float, default=0.0,
                     help="stop within this fraction of the mean (default 0.05)")
     rb.set_defaults(fn=cmd_rebalance)
+    co = sub.add_parser("cost", help="CPU, bytes and memory per model; occupancy per server")
+    co.add_argument("--seconds", type=float, default=5.0, help="the window measured")
+    co.add_argument("--data-dir")
+    co.add_argument("--address", help="a router address instead of the local cluster")
+    co.set_defaults(fn=cmd_cost)
     ex = sub.add_parser("experts", help="expert load per layer; give hot experts replicas")
     ex.add_argument("model", nargs="?", default="")
     ex.add_argument("--layer", default="")

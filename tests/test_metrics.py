@@ -4,6 +4,7 @@ router's counters equal the requests sent (per RPC and status code, and per mode
 its latency histograms counted every one, and the servers and the coordinator count theirs."""
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import numpy as np
@@ -153,4 +154,53 @@ def test_a_request_gets_its_trace_and_slow_ones_are_logged(tmp_path):
         line = next(ln for ln in log.read_text().splitlines() if "slow request" in ln)
         assert f"lookup of {kjt.values().numel()} ids, model m v1" in line, line
         assert "servers" in line and "batching" in line
+        client.close()
+
+
+def test_cost_per_model_and_occupancy_under_a_known_workload(tmp_path):
+    """Two models, queries to one: its queries/s, CPU and bytes per 1,000 queries (every query
+    reads 32 rows of 64 bytes), the other's none; memory held per model is every replica of
+    its rows; each server's memory tier is its share of the (1 MiB) budget."""
+    import subprocess
+    import sys
+    import threading
+
+    from shoal.cost import measure
+    cfg = shoal.ShoalConfig().replace(router__hedge=False, server__memory_budget_bytes=1 << 20)
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c"),
+                            config=cfg) as cluster:
+        client = cluster.client()
+        client.create_model("a", [TableSpec("ta", 2048, 16, feature_names=("fa",))])
+        client.create_model("b", [TableSpec("tb", 1024, 8, feature_names=("fb",))])
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["fa"], values=torch.arange(32) * 61,
+                                                  lengths=torch.full((8,), 4))
+        stop = threading.Event()
+
+        def load():
+            c = shoal.connect(cluster.router_address)
+            while not stop.is_set():
+                c.lookup("a", kjt)
+            c.close()
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        costs, uses = measure(client, 3.0)
+        stop.set()
+        t.join(30)
+        by = {c.model: c for c in costs}
+        a, b = by["a"], by["b"]
+        assert a.queries_per_s > 10 and a.cpu_s_per_1k > 0
+        assert abs(a.bytes_per_1k - 32 * 64 * 1000) <= 0.1 * 32 * 64 * 1000, a.bytes_per_1k
+        assert b.queries_per_s == 0 and b.cpu_s_per_1k is None
+        assert a.memory_bytes == 2048 * 64 * 2 and b.memory_bytes == 1024 * 32 * 2
+        held = (2048 * 64 + 1024 * 32) / (1 << 20)           # each server holds both, whole
+        for u in uses:
+            assert abs(u.memory_share - held) <= 0.1 * held, u
+            assert 0 < u.cpu_share < 2.5
+        out = subprocess.run([sys.executable, "-m", "shoal.cli", "cost", "--seconds", "1",
+                              "--address", cluster.router_address], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "CPU-s/1k q" in out.stdout and "memory tier / budget" in out.stdout
         client.close()
