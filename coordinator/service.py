@@ -56,6 +56,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
         self._split_frozen_at: dict[int, float] = {}   # soft: table_uid -> clock of its freeze
         self._experts_at = clock()                     # soft: clock of the last hot-expert pass
         self.metrics_address = ""                      # set by the process once it serves them
+        self._metrics: dict[str, str] = {}             # soft: server -> its /metrics address
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -82,6 +83,7 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
             s.last_heartbeat_age_s = now - last_seen.get(s.server_id, now)
             if s.server_id in stats:
                 s.stats.CopyFrom(stats[s.server_id])
+            s.metrics_address = self._metrics.get(s.server_id, "")
         self._fill_moves(m, stats)
         return m
 
@@ -239,8 +241,10 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
     def Register(self, request, context):
         with self._lock:
             self._commit(self._state.with_server(request.server_id, request.address,
-                                                 request.memory_budget_bytes, request.domain,
-                                                 request.metrics_address))
+                                                 request.memory_budget_bytes, request.domain))
+            # Soft, like stats: a restarted server's metrics port may change, and that is no
+            # change of the map.
+            self._metrics[request.server_id] = request.metrics_address
             self._last_seen[request.server_id] = self._clock()
             return pb.RegisterReply(map_version=self._state.version)
 

@@ -47,8 +47,7 @@ class ClusterState:
             models=[md for _, md in sorted(self.models.items())],
             servers=[pb.ServerInfo(server_id=s.server_id, address=s.address,
                                    memory_budget_bytes=s.memory_budget_bytes,
-                                   draining=s.draining, domain=s.domain,
-                                   metrics_address=s.metrics_address)
+                                   draining=s.draining, domain=s.domain)
                      for s in self.servers.values()],
             partitions=[pb.ReplicaSet(table_uid=uid, partition=p, replicas=list(r.replicas),
                                       epoch=r.epoch, learners=list(r.learners))
@@ -74,17 +73,16 @@ class ClusterState:
 
     # ------------------------------------------------------------ steps (each returns a new state)
     def with_server(self, server_id: str, address: str, memory_budget: int,
-                    domain: str = "", metrics_address: str = "") -> "ClusterState":
+                    domain: str = "") -> "ClusterState":
         old = self.servers.get(server_id)
         if old is not None and old.address == address and \
-                old.memory_budget_bytes == memory_budget and old.domain == domain and \
-                old.metrics_address == metrics_address:
+                old.memory_budget_bytes == memory_budget and old.domain == domain:
             return self
         new = self.copy()
         new.servers[server_id] = pb.ServerInfo(server_id=server_id, address=address,
                                                memory_budget_bytes=memory_budget,
                                                draining=bool(old and old.draining),
-                                               domain=domain, metrics_address=metrics_address)
+                                               domain=domain)
         new.version += 1
         return new
 
