@@ -32,7 +32,9 @@ class ExpertPath:
         if spec.dtype not in ("float32", "bfloat16"):
             raise InvalidArgument(f"table_uid: table {spec.name!r} is {spec.dtype}; expert "
                                   "layers are stored in float32 or bfloat16")
-        hidden = unpack(request.hidden, "hidden", spec.dtype, 2)     # the layer's dtype
+        # The layer's dtype, as a read-only view of the request's bytes (read once: protobuf
+        # copies a bytes field on every access).
+        x = to_torch(request.hidden, "hidden", spec.dtype, 2)
         if counts.shape != experts.shape:
             raise InvalidArgument(f"counts: {len(counts)} values for {len(experts)} experts")
         if len(np.unique(experts)) != len(experts) or (experts.size and experts.min() < 0):
@@ -40,14 +42,14 @@ class ExpertPath:
         if experts.size and experts.max() >= spec.num_partitions:
             raise InvalidArgument(f"experts: expert {int(experts.max())} is not in [0, "
                                   f"{spec.num_partitions}) of table {spec.name!r}")
-        if (counts < 0).any() or int(counts.sum()) != hidden.shape[0]:
-            raise InvalidArgument(f"counts: must be >= 0 and sum to the {hidden.shape[0]} rows "
+        if (counts < 0).any() or int(counts.sum()) != x.shape[0]:
+            raise InvalidArgument(f"counts: must be >= 0 and sum to the {x.shape[0]} rows "
                                   f"of hidden (they sum to {int(counts.sum())})")
-        if hidden.shape[0] > MAX_EXPERT_TOKENS:
-            raise InvalidArgument(f"hidden: {hidden.shape[0]} token rows exceed the limit of "
+        if x.shape[0] > MAX_EXPERT_TOKENS:
+            raise InvalidArgument(f"hidden: {x.shape[0]} token rows exceed the limit of "
                                   f"{MAX_EXPERT_TOKENS}")
-        if hidden.shape[1] != spec.dim:
-            raise InvalidArgument(f"hidden: {hidden.shape[1]} columns, but layer table "
+        if x.shape[1] != spec.dim:
+            raise InvalidArgument(f"hidden: {x.shape[1]} columns, but layer table "
                                   f"{spec.name!r} has d_model {spec.dim}")
         rows_per = (3 if request.gated else 2) * request.d_ff
         rpp = table.arena.rows_per_partition
@@ -55,7 +57,6 @@ class ExpertPath:
             raise InvalidArgument(f"d_ff: {request.d_ff} ({'gated' if request.gated else 'GELU'}"
                                   f" experts: {rows_per} rows) does not fit the {rpp} rows per "
                                   f"expert of table {spec.name!r}")
-        x = to_torch(request.hidden, "hidden")      # a view of the request's bytes, read only
         if not torch.isfinite(x).all():
             raise InvalidArgument("hidden: must be finite (found NaN or inf)")
         out = torch.empty_like(x)
