@@ -90,11 +90,14 @@ class RayCluster:
     ``servers`` shard servers spread over the live nodes in turn (or on ``nodes``, node ids);
     the coordinator and the router on this driver's node. ``name`` prefixes the actors' names
     (namespace "shoal"), so ``RayCluster.attach(name)`` finds them from another driver.
-    ``router_port``: a fixed port for the router (0: any free one)."""
+    ``router_port``: a fixed port for the router (0: any free one). ``server_resources``: Ray
+    resources each shard server actor reserves on its node (e.g. ``{"CPU": 1, "shoal": 1}``),
+    so Ray accounts for them and refuses a node that has no room."""
 
     def __init__(self, servers: int = 3, replication: int = 0, data_dir: str = "/tmp/shoal-ray",
                  config: ShoalConfig | None = None, name: str = "shoal",
-                 nodes: list[str] | None = None, router_port: int = 0, start: bool = True):
+                 nodes: list[str] | None = None, router_port: int = 0,
+                 server_resources: dict | None = None, start: bool = True):
         self.name = name
         self.data_dir = data_dir
         self.config = config or ShoalConfig()
@@ -102,6 +105,7 @@ class RayCluster:
         self.replication = replication or (2 if servers >= 2 else 1)
         self.nodes = nodes
         self.router_port = router_port
+        self.server_resources = dict(server_resources or {})
         self.coordinator: dict | None = None
         self.router: dict | None = None
         self.servers: list[dict] = []
@@ -270,8 +274,11 @@ class RayCluster:
         """Start the actors at once, then wait for all of them."""
         coord = self.coordinator["address"] if role != "coordinator" else ""
         actors = []
+        res = dict(self.server_resources) if role == "server" else {}
+        cpus = res.pop("CPU", 0)
         for name, node in names_nodes:
             actor = RoleHost.options(
+                num_cpus=cpus, resources=res or None,
                 name=f"{self.name}-{name}", namespace=NAMESPACE, lifetime="detached",
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(role, name, self.data_dir, self.config.to_json(), coord, extra, port)

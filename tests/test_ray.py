@@ -31,8 +31,9 @@ LOOPBACK = "127.0.0.1"
 def ray_nodes():
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+                      head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                      "resources": {"shoal_server": 1}})
+    workers = [cluster.add_node(num_cpus=1, resources={"shoal_server": 1}) for _ in range(2)]
     assert cluster.address.startswith(LOOPBACK + ":")
     ray.init(address=cluster.address, namespace="shoal-test", log_to_driver=False)
     try:
@@ -121,7 +122,7 @@ def test_a_shoal_cluster_on_ray_nodes_survives_losing_one_and_grows(ray_nodes, t
     nodes = alive_nodes()
     assert len(nodes) == 3
     with RayCluster(servers=3, replication=2, data_dir=str(tmp_path), config=cfg,
-                    name="t1") as rc:
+                    name="t1", server_resources={"shoal_server": 1}) as rc:
         assert sorted(s["node_id"] for s in rc.servers) == sorted(nodes)   # one per node
         assert all(s["address"].startswith(LOOPBACK + ":") for s in rc.servers)
         assert rc.router_address.startswith(LOOPBACK + ":")
@@ -186,7 +187,7 @@ def test_a_shoal_cluster_on_ray_nodes_survives_losing_one_and_grows(ray_nodes, t
         rc.forget_node(victim["node_id"])
 
         # A new node joins; the cluster grows onto it while queries run.
-        fresh = cluster.add_node(num_cpus=1)
+        fresh = cluster.add_node(num_cpus=1, resources={"shoal_server": 1})
         workers.append(fresh)
         _wait(lambda: fresh.node_id in alive_nodes(), 60, "the new node")
         with Queries(rc.router_address, ebc, features, sizes) as q:
