@@ -12,6 +12,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.serving import channel, make_server, serve_until_signalled, write_ready
 
 from coordinator.service import CoordinatorService
+from coordinator.status import StatusServer
 from coordinator.store import SqliteStateStore
 
 
@@ -42,9 +43,11 @@ def main() -> None:
     server.start()
     stop = threading.Event()
     threading.Thread(target=service.run_reconcile_loop, args=(stop,), daemon=True).start()
-    from shoal.metrics import REGISTRY, MapCollector, serve_metrics
-    service.metrics_address = metrics = serve_metrics("coordinator", args.host)
-    REGISTRY.register(MapCollector(service.shard_map))
+    from shoal.metrics import REGISTRY, MapCollector, set_role
+    set_role("coordinator")
+    REGISTRY.register(MapCollector(service.shard_map, service.partition_load))
+    web = StatusServer(service.status_view, REGISTRY, args.host)   # /, /status.json, /metrics
+    service.metrics_address = metrics = web.address
     write_ready(data / "ready.json", address=address, metrics=metrics)
     logging.info("serving on %s", address)
     serve_until_signalled(server, on_stop=lambda: (stop.set(), store.close()))

@@ -25,6 +25,7 @@ from coordinator.resize import ResizeRPCs
 from coordinator.split import SplitRPCs
 from coordinator.versions import VersionRPCs
 from coordinator.state import ClusterState
+from coordinator.status import EventLog, status_view
 from coordinator.store import StateStore
 
 log = logging.getLogger("coordinator")
@@ -57,6 +58,8 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
         self._experts_at = clock()                     # soft: clock of the last hot-expert pass
         self.metrics_address = ""                      # set by the process once it serves them
         self._metrics: dict[str, str] = {}             # soft: server -> its /metrics address
+        self.events = EventLog()                       # soft: recent failures, for the page
+        self._seen_dead: set[str] = set()              # soft: servers already listed as dead
 
     # ------------------------------------------------------------ helpers
     def _commit(self, new: ClusterState) -> None:
@@ -87,6 +90,18 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
         self._fill_moves(m, stats)
         return m
 
+    def partition_load(self) -> dict[tuple[int, int], float]:
+        """Ids (tokens) per second per (table_uid, partition), from the heartbeats."""
+        with self._lock:
+            return self._load.partition_load()
+
+    def status_view(self) -> dict:
+        """The status page's data (``coordinator.status.status_view``)."""
+        m = self.shard_map()
+        with self._lock:
+            partition_load, server_load = self._load.partition_load(), self._load.server_load()
+        return status_view(m, partition_load, server_load, self.events.recent())
+
     # ------------------------------------------------------------ reconcile loop
     def reconcile(self) -> list[str]:
         """One pass of the failure detector: every server whose lease has run out is dropped
@@ -106,7 +121,11 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
             if not alive:
                 return []        # everyone silent at once: the coordinator's problem, not theirs
             acted = []
-            for server_id in sorted(set(self._state.servers) - alive):
+            for server_id in sorted(set(self._state.servers) - alive - self._seen_dead):
+                self.events.add("server_dead", f"{server_id} missed its {self._cfg.lease_s} s "
+                                "lease")
+            self._seen_dead = set(self._state.servers) - alive
+            for server_id in sorted(self._seen_dead):
                 new = self._state.without_replica(server_id)
                 if new is not self._state:
                     t0 = time.perf_counter()
@@ -179,13 +198,16 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
             except Exception as e:           # the next pass after build_resend_s asks again
                 log.warning("asking %s to build partition %d of table_uid %d failed: %s",
                             address, request.partition, request.table_uid, e)
+                self.events.add("build_failed", f"asking {address} to build partition "
+                                f"{request.table_uid}:{request.partition} failed: {e}")
 
     def run_reconcile_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self._cfg.lease_s / 5):
             try:
                 self.reconcile()
-            except Exception:                  # keep reconciling whatever one pass hit
+            except Exception as e:             # keep reconciling whatever one pass hit
                 log.exception("reconcile pass failed")
+                self.events.add("reconcile_failed", f"{type(e).__name__}: {e}")
 
     # ------------------------------------------------------------ RPCs
     def ReplicaReady(self, request, context):
@@ -236,10 +258,15 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
                 log.warning("%s reported %s unreachable (%s): dropped from %d partitions of "
                             "table_uid %d, map version %d", request.reporter, request.server_id,
                             request.reason, len(keys), request.table_uid, new.version)
+                self.events.add("replica_unreachable", f"{request.reporter} could not "
+                                f"replicate to {request.server_id} ({request.reason}); dropped "
+                                f"from {len(keys)} partitions of table_uid {request.table_uid}")
             return pb.ReportFailureReply(map_version=self._state.version)
 
     def Register(self, request, context):
         with self._lock:
+            if request.server_id not in self._state.servers:
+                self.events.add("info", f"{request.server_id} joined at {request.address}")
             self._commit(self._state.with_server(request.server_id, request.address,
                                                  request.memory_budget_bytes, request.domain))
             # Soft, like stats: a restarted server's metrics port may change, and that is no

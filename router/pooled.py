@@ -86,8 +86,9 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
     for _ in queries:
         hedger.budget.deposit()
     t1 = time.perf_counter()
+    clock = {"fan_out": 0.0, "combine": 0.0}
     await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats,
-                  hedger, model.version)
+                  hedger, model.version, clock)
     t2 = time.perf_counter()
     for w in works.values():
         if model.tables[w.name].spec.pooling == "mean":
@@ -97,7 +98,9 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
     t3 = time.perf_counter()
     for q in queries:
         q.timings = {"batching": t0 - q.arrived if q.arrived else 0.0, "merge": t1 - t0,
-                     "servers": t2 - t1, "pool_split": t3 - t2, "batch_requests": len(queries)}
+                     "fan_out": clock["fan_out"], "combine": clock["combine"],
+                     "servers": max(0.0, t2 - t1 - clock["fan_out"] - clock["combine"]),
+                     "pool_split": t3 - t2, "batch_requests": len(queries)}
     return out
 
 
@@ -133,8 +136,10 @@ def merge(queries: list[Query]):
 
 async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                   transport: ShardTransport, timeout: float, dedup: bool, stats: Stats,
-                  hedger: Hedger, version: int) -> None:
+                  hedger: Hedger, version: int, clock: dict | None = None) -> None:
     """Send each server one RPC with every table's occurrences it holds; add the partial sums.
+    ``clock`` (if given) adds up the seconds spent routing and encoding requests, dedup
+    included (``fan_out``), and adding partial sums (``combine``); the rest is the wait.
     A redirected part is re-routed on a refreshed map; a part whose server failed is re-routed
     to another replica (within the retry budget); a part whose server is slower than its recent
     p95 is hedged to another replica and the first answer wins."""
@@ -148,13 +153,18 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
         table = maps.current()
         model = table.model(model_name, version)     # pinned: sums never mix versions
         rotation = next(stats.rotation)
+        t_route = time.perf_counter()
         per_server = route(pending, model, rotation, frozenset(exclude),
                            avoid=hedger.slow(probe=rotation % PROBE_EVERY == 0))
+        if clock is not None:
+            clock["fan_out"] += time.perf_counter() - t_route
 
         async def send(s: int, items):
             t0 = time.perf_counter()
             req = pb.LookupPooledRequest(map_version=table.version, segments=[
                 segment(model.tables[w.name], w, occ, dedup) for w, occ in items])
+            if clock is not None:
+                clock["fan_out"] += time.perf_counter() - t0
             try:
                 reply = await transport.lookup_pooled(table.addresses[s], req, timeout)
             except ShoalError as e:
@@ -197,6 +207,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                                           for s, items in per_server.items()))
         pending = []
         failed = False
+        t_combine = time.perf_counter()
         for s, items, reply in (x for outcome in outcomes for x in outcome):
             if isinstance(reply, StaleMap):
                 stats.redirects += 1
@@ -222,6 +233,8 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
             for (w, _), sums in zip(items, reply.sums):
                 np.add(w.sums, np.frombuffer(sums.data, np.float32).reshape(w.sums.shape),
                        out=w.sums)
+        if clock is not None:
+            clock["combine"] += time.perf_counter() - t_combine
         if not pending:
             return
         failed_rounds += failed

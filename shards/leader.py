@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Awaitable, Callable
 
 import grpc
 from shoal.errors import ShoalError, StaleMap, Unavailable, from_rpc_error
+from shoal.metrics import REPLICATION_CATCH_UPS, REPLICATION_SECONDS
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import AioStubs
@@ -63,7 +65,7 @@ class Replicator:
 
     async def _send(self, t: Target) -> ShoalError | None:
         """Deliver ``t``'s entries; None once it has them all, else the error."""
-        request = t.request
+        request, t0 = t.request, time.perf_counter()
         for _ in range(CATCH_UP_TRIES):
             try:
                 reply = await self._stubs(t.address).Replicate(request, timeout=self._timeout)
@@ -76,7 +78,9 @@ class Replicator:
                                   f"{diverged.tolist()[:8]} differs from this leader's")
             behind = unpack(reply.behind_partitions, "behind", "int32", 1)
             if not behind.size:
+                REPLICATION_SECONDS.labels(t.server_id).observe(time.perf_counter() - t0)
                 return None
+            REPLICATION_CATCH_UPS.labels(t.server_id).inc()
             seqs = unpack(reply.behind_seqs, "behind_seqs", "int64", 1)
             request = await asyncio.to_thread(self._svc.catch_up_request, request.table_uid,
                                               behind, seqs)

@@ -21,6 +21,7 @@ import numpy as np
 
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.metrics import REPLICATION_LAG_ENTRIES
 from shoal.serving import channel
 from shoal.wire import unpack
 
@@ -102,6 +103,8 @@ class ReplicaBuilder:
             log.warning("building partition %s from %s failed: %s", key, request.source_id, e)
         finally:
             self._svc.building.pop(key, None)
+            with contextlib.suppress(KeyError):   # built or failed: no copy lagging now
+                REPLICATION_LAG_ENTRIES.remove(str(key[0]), str(key[1]))
             with self._lock:
                 self._running.discard(key)
 
@@ -168,6 +171,7 @@ class ReplicaBuilder:
             if reply.attached:
                 return n
             seq, epoch = self._svc.position(uid, p)
+            REPLICATION_LAG_ENTRIES.labels(str(uid), str(p)).set(max(0, reply.head_seq - seq))
             nbytes += sum(len(e.rows.data) for e in reply.entries)
             self._pace(t0, nbytes)
         raise BuildFailed(f"catch-up did not reach the leader's head in {MAX_CATCH_UP_CALLS} "

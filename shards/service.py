@@ -108,7 +108,8 @@ class ShardService(WritePath, ExpertPath):
         self._shadow: set[tuple[int, int]] = set()
         self.split_progress: dict[tuple[int, int], pb.SplitProgress] = {}
         self.last_bulk_write = 0.0     # time.monotonic() of the last Ingest (heap trimming)
-        self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "redirects": 0,
+        self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "rocksdb_reads": 0,
+                          "redirects": 0,
                           "dropped_partitions": 0, "builds_from_snapshot": 0,
                           "builds_caught_up": 0}
 
@@ -334,6 +335,7 @@ class ShardService(WritePath, ExpertPath):
         if not n_cold:
             return table.arena.weight, idx
         self._counters["cold_ids"] += n_cold
+        self._counters["rocksdb_reads"] += 1
         spec = table.spec
         buf = torch.empty((len(ids), spec.dim), dtype=table.arena.dtype)
         hot = np.flatnonzero(~cold)

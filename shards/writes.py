@@ -219,7 +219,9 @@ class WritePath:
             entries, complete = got
             if complete:             # at the head: every later write goes to it too
                 table.attach(request.learner, p)
-        return pb.CatchUpReply(entries=[e.to_proto() for e in entries], attached=complete)
+            head = int(log.seq[p])
+        return pb.CatchUpReply(entries=[e.to_proto() for e in entries], attached=complete,
+                               head_seq=head)
 
     def open_snapshot(self, table_uid: int, partition: int, map_version: int, learner: str):
         """(PartitionSnapshot, seq, epoch): the partition as it is between two writes, and the

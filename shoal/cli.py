@@ -153,6 +153,8 @@ def cmd_status(args) -> int:
     ends = [("coordinator", m.coordinator_metrics_address), ("router", r.metrics_address)] + \
         [(s.server_id, s.metrics_address) for s in m.servers]
     print("metrics (Prometheus): " + ", ".join(f"{n} http://{a}/metrics" for n, a in ends if a))
+    if m.coordinator_metrics_address:
+        print(f"status page: http://{m.coordinator_metrics_address}/")
     return 0
 
 

@@ -13,7 +13,7 @@ import time
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -27,13 +27,31 @@ MODEL_REQUESTS = Counter("shoal_model_requests",
                          "Client requests a router answered, by model, version and RPC",
                          ["model", "version", "rpc", "code"], registry=REGISTRY)
 
+RPC_BYTES = Counter("shoal_rpc_bytes", "Serialized bytes of RPC requests received (in) and "
+                    "replies sent (out), by method", ["role", "method", "direction"],
+                    registry=REGISTRY)
+REPLICATION_SECONDS = Histogram("shoal_replication_seconds", "A leader's wait for one peer to "
+                                "have a write durable (replication is synchronous: this is its "
+                                "lag), by peer", ["peer"], buckets=BUCKETS, registry=REGISTRY)
+REPLICATION_CATCH_UPS = Counter("shoal_replication_catch_ups", "Writes a peer was behind on, "
+                                "resent from the leader's log", ["peer"], registry=REGISTRY)
+REPLICATION_LAG_ENTRIES = Gauge("shoal_replication_lag_entries", "Entries a copy being built "
+                                "here is behind its leader, as of its last catch-up call",
+                                ["table_uid", "partition"], registry=REGISTRY)
+
 _role = "process"
 
 
-def serve_metrics(role: str, host: str = "127.0.0.1", port: int = 0) -> str:
-    """Start this process's /metrics endpoint; its address (host:port)."""
+def set_role(role: str) -> None:
+    """Name this process's role in the RPC metrics' ``role`` label."""
     global _role
     _role = role
+
+
+def serve_metrics(role: str, host: str = "127.0.0.1", port: int = 0) -> str:
+    """Start this process's /metrics endpoint; its address (host:port). (The coordinator serves
+    its metrics beside its status page instead: ``coordinator.status.StatusServer``.)"""
+    set_role(role)
     server, _ = start_http_server(port, addr=host, registry=REGISTRY)
     return f"{host}:{server.server_port}"
 
@@ -42,14 +60,19 @@ def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
 
 
-def _record(method: str, t0: float, context, failed: bool) -> None:
-    """Count one RPC under its status code (an exception with no code set: UNKNOWN)."""
+def _record(method: str, t0: float, context, failed: bool, request, reply) -> None:
+    """Count one RPC under its status code (an exception with no code set: UNKNOWN), and its
+    bytes (``ByteSize`` is a walk of the message's fields, not a copy of its bytes)."""
     code = context.code() if hasattr(context, "code") else None
     name = code.name if isinstance(code, grpc.StatusCode) else "OK"
     if failed and name == "OK":
         name = "UNKNOWN"
     RPC_REQUESTS.labels(_role, method, name).inc()
     RPC_SECONDS.labels(_role, method).observe(time.perf_counter() - t0)
+    if hasattr(request, "ByteSize"):
+        RPC_BYTES.labels(_role, method, "in").inc(request.ByteSize())
+    if hasattr(reply, "ByteSize"):
+        RPC_BYTES.labels(_role, method, "out").inc(reply.ByteSize())
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -66,9 +89,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             try:
                 out = inner(request, context)
             except BaseException:
-                _record(method, t0, context, failed=True)
+                _record(method, t0, context, True, request, None)
                 raise
-            _record(method, t0, context, failed=False)
+            _record(method, t0, context, False, request, out)
             return out
 
         return handler._replace(unary_unary=behavior)
@@ -88,9 +111,9 @@ class AsyncMetricsInterceptor(grpc.aio.ServerInterceptor):
             try:
                 out = await inner(request, context)
             except BaseException:
-                _record(method, t0, context, failed=True)
+                _record(method, t0, context, True, request, None)
                 raise
-            _record(method, t0, context, failed=False)
+            _record(method, t0, context, False, request, out)
             return out
 
         return handler._replace(unary_unary=behavior)
@@ -130,6 +153,11 @@ class ServerCollector:
         yield c("shoal_server_ids", "Ids (or expert tokens) served", s.ids_looked_up)
         yield c("shoal_server_cold_ids", "Ids served from RocksDB, not the memory tier",
                 s.cold_ids)
+        yield c("shoal_server_rocksdb_reads", "Batched reads of cold rows from RocksDB",
+                s.rocksdb_reads)
+        yield g("shoal_server_memory_tier_hit_ratio", "Share of the ids served that the "
+                "memory tier held, since the server started",
+                1.0 - s.cold_ids / s.ids_looked_up if s.ids_looked_up else 1.0)
         yield c("shoal_server_redirects", "Requests refused for a stale map", s.redirects)
         yield c("shoal_server_cpu_seconds", "CPU seconds used", s.cpu_seconds)
         per = CounterMetricFamily("shoal_partition_ids", "Ids (expert tokens) served per "
@@ -144,10 +172,12 @@ class ServerCollector:
 
 class MapCollector:
     """The coordinator's view, read from its shard map when scraped: servers by state,
-    partitions, moves and splits in flight, and bytes held per server."""
+    partitions, moves and splits in flight, bytes held per server, and the load of every
+    partition and expert of the models' tables (the rates the servers' heartbeats imply)."""
 
-    def __init__(self, shard_map):
+    def __init__(self, shard_map, partition_load=None):
         self._map = shard_map                # () -> pb.ShardMap
+        self._load = partition_load          # () -> {(table_uid, partition): ids/s}
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -170,6 +200,24 @@ class MapCollector:
         for s in m.servers:
             held.add_metric([s.server_id], s.stats.raw_bytes)
         yield held
+        if self._load is None:
+            return
+        rates = self._load()
+        tables = GaugeMetricFamily("shoal_partition_load", "Ids looked up per second per "
+                                   "partition", labels=["model", "version", "table", "partition"])
+        experts = GaugeMetricFamily("shoal_expert_load", "Tokens per second per routed expert",
+                                    labels=["model", "version", "layer", "expert"])
+        for md in m.models:
+            layer_of = {x.table: x for x in md.expert_layers}
+            for t in md.tables:                 # control plane: a line per partition
+                x = layer_of.get(t.name)
+                n = x.num_experts if x is not None else t.num_partitions
+                fam, name = (experts, x.name) if x is not None else (tables, t.name)
+                for p in range(n):
+                    fam.add_metric([md.name, str(md.version), name, str(p)],
+                                   rates.get((t.table_uid, p), 0.0))
+        yield tables
+        yield experts
 
 
 STAGE_SECONDS = Histogram("shoal_router_stage_seconds", "Time in each stage of a router "

@@ -91,10 +91,31 @@ def test_counters_equal_the_requests_sent(tmp_path):
                 samples, "shoal_rpc_requests_total", role="server", method="LookupPooled",
                 code="OK")
         assert served == ids_sent
+        # Replication: each leader waited on its peer once per write it sent, no catch-ups,
+        # and the peer counted as many Replicate calls.
+        a, b = (scrape(s.metrics_address) for s in m.servers)
+        ids = [s.server_id for s in m.servers]
+        for mine, other, peer in ((a, b, ids[1]), (b, a, ids[0])):
+            sent = value(mine, "shoal_replication_seconds_count", peer=peer)
+            assert sent == value(other, "shoal_rpc_requests_total", role="server",
+                                 method="Replicate", code="OK") >= 1
+            assert value(mine, "shoal_replication_catch_ups_total", peer=peer) == 0
+        # Bytes in and out: the one WriteRows request held 1000 ids (int64) and 1000 rows.
+        w_in = value(r, "shoal_rpc_bytes_total", role="router", method="WriteRows",
+                     direction="in")
+        assert 1000 * (8 + 32) <= w_in <= 1000 * (8 + 32) + 512, w_in
+        # ... and each OK lookup's reply: 16 pooled float32 rows of 8, plus framing.
+        out = value(r, "shoal_rpc_bytes_total", role="router", method="Lookup", direction="out")
+        assert 25 * 16 * 32 <= out <= 25 * (16 * 32 + 64), out
+        assert all(value(scrape(s.metrics_address), "shoal_server_memory_tier_hit_ratio") == 1
+                   for s in m.servers)
         c = scrape(m.coordinator_metrics_address)
         assert value(c, "shoal_cluster_servers", state="alive") == 2
         assert value(c, "shoal_cluster_partitions") == 4
         assert value(c, "shoal_cluster_moves") == 0
+        loads = [k for k in c if k[0] == "shoal_partition_load"]
+        assert sorted(dict(k[1])["partition"] for k in loads) == ["0", "1", "2", "3"] and \
+            all(dict(k[1])["table"] == "t" for k in loads), loads
         assert value(c, "shoal_rpc_requests_total", role="coordinator", method="Heartbeat",
                      code="OK") > 0
         assert value(c, "shoal_rpc_requests_total", role="coordinator", method="CreateModel",
@@ -140,9 +161,10 @@ def test_a_request_gets_its_trace_and_slow_ones_are_logged(tmp_path):
         t = {}
         kjt = random_kjt(rng, ["f"], [100], 8, 2)
         client.lookup("m", kjt, timings=t)
-        assert set(t) == {"batching", "merge", "servers", "pool_split", "total",
-                          "batch_requests"}
+        assert set(t) == {"batching", "merge", "fan_out", "servers", "combine", "pool_split",
+                          "total", "batch_requests"}
         assert t["batch_requests"] >= 1 and all(v >= 0 for v in t.values())
+        assert t["fan_out"] > 0 and t["combine"] > 0
         assert t["total"] >= t["servers"] > 0
         client.lookup("m", kjt)                     # without asking: timed, nothing sent
         r = scrape(client.status().router.metrics_address)

@@ -140,6 +140,13 @@ def test_hot_experts_get_replicas_under_load(tmp_path):
             before = _measured_imbalance(client, uid, 3.0)
             plan = _wait_for_rates(client)
             assert plan.imbalance_after < plan.imbalance_before
+            # The coordinator's metrics name the same hot experts (per-expert load).
+            from tests.test_metrics import scrape
+            c = scrape(client.status().map.coordinator_metrics_address)
+            load = {dict(k[1])["expert"]: v for k, v in c.items()
+                    if k[0] == "shoal_expert_load" and dict(k[1])["layer"] == "l0"}
+            assert len(load) == E and set(sorted(load, key=load.get)[-2:]) == \
+                set(map(str, hot)), (load, hot)
             applied = client.rebalance_experts("moe")
             (b,) = applied.layers
             assert b.changes and {c.expert for c in b.changes if c.kind == "add"} & set(hot)

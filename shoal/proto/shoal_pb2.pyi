@@ -161,7 +161,7 @@ class ServerInfo(_message.Message):
     def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits")
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits", "rocksdb_reads")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class ServerStats(_message.Message):
     STORED_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     TABLE_LOADS_FIELD_NUMBER: _ClassVar[int]
     SPLITS_FIELD_NUMBER: _ClassVar[int]
+    ROCKSDB_READS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     raw_bytes: int
     resident_bytes: int
@@ -204,7 +205,8 @@ class ServerStats(_message.Message):
     stored_partitions: int
     table_loads: _containers.RepeatedCompositeFieldContainer[TableLoad]
     splits: _containers.RepeatedCompositeFieldContainer[SplitProgress]
-    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ...) -> None: ...
+    rocksdb_reads: int
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ..., rocksdb_reads: _Optional[int] = ...) -> None: ...
 
 class TableLoad(_message.Message):
     __slots__ = ("table_uid", "ids_looked_up")
@@ -859,14 +861,16 @@ class CatchUpRequest(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., after_seq: _Optional[int] = ..., after_epoch: _Optional[int] = ..., learner: _Optional[str] = ..., map_version: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class CatchUpReply(_message.Message):
-    __slots__ = ("entries", "attached", "unavailable")
+    __slots__ = ("entries", "attached", "unavailable", "head_seq")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
     attached: bool
     unavailable: bool
-    def __init__(self, entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., attached: _Optional[bool] = ..., unavailable: _Optional[bool] = ...) -> None: ...
+    head_seq: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., attached: _Optional[bool] = ..., unavailable: _Optional[bool] = ..., head_seq: _Optional[int] = ...) -> None: ...
 
 class BuildReplicaRequest(_message.Message):
     __slots__ = ("table_uid", "partition", "epoch", "source_address", "map_version", "source_id")
