@@ -164,7 +164,7 @@ def check_replicas(m: pb.ShardMap, acked: list[np.ndarray]) -> None:
                 np.testing.assert_array_equal(got, expected_rows(ok))
 
 
-@pytest.mark.parametrize("rounds", [10])
+@pytest.mark.parametrize("rounds", [5])
 def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
     """Each round SIGKILLs a random server under load, waits until the replication factor is
     back (without it), then restarts it (it rejoins with its old copies, which are reused by
