@@ -6,6 +6,7 @@ import logging
 import pathlib
 import threading
 
+from shoal import security
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.proto import shoal_pb2 as pb
@@ -26,6 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(message)s")
     cfg = ShoalConfig.from_json(args.config)
+    security.install(cfg.security)
     data = pathlib.Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     store = SqliteStateStore(data / "state.db")

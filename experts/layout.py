@@ -11,11 +11,15 @@ matrices as views, without a copy. Stored in the layer's dtype (float32 or bfloa
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from embeddings.specs import TableSpec
 from experts.specs import ExpertLayerSpec
+
+if TYPE_CHECKING:        # torch is imported where used: the coordinator needs table_for only
+    import torch
 
 
 def num_partitions(spec: ExpertLayerSpec) -> int:
@@ -39,9 +43,11 @@ def expert_row_ids(spec: ExpertLayerSpec, expert: int) -> np.ndarray:
 
 
 def pack_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """One expert's weights as its rows: [w1; w3; w2.T], [rows_per_expert, d_model], in
-    ``dtype`` (the layer's)."""
+    ``dtype`` (the layer's; default float32)."""
+    import torch
+    dtype = dtype or torch.float32
     parts = [w1] + ([w3] if w3 is not None else []) + [w2.t()]
     return torch.cat([p.to(dtype) for p in parts]).contiguous()
 

@@ -22,14 +22,16 @@ Weights use ``nn.Linear`` layout ``[out, in]``: ``w1`` = gate_proj (or fc1), ``w
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from shoal.errors import InvalidArgument
 
+if TYPE_CHECKING:        # torch is imported where used: the coordinator reads specs only
+    import torch
+
 ACTIVATIONS = ("silu_gated", "gelu")
 GATINGS = ("softmax_renorm", "softmax", "sigmoid_group")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": 4, "bfloat16": 2}        # bytes per element
 MAX_EXPERTS = 4096
 
 
@@ -55,14 +57,14 @@ class ExpertLayerSpec:
         return self.activation == "silu_gated"
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+        return getattr(torch, self.dtype)
 
     @property
     def expert_bytes(self) -> int:
         """Bytes of one routed expert's weights."""
-        return (3 if self.gated else 2) * self.d_model * self.d_ff * \
-            torch.empty(0, dtype=self.torch_dtype).element_size()
+        return (3 if self.gated else 2) * self.d_model * self.d_ff * DTYPES[self.dtype]
 
     def validate(self) -> "ExpertLayerSpec":
         """``self`` if consistent, else InvalidArgument naming the field, value and limit."""
@@ -160,11 +162,13 @@ class ExpertLayerWeights:
         for f, t in kw.items():                     # stored as float32 (bf16 exactly)
             if t is not None and f != "bias":
                 kw[f] = t.to(spec.torch_dtype)
+        import torch
         empty = torch.empty(0)
         return cls(w1=empty, w2=empty, **kw)
 
     def check_dense(self, spec: ExpertLayerSpec) -> "ExpertLayerWeights":
         """As ``check``, for the dense part only (the routed experts live on the servers)."""
+        import torch
         E = spec.num_experts
         shell = ExpertLayerWeights(
             gate=self.gate if self.gate is not None else torch.empty(0),

@@ -13,6 +13,7 @@ import threading
 import grpc
 import torch
 
+from shoal import security
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -26,7 +27,9 @@ from router.transport import GrpcShardTransport
 
 
 async def serve(args) -> None:
-    cfg = ShoalConfig.from_json(args.config).router
+    whole = ShoalConfig.from_json(args.config)
+    security.install(whole.security)
+    cfg = whole.router
     sync_coord = pbg.CoordinatorStub(channel(args.coordinator))
 
     def fetch(known: int):
@@ -36,12 +39,11 @@ async def serve(args) -> None:
 
     maps = MapCache(fetch)
     call_until_up(maps.refresh)
-    coord = pbg.CoordinatorStub(grpc.aio.insecure_channel(args.coordinator,
-                                                          options=GRPC_OPTIONS))
+    coord = pbg.CoordinatorStub(security.aio_channel(args.coordinator, GRPC_OPTIONS))
     from shoal.metrics import serve_metrics
     service = RouterService(cfg, maps, GrpcShardTransport(), coord)
     service.metrics_address = metrics = serve_metrics("router", args.host)
-    server, address = make_aio_server(args.host, args.port)
+    server, address = make_aio_server(args.host, args.port, role="router")
     pbg.add_RouterServicer_to_server(service, server)
     await server.start()
     data = pathlib.Path(args.data_dir)

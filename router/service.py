@@ -12,7 +12,8 @@ import uuid
 import numpy as np
 
 from shoal.config import RouterConfig
-from shoal.errors import InvalidArgument, ShoalError, abort_async, from_rpc_error
+from shoal.errors import (InvalidArgument, ResourceExhausted, ShoalError, abort_async,
+                          from_rpc_error)
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import is_set, pack, to_torch, unpack
@@ -131,7 +132,7 @@ class RouterService(pbg.RouterServicer):
         if total != len(values):
             raise InvalidArgument(f"lengths: sum to {total} but there are {len(values)} values")
         if len(values) > self._cfg.max_ids_per_request:
-            raise InvalidArgument(f"values: {len(values)} ids exceed max_ids_per_request "
+            raise ResourceExhausted(f"values: {len(values)} ids exceed max_ids_per_request "
                                   f"{self._cfg.max_ids_per_request}; split the batch")
         weights = None
         if is_set(r.weights):
@@ -171,7 +172,7 @@ class RouterService(pbg.RouterServicer):
                                       f"{spec.dim}] (one row of table {spec.name!r}'s dim "
                                       f"{spec.dim} per id)")
             if len(ids) > self._cfg.max_ids_per_request:
-                raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+                raise ResourceExhausted(f"ids: {len(ids)} ids exceed max_ids_per_request "
                                       f"{self._cfg.max_ids_per_request}; split the write")
             check_ids(ids, spec, "ids")
             # Duplicate ids: the last row wins, as if written in order.
@@ -200,7 +201,7 @@ class RouterService(pbg.RouterServicer):
             spec = model.table(request.table).spec
             ids = unpack(request.ids, "ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
             if len(ids) > self._cfg.max_ids_per_request:
-                raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+                raise ResourceExhausted(f"ids: {len(ids)} ids exceed max_ids_per_request "
                                       f"{self._cfg.max_ids_per_request}; split the request")
             check_ids(ids, spec, "ids")
             rows = await lookup_rows(request.model, request.table, ids, self._maps,
@@ -221,7 +222,7 @@ class RouterService(pbg.RouterServicer):
             hidden = to_torch(request.hidden, "hidden", spec.dtype, 2)
             check_hidden(spec, hidden, "hidden")
             if hidden.shape[0] > self._cfg.max_moe_tokens:
-                raise InvalidArgument(f"hidden: {hidden.shape[0]} tokens exceed max_moe_tokens "
+                raise ResourceExhausted(f"hidden: {hidden.shape[0]} tokens exceed max_moe_tokens "
                                       f"{self._cfg.max_moe_tokens}; split the batch")
             ids = weights = None
             if is_set(request.expert_ids) or is_set(request.expert_weights):

@@ -16,6 +16,7 @@ import time
 import grpc
 import torch
 
+from shoal import security
 from shoal.config import ShoalConfig
 from shoal.errors import from_rpc_error
 from shoal.proto import shoal_pb2 as pb
@@ -34,7 +35,9 @@ log = logging.getLogger("shard")
 
 
 async def serve(args) -> None:
-    cfg = ShoalConfig.from_json(args.config).server
+    whole = ShoalConfig.from_json(args.config)
+    security.install(whole.security)
+    cfg = whole.server
     sys.setswitchinterval(cfg.gil_switch_interval_s)   # a copy adds little to lookup latency
     data = pathlib.Path(args.data_dir)
     store = RocksRowStore(data, cfg.block_cache_bytes, cfg.sst_threshold_rows)

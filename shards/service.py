@@ -27,7 +27,8 @@ from embeddings.checksum import row_checksums
 from embeddings.partition import partition_of, rows_in_partition
 from embeddings.specs import TableSpec, check_ids
 from shoal.config import ShardServerConfig
-from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable, abort_async
+from shoal.errors import (InvalidArgument, ResourceExhausted, ShoalError, StaleMap, Unavailable,
+                          abort_async)
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import WithTensor, is_set, pack, parse_with_tensor, unpack
@@ -587,7 +588,7 @@ class ShardService(WritePath, ExpertPath):
 
     def _limit(self, n: int) -> None:
         if n > self._cfg.max_ids_per_request:
-            raise InvalidArgument(f"ids: {n} ids exceed max_ids_per_request "
+            raise ResourceExhausted(f"ids: {n} ids exceed max_ids_per_request "
                                   f"{self._cfg.max_ids_per_request}")
 
     def spec(self, table_uid: int) -> TableSpec:

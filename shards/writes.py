@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.errors import InvalidArgument, StaleMap, Unavailable
+from shoal.errors import InvalidArgument, ResourceExhausted, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.serving import trim_heap
 from shoal.wire import pack, unpack
@@ -60,7 +60,7 @@ class WritePath:
             raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
                                   f"{spec.dim}] (one row of dim {spec.dim} per id)")
         if len(ids) > self._cfg.max_ids_per_request:
-            raise InvalidArgument(f"ids: {len(ids)} ids exceed max_ids_per_request "
+            raise ResourceExhausted(f"ids: {len(ids)} ids exceed max_ids_per_request "
                                   f"{self._cfg.max_ids_per_request}")
         if len(np.unique(ids)) != len(ids):
             raise InvalidArgument("ids: must be unique within one write")

@@ -18,9 +18,10 @@ from shoal.serving import RpcClient, channel
 
 
 class Admin(RpcClient):
-    def __init__(self, coordinator_address: str, timeout: float = 30.0):
+    def __init__(self, coordinator_address: str, timeout: float = 30.0, creds=None):
         # wait_for_ready: ride out a coordinator restart
-        super().__init__(coordinator_address, pbg.CoordinatorStub, timeout, wait_for_ready=True)
+        super().__init__(coordinator_address, pbg.CoordinatorStub, timeout, wait_for_ready=True,
+                         creds=creds)
 
     def shard_map(self) -> pb.ShardMap:
         return self._call(self._stub.GetShardMap, pb.GetShardMapRequest()).map
@@ -96,8 +97,8 @@ class Admin(RpcClient):
             time.sleep(0.25)
 
 
-def server_stats(address: str, timeout: float = 10.0) -> pb.ServerStats:
-    ch = channel(address)
+def server_stats(address: str, timeout: float = 10.0, creds=None) -> pb.ServerStats:
+    ch = channel(address, creds)
     try:
         return pbg.ShardServerStub(ch).Stats(pb.StatsRequest(), timeout=timeout)
     except grpc.RpcError as e:
@@ -107,14 +108,15 @@ def server_stats(address: str, timeout: float = 10.0) -> pb.ServerStats:
 
 
 def server_checksums(address: str, table_uid: int, partitions: list[int],
-                     timeout: float = 120.0, recorded: bool = False, scanned: bool = False):
+                     timeout: float = 120.0, recorded: bool = False, scanned: bool = False,
+                     creds=None):
     """(checksums uint64, rows int64) of partitions stored on one server; ``recorded``: from
     their ingest records where those account for them (see ChecksumsRequest); ``scanned``:
     also return, per partition, whether the server read its rows to answer."""
     import numpy as np
 
     from shoal.wire import is_set, unpack
-    ch = channel(address)
+    ch = channel(address, creds)
     try:
         reply = pbg.ShardServerStub(ch).Checksums(pb.ChecksumsRequest(
             table_uid=table_uid, partitions=partitions, recorded=recorded), timeout=timeout)

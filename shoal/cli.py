@@ -103,16 +103,26 @@ def cmd_down(args) -> int:
     return 0
 
 
+def _creds(args):
+    """Credentials from --ca / --cert / --key / --token-file, if any were given."""
+    from shoal.security import Credentials
+    if not any(getattr(args, k, None) for k in ("ca", "cert", "key", "token_file")):
+        return None
+    token = pathlib.Path(args.token_file).read_text().strip() if args.token_file else None
+    return Credentials.from_files(args.ca or "", args.cert or "", args.key or "", token)
+
+
 def _client(args):
     from shoal.client import connect
     from shoal.local import LocalCluster
 
     if args.address:
-        return connect(args.address)
+        return connect(args.address, creds=_creds(args))
     data = _cluster_dir(args)
     if (data / "ray.json").exists():       # no Ray needed: the router's address is enough
-        return connect(json.loads((data / "ray.json").read_text())["router"])
-    return connect(LocalCluster.attach(data).router_address)
+        return connect(json.loads((data / "ray.json").read_text())["router"],
+                       creds=_creds(args))
+    return LocalCluster.attach(data).client(creds=_creds(args))
 
 
 def cmd_status(args) -> int:
@@ -399,6 +409,41 @@ def cmd_demo(args) -> int:
     return demo([])
 
 
+def _credential_flags(p) -> None:
+    g = p.add_argument_group("credentials (a cluster with security on; default: the local "
+                             "cluster's own)")
+    g.add_argument("--ca", help="the cluster's CA certificate (PEM)")
+    g.add_argument("--cert", help="a client certificate (PEM); its OU is the role")
+    g.add_argument("--key", help="the client certificate's key")
+    g.add_argument("--token-file", help="a file holding a bearer token (`shoal token`)")
+
+
+def cmd_certs(args) -> int:
+    from shoal.certs import client_cert, make_certs
+    out = pathlib.Path(args.dir)
+    if args.client:
+        for spec in args.client:
+            name, _, roles = spec.partition(":")
+            pem, key = client_cert(out, name, roles.split(",") if roles else [], args.days)
+            print(f"shoal: client certificate for {name} ({roles}): {pem}, {key}")
+        return 0
+    if (out / "ca.key").exists() and not args.force:
+        sys.exit(f"shoal: {out} already holds a CA (ca.key); --force replaces everything, "
+                 "--client NAME:ROLES adds a client certificate")
+    paths = make_certs(out, args.host, args.days)
+    print(f"shoal: CA, cluster and client certificates (admin, writer, reader) and a token key "
+          f"in {out}")
+    print(f"shoal: start a cluster with them: shoal up --config {paths['config']}")
+    return 0
+
+
+def cmd_token(args) -> int:
+    from shoal.security import make_token
+    key = bytes.fromhex(pathlib.Path(args.key_file).read_text().strip())
+    print(make_token(key, args.name, args.role, ttl_s=args.days * 86400.0))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -422,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir")
         if name != "down":
             p.add_argument("--address", help="a router address instead of the local cluster")
+            _credential_flags(p)
         if name == "status":
             p.add_argument("--partitions", action="store_true", help="list every replica set")
         if name == "models":
@@ -431,6 +477,23 @@ def main(argv: list[str] | None = None) -> int:
                            help="drop a version that is not current, deleting its rows")
         p.set_defaults(fn=fn)
     sub.add_parser("demo", help="run the end-to-end demo").set_defaults(fn=cmd_demo)
+    ce = sub.add_parser("certs", help="create a CA, certificates and a token key for TLS")
+    ce.add_argument("dir")
+    ce.add_argument("--host", action="append", default=[],
+                    help="a host name or IP the cluster's processes serve on (besides loopback)")
+    ce.add_argument("--days", type=int, default=365)
+    ce.add_argument("--client", action="append", metavar="NAME:ROLES",
+                    help="only add a client certificate signed by DIR's CA (roles: query, "
+                         "write, admin, comma-separated)")
+    ce.add_argument("--force", action="store_true")
+    ce.set_defaults(fn=cmd_certs)
+    to = sub.add_parser("token", help="issue a bearer token signed with the cluster's key")
+    to.add_argument("--key-file", required=True, help="the cluster's token.key")
+    to.add_argument("--name", required=True)
+    to.add_argument("--role", action="append", required=True,
+                    choices=["query", "write", "admin"])
+    to.add_argument("--days", type=float, default=365.0)
+    to.set_defaults(fn=cmd_token)
     rs = sub.add_parser("resize", help="grow or shrink the local cluster while it serves")
     rs.add_argument("--servers", type=int, required=True)
     rs.add_argument("--dry-run", action="store_true")
@@ -456,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--seconds", type=float, default=5.0, help="the window measured")
     co.add_argument("--data-dir")
     co.add_argument("--address", help="a router address instead of the local cluster")
+    _credential_flags(co)
     co.set_defaults(fn=cmd_cost)
     ex = sub.add_parser("experts", help="expert load per layer; give hot experts replicas")
     ex.add_argument("model", nargs="?", default="")
@@ -463,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--rebalance", action="store_true", help="apply the plan now")
     ex.add_argument("--data-dir")
     ex.add_argument("--address", help="a router address instead of the local cluster")
+    _credential_flags(ex)
     ex.set_defaults(fn=cmd_experts)
     sub.add_parser("cancel", help="cancel the moves in flight").set_defaults(fn=cmd_cancel)
     sp = sub.add_parser("split", help="double a table's partition count while it serves")
@@ -482,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--no-current", action="store_true", help="leave it ready, not current")
     ld.add_argument("--resume", action="store_true", help="finish a loading version: rewrite only partitions not already complete on every replica")
     ld.add_argument("--address", help="a router address instead of the local cluster")
+    _credential_flags(ld)
     ld.set_defaults(fn=cmd_load)
     au = sub.add_parser("autoscale", help="let the coordinator resize the cluster by load")
     au.add_argument("--min", type=int)

@@ -36,9 +36,12 @@ def _np(x) -> np.ndarray:
 
 
 class Client(RpcClient):
-    def __init__(self, address: str, timeout: float = 120.0):
+    def __init__(self, address: str, timeout: float = 120.0, creds=None):
+        """``creds``: a ``shoal.security.Credentials`` (TLS files and / or a bearer token) for a
+        cluster with security on; also used for the loader's direct calls to servers."""
         tune_malloc()
-        super().__init__(address, pbg.RouterStub, timeout)
+        self.credentials = creds
+        super().__init__(address, pbg.RouterStub, timeout, creds=creds)
 
     # ------------------------------------------------------------ models
     def create_model(self, name: str, tables: Iterable = (), replication: int = 0,
@@ -236,8 +239,10 @@ class Client(RpcClient):
         return self.update_version(model, md.version, ready=True, make_current=True)
 
 
-def connect(address: str, timeout: float = 120.0) -> Client:
-    return Client(address, timeout)
+def connect(address: str, timeout: float = 120.0, creds=None) -> Client:
+    """A client of the router at ``address``; ``creds`` (``shoal.security.Credentials``) where
+    the cluster has TLS or tokens on."""
+    return Client(address, timeout, creds)
 
 
 def _dense_np(t) -> np.ndarray:

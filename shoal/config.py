@@ -41,8 +41,8 @@ class ShardServerConfig:
 class RouterConfig:
     batch_window_ms: float = 1.0            # merge concurrent lookups arriving within this window
     max_batch_ids: int = 400_000            # stop merging once a batch has this many ids
-    max_ids_per_request: int = 1_000_000    # per client request; more is INVALID_ARGUMENT
-    max_moe_tokens: int = 65_536            # tokens per moe_forward request; more is INVALID_ARGUMENT
+    max_ids_per_request: int = 1_000_000    # per client request; more is RESOURCE_EXHAUSTED
+    max_moe_tokens: int = 65_536            # tokens per moe_forward request; more is RESOURCE_EXHAUSTED
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
     hedge: bool = True                      # send a slow read to a second replica too
@@ -76,10 +76,26 @@ class CoordinatorConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """TLS, authentication and limits, the same for every process of a cluster (see
+    ``shoal.security``). All empty: plaintext and no authentication, loopback only."""
+    tls_ca_file: str = ""                   # the CA that signs every certificate of the cluster
+    tls_cert_file: str = ""                 # this process's certificate (OU=cluster) ...
+    tls_key_file: str = ""                  # ... and its private key
+    client_certs: bool = True               # the router requires client certificates (False:
+                                            # TLS for the server only; callers bring a token)
+    token_key_file: str = ""                # hex HMAC key that signs bearer tokens ("": none)
+    max_message_bytes: int = MAX_MESSAGE_BYTES   # largest request a process accepts
+    max_concurrent_requests: int = 4096     # calls in flight per process; more: RESOURCE_EXHAUSTED
+    require_deadline: bool = False          # refuse calls that set no deadline
+
+
+@dataclass(frozen=True)
 class ShoalConfig:
     server: ShardServerConfig = field(default_factory=ShardServerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -87,13 +103,14 @@ class ShoalConfig:
     @classmethod
     def from_json(cls, text: str) -> "ShoalConfig":
         raw = json.loads(text) if text else {}
-        unknown = set(raw) - {"server", "router", "coordinator"}
+        unknown = set(raw) - {"server", "router", "coordinator", "security"}
         if unknown:
             raise ValueError(f"config: unknown sections {sorted(unknown)} "
-                             "(allowed: server, router, coordinator)")
+                             "(allowed: server, router, coordinator, security)")
         return cls(server=_build(ShardServerConfig, raw.get("server", {}), "server"),
                    router=_build(RouterConfig, raw.get("router", {}), "router"),
-                   coordinator=_build(CoordinatorConfig, raw.get("coordinator", {}), "coordinator"))
+                   coordinator=_build(CoordinatorConfig, raw.get("coordinator", {}), "coordinator"),
+                   security=_build(SecurityConfig, raw.get("security", {}), "security"))
 
     def replace(self, **sections) -> "ShoalConfig":
         """Return a copy with whole sections or ``section__field`` values replaced."""

@@ -31,6 +31,13 @@ class NotFound(ShoalError):
         super().__init__(grpc.StatusCode.NOT_FOUND, message)
 
 
+class ResourceExhausted(ShoalError):
+    """A request over a configured limit (ids, tokens, message bytes, calls in flight)."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
 class StaleMap(ShoalError):
     """The request was routed with a shard map older (or newer) than the server's.
 
@@ -78,5 +85,6 @@ def from_rpc_error(e: grpc.RpcError) -> ShoalError:
             return StaleMap(details or "", int(md[MAP_VERSION_KEY]),
                             int(epoch) if epoch is not None else None)
     cls = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: NotFound,
+           grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
            grpc.StatusCode.UNAVAILABLE: Unavailable}.get(code)
     return cls(details or "") if cls else ShoalError(code, details or "")

@@ -365,7 +365,7 @@ class Sink:
         from shoal.serving import channel
         address = next(s.address for s in self._map.servers if s.server_id == server)
         if address not in self._channels:
-            self._channels[address] = channel(address)
+            self._channels[address] = channel(address, self._client.credentials)
         return self._channels[address].unary_unary(   # takes the request already serialised
             self.INGEST, request_serializer=None, response_deserializer=pb.IngestReply.FromString)
 
@@ -421,7 +421,8 @@ def _mismatches(client, md: pb.ModelSpec, source, strict: bool = False) -> dict[
                 by_server.setdefault(s, []).append(rs.partition)
         for s, parts in sorted(by_server.items()):
             try:
-                sums, rows = server_checksums(addresses[s], t.table_uid, parts, recorded=True)
+                sums, rows = server_checksums(addresses[s], t.table_uid, parts, recorded=True,
+                                              creds=client.credentials)
             except ShoalError:
                 if strict:
                     raise

@@ -113,9 +113,17 @@ class LocalCluster:
     def coordinator_address(self) -> str:
         return self.coordinator.address
 
-    def client(self, timeout: float = 120.0):
+    @property
+    def credentials(self):
+        """The operator's credentials (``shoal.security.Credentials``) for a cluster with
+        security on: the cluster's own certificate (role cluster) and / or a token signed with
+        its key; None when security is off."""
+        from shoal.security import operator_credentials
+        return operator_credentials(self.config.security)
+
+    def client(self, timeout: float = 120.0, creds=None):
         from shoal.client import Client
-        return Client(self.router_address, timeout)
+        return Client(self.router_address, timeout, creds or self.credentials)
 
     def server(self, server_id: str) -> ProcessHandle:
         for h in self.servers:
@@ -156,7 +164,7 @@ class LocalCluster:
     # ------------------------------------------------------------ resizing
     def admin(self):
         from shoal.admin import Admin
-        return Admin(self.coordinator_address)
+        return Admin(self.coordinator_address, creds=self.credentials)
 
     def add_server(self) -> ProcessHandle:
         """Start one more shard server (a fresh id and data folder); it joins empty. Call
@@ -193,7 +201,7 @@ class LocalCluster:
                                                                 server_id in rs.learners
                                                                 for rs in m.partitions))
             deadline = time.monotonic() + 30
-            while (last := server_stats(h.address)).map_version < done.version or \
+            while (last := server_stats(h.address, creds=self.credentials)).map_version < done.version or \
                     last.partitions or last.stored_partitions:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{server_id} still stores {last.stored_partitions} "

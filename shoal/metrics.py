@@ -27,6 +27,11 @@ MODEL_REQUESTS = Counter("shoal_model_requests",
                          "Client requests a router answered, by model, version and RPC",
                          ["model", "version", "rpc", "code"], registry=REGISTRY)
 
+RPC_IN_FLIGHT = Gauge("shoal_rpc_in_flight", "Calls admitted and not yet answered",
+                      ["role"], registry=REGISTRY)
+RPC_DENIED = Counter("shoal_rpc_denied", "Calls refused by the access check, by method and "
+                     "code (UNAUTHENTICATED, PERMISSION_DENIED)", ["method", "code"],
+                     registry=REGISTRY)
 RPC_BYTES = Counter("shoal_rpc_bytes", "Serialized bytes of RPC requests received (in) and "
                     "replies sent (out), by method", ["role", "method", "direction"],
                     registry=REGISTRY)
@@ -40,6 +45,10 @@ REPLICATION_LAG_ENTRIES = Gauge("shoal_replication_lag_entries", "Entries a copy
                                 ["table_uid", "partition"], registry=REGISTRY)
 
 _role = "process"
+
+
+def role() -> str:
+    return _role
 
 
 def set_role(role: str) -> None:

@@ -183,13 +183,19 @@ class RayCluster:
     def coordinator_address(self) -> str:
         return self.coordinator["address"]
 
-    def client(self, timeout: float = 120.0):
+    @property
+    def credentials(self):
+        """As ``LocalCluster.credentials``: the cluster's own, where security is on."""
+        from shoal.security import operator_credentials
+        return operator_credentials(self.config.security)
+
+    def client(self, timeout: float = 120.0, creds=None):
         from shoal.client import Client
-        return Client(self.router_address, timeout)
+        return Client(self.router_address, timeout, creds or self.credentials)
 
     def admin(self):
         from shoal.admin import Admin
-        return Admin(self.coordinator_address)
+        return Admin(self.coordinator_address, creds=self.credentials)
 
     def server(self, server_id: str) -> dict:
         for s in self.servers:

@@ -17,6 +17,7 @@ from concurrent import futures
 
 import grpc
 
+from shoal import security
 from shoal.config import MAX_MESSAGE_BYTES
 from shoal.errors import from_rpc_error
 
@@ -91,21 +92,6 @@ def trim_heap() -> None:
         pass
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
-    """The one place where callers are admitted or refused (authentication, roles and limits
-    will live here). Today it admits every caller."""
-
-    def intercept_service(self, continuation, handler_call_details):
-        return continuation(handler_call_details)
-
-
-class AsyncAccessInterceptor(grpc.aio.ServerInterceptor):
-    """``AccessInterceptor`` for asyncio servers (the router)."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        return await continuation(handler_call_details)
-
-
 class RequestParsers(grpc.aio.ServerInterceptor):
     """Parses the requests of some methods (full names) with other deserializers than the
     generated ones: bulk methods whose tensors stay in the received bytes
@@ -122,53 +108,69 @@ class RequestParsers(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=parse)
 
 
-def make_aio_server(host: str = "127.0.0.1", port: int = 0,
-                    parsers: dict | None = None) -> tuple[grpc.aio.Server, str]:
-    """An asyncio gRPC server bound to host:port. Create it inside the running loop.
-    ``parsers``: request deserializers by full method name (``RequestParsers``)."""
+def _server_options() -> list:
+    """Channel options of a serving port: the receive limit is the installed security's."""
+    limit = security.installed().config.max_message_bytes
+    return [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"] + \
+        [("grpc.max_receive_message_length", limit)]
+
+
+def make_aio_server(host: str = "127.0.0.1", port: int = 0, parsers: dict | None = None,
+                    role: str = "server") -> tuple[grpc.aio.Server, str]:
+    """An asyncio gRPC server bound to host:port, behind the access check (``shoal.security``)
+    and the metrics. Create it inside the running loop. ``parsers``: request deserializers by
+    full method name (``RequestParsers``)."""
     from shoal.metrics import AsyncMetricsInterceptor
     tune_malloc()
-    interceptors = [AsyncAccessInterceptor(), AsyncMetricsInterceptor()] + \
+    interceptors = [security.AsyncAccessInterceptor(), AsyncMetricsInterceptor()] + \
         ([RequestParsers(parsers)] if parsers else [])
-    server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options())
+    bound = security.add_port(server, host, port, role)
     return server, f"{host}:{bound}"
 
 
-def make_server(threads: int, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, str]:
-    """A gRPC server bound to host:port (port 0: a free one). Returns it and its address."""
+def make_server(threads: int, host: str = "127.0.0.1", port: int = 0,
+                role: str = "coordinator") -> tuple[grpc.Server, str]:
+    """A gRPC server bound to host:port (port 0: a free one), behind the access check and the
+    metrics. Returns it and its address."""
     from shoal.metrics import MetricsInterceptor
     tune_malloc()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-                         interceptors=[AccessInterceptor(), MetricsInterceptor()],
-                         options=GRPC_OPTIONS)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+                         interceptors=[security.AccessInterceptor(), MetricsInterceptor()],
+                         options=_server_options())
+    bound = security.add_port(server, host, port, role)
     return server, f"{host}:{bound}"
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def channel(address: str, creds: "security.Credentials | None" = None) -> grpc.Channel:
+    """A channel to a Shoal process with ``creds`` (default: this process's own)."""
+    return security.channel(address, GRPC_OPTIONS, creds)
 
 
 class RpcClient:
     """A synchronous stub on its own channel; every failure is raised as a ShoalError."""
 
-    def __init__(self, address: str, stub_class, timeout: float, wait_for_ready: bool = False):
+    def __init__(self, address: str, stub_class, timeout: float, wait_for_ready: bool = False,
+                 creds: "security.Credentials | None" = None):
         self.address = address
         self._timeout = timeout
         self._wait = wait_for_ready
-        self._channel = channel(address)
+        self._channel = channel(address, creds)
+        self._creds = creds
         self._stub = stub_class(self._channel)
 
     def _call(self, method, request):
         try:
             return method(request, timeout=self._timeout, wait_for_ready=self._wait)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            err = from_rpc_error(e)
+            c = self._creds
+            if err.code == grpc.StatusCode.UNAVAILABLE and c is not None and c.ca and \
+                    not c.cert and "Socket closed" in err.message:
+                err = type(err)(err.message + f" (the TLS handshake with {self.address} was "
+                                "refused: it requires a client certificate signed by the "
+                                "cluster's CA; give one, e.g. --cert/--key)")
+            raise err from None
 
     def close(self) -> None:
         self._channel.close()
@@ -191,7 +193,7 @@ class AioStubs:
         stub = self._stubs.get(address)
         if stub is None:
             stub = self._stubs[address] = self._cls(
-                grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+                security.aio_channel(address, GRPC_OPTIONS))
         return stub
 
 

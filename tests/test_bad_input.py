@@ -24,6 +24,7 @@ from shoal.wire import pack
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 MODEL = "bad_input"
 N = 1000
 DIMS = {"t32": 8, "t16": 4, "tnone": 4}
@@ -543,17 +544,17 @@ def test_max_ids_per_request(small):
     ok = cl.lookup("lim", kjt(["f"], list(range(100)), [60, 40]))          # exactly the limit
     np.testing.assert_array_equal(ok.values().numpy(),
                                   np.stack([rows[:60].sum(0), rows[60:100].sum(0)]))
-    with expect(INVALID, "values", "101 ids exceed max_ids_per_request 100", "split"):
+    with expect(EXHAUSTED, "values", "101 ids exceed max_ids_per_request 100", "split"):
         cl.lookup("lim", kjt(["f"], list(range(101)), [60, 41]))
     np.testing.assert_array_equal(cl.lookup_rows("lim", "t", np.arange(100)).numpy(), rows[:100])
-    with expect(INVALID, "ids", "101 ids exceed max_ids_per_request 100"):
+    with expect(EXHAUSTED, "ids", "101 ids exceed max_ids_per_request 100"):
         cl.lookup_rows("lim", "t", np.arange(101))
     assert all(alive(p) for p in all_pids(c))
 
 
 def test_max_ids_per_request_write(small):
     c, cl, rows = small
-    with expect(INVALID, "ids", "101 ids exceed max_ids_per_request 100"):
+    with expect(EXHAUSTED, "ids", "101 ids exceed max_ids_per_request 100"):
         cl.write_rows("lim", "t", np.arange(101), rows[:101])
 
 
