@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--dedup", action="store_true", help="router sends unique ids + inverse")
     ap.add_argument("--window-ms", type=float, default=None)
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="memory tier on transparent huge pages (server.arena_huge_pages)")
     ap.add_argument("--name", default="lookup", help="results file: bench/results/NAME.json")
     ap.add_argument("--data-dir", default=None, help="keep the cluster's data and logs here")
     args = ap.parse_args()
@@ -126,7 +128,8 @@ def main() -> int:
     print(f"torchrec EBC in-process, 1 thread: {before['ids_per_s'] / 1e6:.2f} M ids/s, "
           f"p50 {before['p50_ms']:.2f} ms, p99 {before['p99_ms']:.2f} ms", flush=True)
 
-    cfg = shoal.ShoalConfig().replace(router__dedup_pooled=args.dedup)
+    cfg = shoal.ShoalConfig().replace(router__dedup_pooled=args.dedup,
+                                      server__arena_huge_pages=args.huge_pages)
     if args.window_ms is not None:
         cfg = cfg.replace(router__batch_window_ms=args.window_ms)
     with shoal.LocalCluster(servers=args.servers, replication=args.replication,

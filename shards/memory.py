@@ -7,6 +7,7 @@ one ``embedding_bag`` call. No Python object exists per row.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 
@@ -25,14 +26,17 @@ class TableArena:
     not RAM. Partition ``p`` always lives at slot ``p``, so making partitions resident or not
     never copies rows; releasing one hands its pages back to the OS."""
 
-    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, num_partitions: int):
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, num_partitions: int,
+                 huge_pages: bool = False):
+        """``huge_pages``: back the arena with transparent huge pages (see ``allocate``)."""
         self.num_partitions = num_partitions
         self.rows_per_partition = -(-num_embeddings // num_partitions)
         self.dim = dim
         self.dtype = dtype
         self.slot = np.full(num_partitions, -1, dtype=np.int64)
-        self.weight = torch.from_numpy(np.zeros((num_partitions * self.rows_per_partition, dim),
-                                                dtype=NP_DTYPES[dtype])).view(dtype)
+        shape = (num_partitions * self.rows_per_partition, dim)
+        self._memory, arr = allocate(shape, NP_DTYPES[dtype], huge_pages)
+        self.weight = torch.from_numpy(arr).view(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +90,26 @@ class TableArena:
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MADV_DONTNEED = 4
+
+
+def allocate(shape: tuple, dtype, huge_pages: bool):
+    """(owner, zeroed array) from an anonymous mapping: pages are mapped when first written.
+    NumPy asks for transparent huge pages for any large array (MADV_HUGEPAGE); here that is the
+    caller's choice, and small pages are the default. Measured on this VM, whose host takes
+    back memory the guest frees (free page reporting), filling 2 GiB of memory freed a while
+    before: 7.2-7.7 s of CPU on huge pages, 1.1-1.8 s on 4 KiB pages; lookups were the same
+    on both (README, "Loading a checkpoint")."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return None, np.zeros(shape, dtype)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
+    if advice is not None:
+        try:
+            mm.madvise(advice)
+        except OSError:              # a kernel without THP: small pages either way
+            pass
+    return mm, np.frombuffer(mm, dtype=dtype).reshape(shape)
 
 
 def _madvise(addr: int, length: int) -> bool:

@@ -174,7 +174,7 @@ class ShardService(WritePath, ExpertPath):
             table = self._tables.get(uid)
             if table is None:
                 arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
-                                   spec.num_partitions)
+                                   spec.num_partitions, self._cfg.arena_huge_pages)
                 seq, epoch = self._store.read_positions(uid, spec.num_partitions)
                 table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena,
                                   ReplicationLog(seq, epoch, log_bytes))

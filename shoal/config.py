@@ -15,6 +15,8 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 class ShardServerConfig:
     memory_budget_bytes: int = 8 << 30      # dense memory tier; partitions past it stay cold
     block_cache_bytes: int = 64 << 20       # RocksDB block cache for cold reads
+    arena_huge_pages: bool = False          # memory tier on transparent huge pages (see
+                                            # shards.memory.allocate)
     heartbeat_interval_s: float = 0.5
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
     max_ids_per_request: int = 4_000_000

@@ -989,3 +989,28 @@ def test_rebuild_adds_learners_then_promotes_them():
     assert list(done.replicas) == list(rs.replicas) + [rs.learners[0]]
     assert not done.learners and done.epoch == rs.epoch + 1
     assert reply.map_version == svc.shard_map().version
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_arena_pages_are_small_unless_asked(huge):
+    """The arena's mapping is advised for 4 KiB pages (or huge ones), as the kernel reports it
+    in /proc/self/smaps; it starts zeroed and maps pages only when written."""
+    import pathlib
+    arena = TableArena(1 << 16, 64, torch.float32, 4, huge_pages=huge)   # 16 MiB
+    assert float(arena.weight.abs().sum()) == 0.0
+    start = arena.weight.data_ptr()
+    smaps = pathlib.Path("/proc/self/smaps")
+    if not smaps.exists():
+        pytest.skip("no /proc/self/smaps here")
+    import re
+    fields, inside = {}, False
+    for ln in smaps.read_text().splitlines():
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", ln)
+        if m:
+            inside = int(m.group(1), 16) <= start < int(m.group(2), 16)
+        elif inside:
+            k, _, v = ln.partition(":")
+            fields[k] = v.strip()
+    flags = fields["VmFlags"].split()
+    assert ("nh" in flags) != huge and ("hg" in flags) == huge, flags
+    assert int(fields["Rss"].split()[0]) < 1024        # KiB: nothing written yet
