@@ -406,7 +406,7 @@ def cmd_cost(args) -> int:
 
 def cmd_demo(args) -> int:
     from shoal.demo import main as demo
-    return demo([])
+    return demo(args.demo_args)
 
 
 def _credential_flags(p) -> None:
@@ -445,6 +445,10 @@ def cmd_token(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from shoal.demo import main as demo
+        return demo(argv[1:])
     ap = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a local cluster in the background")
@@ -476,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--drop", nargs=2, metavar=("MODEL", "VERSION"),
                            help="drop a version that is not current, deleting its rows")
         p.set_defaults(fn=fn)
-    sub.add_parser("demo", help="run the end-to-end demo").set_defaults(fn=cmd_demo)
+    # `shoal demo [OPTIONS]` hands its options to the demo (see main's first lines).
+    sub.add_parser("demo", help="run the end-to-end demo (shoal demo --help: its options)",
+                   add_help=False).set_defaults(fn=cmd_demo, demo_args=[])
     ce = sub.add_parser("certs", help="create a CA, certificates and a token key for TLS")
     ce.add_argument("dir")
     ce.add_argument("--host", action="append", default=[],

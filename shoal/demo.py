@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds into the queries to SIGKILL a shard server (-1: never)")
     ap.add_argument("--no-resize", action="store_true",
                     help="skip adding a server and splitting a table under the queries")
+    ap.add_argument("--plaintext", action="store_true",
+                    help="no TLS and no roles (the default runs with both, from `shoal certs`)")
     args = ap.parse_args(argv)
     if args.kill_at is not None and args.kill_at < 0:
         args.kill_at = None
@@ -55,14 +57,31 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [t.num_embeddings for t in tables]
     step = lambda msg: print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
 
-    step(f"starting a local cluster: {args.servers} shard servers, replication "
-         f"{args.replication}, a coordinator and a router")
     # A short lease so the demo shows a failover in seconds (the default is 5 s).
     config = shoal.ShoalConfig().replace(coordinator__lease_s=2.0,
                                          server__heartbeat_interval_s=0.25)
+    certs = None
+    if not args.plaintext:
+        import tempfile
+
+        from shoal.certs import make_certs
+        certs = tempfile.mkdtemp(prefix="shoal-demo-certs-")
+        paths = make_certs(certs)
+        config = shoal.ShoalConfig.from_json(open(paths["config"]).read()).replace(
+            coordinator=config.coordinator, server=config.server,
+            security__client_certs=False)      # query clients below come with a token only
+    step(f"starting a local cluster: {args.servers} shard servers, replication "
+         f"{args.replication}, a coordinator and a router" +
+         ("" if certs is None else "; TLS on every port, mutual TLS between them, roles "
+                                   "checked on every call"))
     with shoal.LocalCluster(servers=args.servers, replication=args.replication,
                             config=config) as cluster:
-        client = shoal.connect(cluster.router_address)
+        client = cluster.client()                  # the operator: the cluster's own files
+        query_creds = _query_credentials(certs, step) if certs else None
+        if certs:
+            _show_refusals(cluster, query_creds, step)
+        step(f"status page: http://{client.status().map.coordinator_metrics_address}/ (live "
+             "while the demo runs; `shoal status` lists every process's /metrics)")
         ckpt = os.path.join(str(cluster.data_dir), "checkpoint")
         t0 = time.monotonic()
         _save_checkpoint(oracle, ckpt)
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{res.seconds:.1f}s ({res.bytes / 2**20 / res.seconds:.0f} MiB/s), every replica "
              "verified against it; version 1 is current")
 
-        moe = _MoeQueries(cluster.router_address)
+        moe = _MoeQueries(cluster.router_address, creds=query_creds)
         client.put_expert_layers("mixtral", [(moe.spec, moe.weights)])
         step(f"registered MoE model 'mixtral': 1 layer of {moe.spec.num_experts} experts, "
              f"top-{moe.spec.top_k}, d_model {moe.spec.d_model}, d_ff {moe.spec.d_ff} (each "
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def worker(seed: int) -> None:
             rng = np.random.default_rng(seed)
-            c = shoal.connect(cluster.router_address)
+            c = shoal.connect(cluster.router_address, creds=query_creds)
             while not stop.is_set():
                 kjt = random_kjt(rng, features, sizes, args.batch, args.bag)
                 t = time.perf_counter()
@@ -153,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    server {s.server_id} ({s.state}): {s.stats.partitions} partitions, "
                   f"{s.stats.raw_bytes / 2**20:.0f} MiB of rows, RSS "
                   f"{s.stats.rss_bytes / 2**20:.0f} MiB, {s.stats.ids_looked_up:,} ids served")
+        print(f"    metrics: {_counted(st.router.metrics_address)}")
         client.close()
+    if certs:
+        import shutil
+        shutil.rmtree(certs, ignore_errors=True)
     ok = not errors and max_diff[0] < 1e-4 and len(lat) > 0 and moe.passed
     step("stopped the cluster. " + ("OK: every answer matched torchrec and the local MoE "
                                     "layer." if ok
@@ -161,13 +184,65 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def _query_credentials(certs: str, step):
+    """A query-role bearer token for the demo's query clients, signed with the cluster's key."""
+    from shoal.security import Credentials, make_token
+    key = bytes.fromhex(open(os.path.join(certs, "token.key")).read().strip())
+    step(f"issued a query-role token (`shoal token`); the query clients use it over TLS "
+         f"(certificates in {certs})")
+    return Credentials.from_files(os.path.join(certs, "ca.pem"),
+                                  token=make_token(key, "demo-queries", ["query"]))
+
+
+def _show_refusals(cluster, query_creds, step) -> None:
+    """What the roles refuse: a write with the query token, a call with no credentials."""
+    import shoal
+    from shoal.security import Credentials
+    c = shoal.connect(cluster.router_address, 10, query_creds)
+    try:
+        c.create_model("intruder", [])
+        said = "was ALLOWED (wrong)"
+    except shoal.ShoalError as e:
+        said = f"was refused: {e.code.name}"
+    c.close()
+    anon = shoal.connect(cluster.router_address, 10,
+                         Credentials(ca=query_creds.ca))       # TLS, but no token
+    try:
+        anon.status()
+        said2 = "was ALLOWED (wrong)"
+    except shoal.ShoalError as e:
+        said2 = f"was refused: {e.code.name}"
+    anon.close()
+    step(f"a query-role client's CreateModel {said}; a call without credentials {said2}")
+
+
+def _counted(address: str) -> str:
+    """The router's own request counters, read from its Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        return f"unreadable ({e})"
+    by = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "shoal_model_requests_total":
+                key = (smp.labels["model"], smp.labels["rpc"], smp.labels["code"])
+                by[key] = by.get(key, 0) + smp.value
+    return "; ".join(f"{m} {rpc} {code}: {int(v):,}" for (m, rpc, code), v in sorted(by.items())
+                     if rpc in ("Lookup", "MoeForward")) + f" (http://{address}/metrics)"
+
+
 class _MoeQueries:
     """A client calling ``moe_forward`` on one Mixtral-style layer, checking every answer
     against the layer computed in this process with the same weights."""
 
-    def __init__(self, address: str, tokens: int = 128):
+    def __init__(self, address: str, tokens: int = 128, creds=None):
         from experts.specs import ExpertLayerSpec, ExpertLayerWeights
-        self.address, self.tokens = address, tokens
+        self.address, self.tokens, self.creds = address, tokens, creds
         self.spec = ExpertLayerSpec("l0", num_experts=8, d_model=64, d_ff=128, top_k=2)
         g = torch.Generator().manual_seed(7)
         E, d, f = 8, 64, 128
@@ -184,7 +259,7 @@ class _MoeQueries:
     def run(self, stop: threading.Event) -> None:
         import shoal
         from experts.compute import moe_forward_local
-        c = shoal.connect(self.address)
+        c = shoal.connect(self.address, creds=self.creds)
         g = torch.Generator().manual_seed(8)
         while not stop.is_set():
             x = torch.randn(self.tokens, self.spec.d_model, generator=g)

@@ -3,6 +3,8 @@ server's replicas rebuilt, a server added and a table split while the queries ra
 MoE answer matching the layer computed locally."""
 from __future__ import annotations
 
+import re
+
 from shoal.demo import main
 
 
@@ -16,6 +18,12 @@ def test_demo_small(capsys):
     assert "every partition back to 2 replicas" in out
     assert "added s3 and moved" in out and "t_cat_0 split to" in out
     assert "OK: every answer matched torchrec and the local MoE layer." in out
-    import re
+    # Security on: the query token may not write, and no credentials get nothing.
+    assert "TLS on every port" in out
+    assert "CreateModel was refused: PERMISSION_DENIED" in out
+    assert "a call without credentials was refused: UNAUTHENTICATED" in out
+    # The router's Prometheus counters equal the queries the clients counted.
+    answered = re.search(r"queries answered: ([\d,]+) \(0 failed\)", out)
+    assert answered and f"dlrm Lookup OK: {answered.group(1)}" in out, out
     moe = re.search(r"moe_forward: +([\d,]+) requests of 128 tokens answered \(0 failed\)", out)
     assert moe and int(moe.group(1).replace(",", "")) > 0, out
