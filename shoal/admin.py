@@ -17,6 +17,48 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import RpcClient, channel
 
 
+class Elastic:
+    """What every backend (``LocalCluster``, ``RayCluster``) does the same way on top of its own
+    ``add_server()``, ``remove_server(id, timeout, progress)``, ``server_ids()``, ``admin()``
+    and ``replication``: rebalance, and resize by adding servers or draining the newest."""
+
+    def rebalance(self, wait: bool = True, timeout: float = 600.0, progress=None):
+        """Plan and start moves that even out the servers; wait for them unless told not to."""
+        with self.admin() as admin:
+            reply = admin.rebalance()
+            if wait:
+                admin.wait_for_moves(timeout, progress)
+            return reply
+
+    def resize(self, servers: int, timeout: float = 600.0, progress=None) -> None:
+        """Grow or shrink to ``servers`` shard servers while the cluster serves: new servers
+        are started and partitions moved onto them; removed ones (the newest first) are
+        drained, all in one plan, then stopped."""
+        if servers < max(1, self.replication):
+            raise ValueError(f"servers: {servers} is fewer than the replication factor "
+                             f"{self.replication}")
+        while len(self.server_ids()) < servers:
+            self.add_server()
+        leaving = sorted(self.server_ids(), key=lambda s: int(s[1:]))[servers:]
+        if not leaving:
+            self.rebalance(True, timeout, progress)
+            return
+        with self.admin() as admin:
+            for s in leaving:
+                admin.drain(s)
+        for s in leaving:
+            self.remove_server(s, timeout, progress)
+
+    @staticmethod
+    def _drained(admin: "Admin", server_id: str, timeout: float, progress) -> pb.ShardMap:
+        """Drain ``server_id`` and wait until it holds no replica and builds none."""
+        admin.drain(server_id)
+        return admin.wait_for_moves(timeout, progress,
+                                    until=lambda m: not any(server_id in rs.replicas or
+                                                            server_id in rs.learners
+                                                            for rs in m.partitions))
+
+
 class Admin(RpcClient):
     def __init__(self, coordinator_address: str, timeout: float = 30.0, creds=None):
         # wait_for_ready: ride out a coordinator restart

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from shoal.admin import Elastic
 from shoal.config import ShoalConfig
 from shoal.proto import shoal_pb2 as pb
 
@@ -38,7 +39,7 @@ class ProcessHandle:
         return self.name
 
 
-class LocalCluster:
+class LocalCluster(Elastic):
     def __init__(self, servers: int = 3, replication: int = 0, data_dir: str | None = None,
                  config: ShoalConfig | None = None, start: bool = True, detach: bool = False):
         """``replication`` 0 means the default: 2 when there are >= 2 servers, else 1.
@@ -180,14 +181,6 @@ class LocalCluster:
         self._save()
         return h
 
-    def rebalance(self, wait: bool = True, timeout: float = 600.0, progress=None):
-        """Plan and start moves that even out the servers; wait for them unless told not to."""
-        with self.admin() as admin:
-            reply = admin.rebalance()
-            if wait:
-                admin.wait_for_moves(timeout, progress)
-            return reply
-
     def remove_server(self, server_id: str, timeout: float = 600.0, progress=None):
         """Drain ``server_id`` (its partitions move to the others while queries and writes go
         on), wait until it has deleted its copies, then stop its process and forget it.
@@ -195,14 +188,10 @@ class LocalCluster:
         from shoal.admin import server_stats
         h = self.server(server_id)
         with self.admin() as admin:
-            admin.drain(server_id)
-            done = admin.wait_for_moves(timeout, progress,
-                                        until=lambda m: not any(server_id in rs.replicas or
-                                                                server_id in rs.learners
-                                                                for rs in m.partitions))
+            done = self._drained(admin, server_id, timeout, progress)
             deadline = time.monotonic() + 30
-            while (last := server_stats(h.address, creds=self.credentials)).map_version < done.version or \
-                    last.partitions or last.stored_partitions:
+            while (last := server_stats(h.address, creds=self.credentials)).map_version < \
+                    done.version or last.partitions or last.stored_partitions:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{server_id} still stores {last.stored_partitions} "
                                        "partitions after it was drained")
@@ -214,25 +203,6 @@ class LocalCluster:
         shutil.rmtree(pathlib.Path(h.data_dir) / "rocksdb", ignore_errors=True)
         self._save()
         return last
-
-    def resize(self, servers: int, timeout: float = 600.0, progress=None) -> None:
-        """Grow or shrink to ``servers`` shard servers while the cluster serves: new servers
-        are started and partitions moved onto them; removed ones (the newest first) are
-        drained, then stopped."""
-        if servers < max(1, self.replication):
-            raise ValueError(f"servers: {servers} is fewer than the replication factor "
-                             f"{self.replication}")
-        while len(self.servers) < servers:
-            self.add_server()
-        if len(self.servers) > servers:
-            leaving = sorted(self.servers, key=lambda h: int(h.name[1:]))[servers:]
-            with self.admin() as admin:
-                for h in leaving:                       # drain all at once: one plan
-                    admin.drain(h.name)
-            for h in leaving:
-                self.remove_server(h.name, timeout, progress)
-        else:
-            self.rebalance(True, timeout, progress)
 
     def server_ids(self) -> list[str]:
         return [h.name for h in self.servers]

@@ -23,6 +23,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from shoal.admin import Elastic
 from shoal.config import ShoalConfig
 from shoal.local import spawn_role, wait_ready
 
@@ -84,7 +85,7 @@ def alive_nodes() -> list[str]:
     return sorted(ids, key=lambda n: n != here)
 
 
-class RayCluster:
+class RayCluster(Elastic):
     """A Shoal cluster on the Ray cluster this process is connected to (``ray.init`` first).
 
     ``servers`` shard servers spread over the live nodes in turn (or on ``nodes``, node ids);
@@ -220,44 +221,19 @@ class RayCluster:
         self.servers.append(info)
         return info
 
-    def rebalance(self, wait: bool = True, timeout: float = 600.0, progress=None):
-        with self.admin() as admin:
-            reply = admin.rebalance()
-            if wait:
-                admin.wait_for_moves(timeout, progress)
-            return reply
+    def server_ids(self) -> list[str]:
+        return [s["name"] for s in self.servers]
 
     def remove_server(self, server_id: str, timeout: float = 600.0, progress=None) -> None:
         """Drain ``server_id`` (its partitions move to the others while the cluster serves),
         then stop its process and actor and forget it."""
         with self.admin() as admin:
-            admin.drain(server_id)
-            admin.wait_for_moves(timeout, progress,
-                                 until=lambda m: not any(server_id in rs.replicas or
-                                                         server_id in rs.learners
-                                                         for rs in m.partitions))
+            self._drained(admin, server_id, timeout, progress)
             actor = self._actors.pop(server_id)
             ray.get(actor.stop.remote(), timeout=30)
             ray.kill(actor, no_restart=True)
             admin.remove_server(server_id)
         self.servers = [s for s in self.servers if s["name"] != server_id]
-
-    def resize(self, servers: int, timeout: float = 600.0, progress=None) -> None:
-        """Grow or shrink to ``servers`` shard servers while the cluster serves."""
-        if servers < max(1, self.replication):
-            raise ValueError(f"servers: {servers} is fewer than the replication factor "
-                             f"{self.replication}")
-        while len(self.servers) < servers:
-            self.add_server()
-        leaving = sorted(self.servers, key=lambda s: int(s["name"][1:]))[servers:]
-        if leaving:
-            with self.admin() as admin:
-                for s in leaving:
-                    admin.drain(s["name"])
-            for s in leaving:
-                self.remove_server(s["name"], timeout, progress)
-        else:
-            self.rebalance(True, timeout, progress)
 
     def forget_node(self, node_id: str) -> list[str]:
         """Drop the handles of the servers that lived on a node that is gone (the coordinator

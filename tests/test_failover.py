@@ -25,6 +25,7 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import channel
 from shoal.wire import pack
 from tests.oracle import fill_from_oracle
+from tests.traffic import Workers
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -76,28 +77,20 @@ def fo_tables(seed: int):
     return read_cfg, write_cfg, EmbeddingBagCollection(tables=[read_cfg])
 
 
-class Load:
+class Load(Workers):
     """4 query clients checking every answer against the oracle, and 1 writer writing each id
     of table ``tw`` once (rows ``id * 10 + column``) and remembering what was acknowledged."""
 
     def __init__(self, cluster, oracle):
         self.cluster, self.oracle = cluster, oracle
-        self.stop = threading.Event()
         self.failures, self.acked, self.answered = [], [], 0
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._query, args=(i,)) for i in range(4)]
-        self._threads.append(threading.Thread(target=self._write))
         self._next_id = 0
+        super().__init__(5, join_s=60)
+        self.stop = self._stop
 
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self._threads:
-            t.join(60)
+    def _run(self, i: int) -> None:
+        self._query(i) if i < 4 else self._write()
 
     def _query(self, seed):
         r = np.random.default_rng(seed)

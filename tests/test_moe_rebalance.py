@@ -6,7 +6,6 @@ drops, and no request fails or returns a wrong answer while the copies are built
 in."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import shoal
+from tests.traffic import Workers
 from experts.compute import moe_forward_local
 from experts.specs import ExpertLayerSpec, ExpertLayerWeights
 from shoal.wire import unpack
@@ -42,25 +42,13 @@ def skewed_routing(g: torch.Generator, hot: list[int]):
     return ids, torch.rand(T, K, generator=g) + 0.1
 
 
-class Traffic:
+class Traffic(Workers):
     """Clients calling moe_forward with skewed routing, each answer checked locally."""
 
     def __init__(self, address, spec, weights, hot):
         self.address, self.spec, self.w, self.hot = address, spec, weights, hot
         self.ok, self.failures, self.wrong = 0, [], 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                         for i in range(2)]
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
+        super().__init__(2, join_s=30)
 
     def _run(self, i):
         client = shoal.connect(self.address, timeout=30)
