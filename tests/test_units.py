@@ -1014,3 +1014,38 @@ def test_arena_pages_are_small_unless_asked(huge):
     flags = fields["VmFlags"].split()
     assert ("nh" in flags) != huge and ("hg" in flags) == huge, flags
     assert int(fields["Rss"].split()[0]) < 1024        # KiB: nothing written yet
+
+
+def test_a_catching_up_copy_reports_its_lag_in_entries():
+    """``shoal_replication_lag_entries``: after each catch-up call that does not reach the
+    leader's head, the entries between the copy's position and the head the leader named;
+    the series goes when the build ends."""
+    from shards.replication import ReplicaBuilder
+    from shoal.metrics import REPLICATION_LAG_ENTRIES
+
+    class Svc:                                  # the copy's position after each call
+        server_id, positions = "s9", iter([(4, 1), (9, 1)])
+
+        def apply_caught_up(self, uid, entries):
+            return len(entries), True
+
+        def position(self, uid, p):
+            return next(self.positions)
+
+    seen = []
+
+    class Stub:                                 # the leader: head 10, then 12, then attached
+        replies = iter([pb.CatchUpReply(head_seq=10), pb.CatchUpReply(head_seq=12),
+                        pb.CatchUpReply(attached=True, head_seq=12)])
+
+        def CatchUp(self, request, timeout):    # noqa: N802
+            if seen:
+                seen.append(REPLICATION_LAG_ENTRIES.labels("77", "3")._value.get())
+            else:
+                seen.append(None)
+            return next(self.replies)
+
+    b = ReplicaBuilder(Svc(), report=lambda r: None, mib_per_s=1e9)
+    req = pb.BuildReplicaRequest(table_uid=77, partition=3, map_version=1)
+    assert b._catch_up(Stub(), req, (0, 0)) == 0
+    assert seen == [None, 10 - 4, 12 - 9]
