@@ -48,7 +48,7 @@ def run_shoal(cluster, batches, seconds: float, clients: int) -> dict:
     lock = threading.Lock()
     pids = {"router": cluster.router.pid, "client": os.getpid(),
             **{f"server {h.server_id}": h.pid for h in cluster.servers}}
-    conns = [shoal.connect(cluster.router_address) for _ in range(clients)]
+    conns = [cluster.client() for _ in range(clients)]   # its credentials, where security is on
     for c in conns:                       # warm up channels and the router's batcher
         c.lookup("bench", batches[0])
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--dedup", action="store_true", help="router sends unique ids + inverse")
     ap.add_argument("--window-ms", type=float, default=None)
+    ap.add_argument("--secure", action="store_true",
+                    help="TLS on every port and roles checked (certificates from shoal certs)")
     ap.add_argument("--huge-pages", action="store_true",
                     help="memory tier on transparent huge pages (server.arena_huge_pages)")
     ap.add_argument("--name", default="lookup", help="results file: bench/results/NAME.json")
@@ -132,6 +134,13 @@ def main() -> int:
                                       server__arena_huge_pages=args.huge_pages)
     if args.window_ms is not None:
         cfg = cfg.replace(router__batch_window_ms=args.window_ms)
+    if args.secure:
+        import json
+        import tempfile
+
+        from shoal.certs import make_certs
+        sec = json.load(open(make_certs(tempfile.mkdtemp(prefix="bench-certs-"))["config"]))
+        cfg = cfg.replace(security=shoal.ShoalConfig.from_json(json.dumps(sec)).security)
     with shoal.LocalCluster(servers=args.servers, replication=args.replication,
                             config=cfg, data_dir=args.data_dir) as cluster:
         client = cluster.client()
