@@ -13,15 +13,15 @@ import torch
 
 from experts.compute import mlp
 from experts.layout import expert_views
-from shoal.errors import InvalidArgument
+from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack, to_torch, unpack
 
-MAX_EXPERT_TOKENS = 1 << 20
 
 
 class ExpertPath:
-    """Needs from the host: ``_enter``, ``_table``, ``_check``, ``_gather``, ``_count``."""
+    """Needs from the host: ``_cfg``, ``_enter``, ``_table``, ``_check``, ``_gather``,
+    ``_count``."""
 
     def expert_forward(self, request: pb.ExpertForwardRequest) -> pb.ExpertForwardReply:
         self._enter(request.map_version, refresh=False)
@@ -45,9 +45,9 @@ class ExpertPath:
         if (counts < 0).any() or int(counts.sum()) != x.shape[0]:
             raise InvalidArgument(f"counts: must be >= 0 and sum to the {x.shape[0]} rows "
                                   f"of hidden (they sum to {int(counts.sum())})")
-        if x.shape[0] > MAX_EXPERT_TOKENS:
-            raise InvalidArgument(f"hidden: {x.shape[0]} token rows exceed the limit of "
-                                  f"{MAX_EXPERT_TOKENS}")
+        if x.shape[0] > self._cfg.max_expert_tokens:
+            raise ResourceExhausted(f"hidden: {x.shape[0]} token rows exceed max_expert_tokens "
+                                    f"{self._cfg.max_expert_tokens}")
         if x.shape[1] != spec.dim:
             raise InvalidArgument(f"hidden: {x.shape[1]} columns, but layer table "
                                   f"{spec.name!r} has d_model {spec.dim}")

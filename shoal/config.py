@@ -19,7 +19,8 @@ class ShardServerConfig:
                                             # shards.memory.allocate)
     heartbeat_interval_s: float = 0.5
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
-    max_ids_per_request: int = 4_000_000
+    max_ids_per_request: int = 4_000_000    # per request; more is RESOURCE_EXHAUSTED
+    max_expert_tokens: int = 1 << 20        # token rows per ExpertForward; more likewise
     # Copying a partition to build a replica, at most (per copy; a server builds
     # max_builds_per_server at once). Copies cost CPU (~2.7 us a row in rocksdict's per-key API)
     # that serving needs: 8 keeps the p99 of lookups within ~3x of steady on 2 busy cores.

@@ -198,7 +198,7 @@ def limited(tmp_path_factory):
     cfg = shoal.ShoalConfig().replace(
         security__max_message_bytes=1 << 20, security__max_concurrent_requests=2,
         security__require_deadline=True, router__max_ids_per_request=100,
-        router__max_moe_tokens=8, router__hedge=False)
+        router__max_moe_tokens=8, router__hedge=False, server__max_expert_tokens=64)
     with shoal.LocalCluster(servers=1, replication=1, config=cfg,
                             data_dir=str(tmp_path_factory.mktemp("lim"))) as c:
         cl = c.client(timeout=30)
@@ -256,6 +256,16 @@ def test_oversized_and_malformed_messages_get_clear_codes_and_change_nothing(lim
     code, msg = code_of(lambda: cl.moe_forward("moe", "l0", torch.zeros(9, 8)))
     assert code == EXHAUSTED and "hidden: 9 tokens exceed max_moe_tokens 8" in msg, msg
     assert cl.moe_forward("moe", "l0", torch.zeros(8, 8)).shape == (8, 8)
+    # ... and a shard server's own limit on the token rows of one ExpertForward.
+    from shoal.wire import pack
+    m = cl.status().map
+    uid = next(t.table_uid for md in m.models if md.name == "moe" for t in md.tables)
+    code, msg = code_of(lambda: pbg.ShardServerStub(security.channel(
+        c.servers[0].address, GRPC_OPTIONS)).ExpertForward(pb.ExpertForwardRequest(
+            map_version=m.version, table_uid=uid, experts=pack(np.array([0], np.int32)),
+            counts=pack(np.array([65], np.int64)), hidden=pack(np.zeros((65, 8), np.float32)),
+            d_ff=16, gated=True), timeout=10))
+    assert code == EXHAUSTED and "hidden: 65 token rows exceed max_expert_tokens 64" in msg, msg
     # No deadline: refused by name.
     code, msg = code_of(lambda: pbg.RouterStub(security.channel(c.router_address, GRPC_OPTIONS))
                         .Status(pb.StatusRequest()))
