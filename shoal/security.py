@@ -238,8 +238,9 @@ def is_loopback(host: str) -> bool:
 
 def add_port(server, host: str, port: int, role: str) -> int:
     """Bind ``server`` to host:port with this process's TLS (mutual TLS: a client certificate
-    from the cluster's CA is required, except on a router with ``client_certs`` off, where
-    callers may come with a token alone); plaintext only on loopback. The bound port."""
+    from the cluster's CA is required, except on a router with ``client_certs`` off, which asks
+    for none, so its callers authenticate with a token; gRPC Python cannot ask for an optional
+    one); plaintext only on loopback. The bound port."""
     inst = _installed
     if inst.tls:
         require = inst.config.client_certs or role != "router"
@@ -247,7 +248,8 @@ def add_port(server, host: str, port: int, role: str) -> int:
                                             require_client_auth=require)
         bound = server.add_secure_port(f"{host}:{port}", creds)
         log.info("%s: TLS on %s:%d (%s)", role, host, bound,
-                 "client certificates required" if require else "tokens or certificates")
+                 "client certificates required" if require else
+                 "no client certificates asked for: callers authenticate with a token")
     else:
         if not is_loopback(host):
             raise SecurityError(f"security: plaintext gRPC is allowed only on loopback; {role} "
