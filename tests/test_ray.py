@@ -30,10 +30,21 @@ LOOPBACK = "127.0.0.1"
 @pytest.fixture(scope="module")
 def ray_nodes():
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                      "resources": {"shoal_server": 1}})
-    workers = [cluster.add_node(num_cpus=1, resources={"shoal_server": 1}) for _ in range(2)]
+    for attempt in range(2):
+        # Ray's own start-up can time out on a loaded 2-core machine ("The current node timed
+        # out during startup": its GCS did not answer a node lookup in 30 s although the
+        # raylet had registered); a second, fresh cluster is tried before giving up.
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                          "resources": {"shoal_server": 1}})
+        try:
+            workers = [cluster.add_node(num_cpus=1, resources={"shoal_server": 1})
+                       for _ in range(2)]
+            break
+        except Exception as e:
+            cluster.shutdown()
+            if attempt or "timed out during startup" not in str(e):
+                raise
     assert cluster.address.startswith(LOOPBACK + ":")
     ray.init(address=cluster.address, namespace="shoal-test", log_to_driver=False)
     try:
