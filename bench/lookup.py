@@ -42,8 +42,6 @@ def run_baseline(ebc, batches, seconds: float) -> dict:
 
 
 def run_shoal(cluster, batches, seconds: float, clients: int) -> dict:
-    import shoal
-
     lat, ids = [], [0]
     lock = threading.Lock()
     pids = {"router": cluster.router.pid, "client": os.getpid(),

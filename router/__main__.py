@@ -10,7 +10,6 @@ import logging
 import pathlib
 import threading
 
-import grpc
 import torch
 
 from shoal import security

@@ -8,7 +8,6 @@ import json
 import signal
 import urllib.request
 
-import numpy as np
 import pytest
 import torch
 
