@@ -7,9 +7,11 @@ same checkpoint reader.
     python bench/load.py [--gib 2] [--chunk-mib 64]
 
 Reports GB/s of both and their ratio (target >= 0.5), for the serving configuration (each
-server fills its memory tier with the rows it stores) and with memory budget 0 (RocksDB only:
-the same storage work as the floor), with the CPU seconds of each process. Writes
-bench/results/load.json.
+server fills its memory tier with the rows it stores), with memory budget 0 (RocksDB only:
+the same storage work as the floor), and the serving configuration with every chunk sent as
+rows (``transfer="rows"``: each replica writes its own SST files, as a replica on another
+host does), with the CPU seconds of each process. The first two link SST files the loader
+writes once (``shards.spool``). Writes bench/results/load.json.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def floor(path: str, chunk_bytes: int, data_dir: str) -> tuple[int, float]:
     return nbytes, dt
 
 
-def cluster_load(ckpt: str, chunk: int, data_dir: str, cfg):
+def cluster_load(ckpt: str, chunk: int, data_dir: str, cfg, transfer: str = "auto"):
     """(LoadResult, seconds, CPU seconds of each server and of this loading process) of one
     load into a new 2-server cluster."""
     import shoal
@@ -88,7 +90,7 @@ def cluster_load(ckpt: str, chunk: int, data_dir: str, cfg):
         pids = {h.server_id: h.pid for h in cluster.servers} | {"loader": os.getpid()}
         before = {k: cpu_seconds(p) for k, p in pids.items()}
         t0 = time.perf_counter()
-        res = client.load(ckpt, model="big", chunk_bytes=chunk)
+        res = client.load(ckpt, model="big", chunk_bytes=chunk, transfer=transfer)
         s_s = time.perf_counter() - t0
         cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
         client.close()
@@ -123,12 +125,16 @@ def main() -> int:
                   "floor_gb_per_s": round(f_bytes / 1e9 / f_s, 3)}
         # The serving configuration (each server fills its memory tier with the rows it
         # stores), then RocksDB only (memory budget 0: the same storage work as the floor).
-        for label, budget in (("", None), ("rocksdb_only_", 0)):
+        for label, budget, transfer in (("", None, "auto"), ("rocksdb_only_", 0, "auto"),
+                                        ("rows_", None, "rows")):
             cfg = shoal.ShoalConfig() if budget is None else \
                 shoal.ShoalConfig().replace(server__memory_budget_bytes=budget)
-            res, s_s, cpu = cluster_load(ckpt, chunk, os.path.join(work, f"cluster{label}"), cfg)
+            res, s_s, cpu = cluster_load(ckpt, chunk, os.path.join(work, f"cluster{label}"), cfg,
+                                         transfer)
             ratio = (res.bytes / s_s) / (f_bytes / f_s)
-            what = "memory tier filled" if budget is None else "memory budget 0, RocksDB only"
+            what = ("memory tier filled" if budget is None else
+                    "memory budget 0, RocksDB only") + \
+                (f", {res.spooled_files} spooled files" if transfer == "auto" else ", as rows")
             print(f"shoal load (2 servers, replication 2, verified, {what}): "
                   f"{res.bytes / 1e9:.2f} GB in {s_s:.1f} s = {res.bytes / 1e9 / s_s:.3f} GB/s, "
                   f"ratio {ratio:.2f} (target >= 0.5); CPU s: " +
@@ -136,6 +142,7 @@ def main() -> int:
             result.update({f"{label}shoal_seconds": round(s_s, 2),
                            f"{label}shoal_gb_per_s": round(res.bytes / 1e9 / s_s, 3),
                            f"{label}ratio": round(ratio, 3),
+                           f"{label}spooled_files": res.spooled_files,
                            f"{label}cpu_seconds": {k: round(v, 2) for k, v in cpu.items()}})
         print(f"wrote {write_result('load', result)}")
     finally:

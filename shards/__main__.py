@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import sys
 import threading
@@ -29,6 +30,7 @@ from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
 from shards.split import SplitBuilder
+from shards.spool import default_spool_dir
 from shards.storage import RocksRowStore
 
 log = logging.getLogger("shard")
@@ -48,7 +50,9 @@ async def serve(args) -> None:
                                  wait_for_ready=True)  # ride out a coordinator restart
         return None if reply.unchanged else reply.map
 
-    service = ShardService(args.server_id, store, cfg, fetch_map)
+    spool_dir = cfg.spool_dir or default_spool_dir(data)
+    os.makedirs(spool_dir, exist_ok=True)
+    service = ShardService(args.server_id, store, cfg, fetch_map, spool_dir=spool_dir)
     keep_heap()              # bulk writes reuse their buffers' pages; trimmed when idle
     server, address = make_aio_server(args.host, args.port, parsers=ShardServicer.PARSERS)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),

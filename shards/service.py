@@ -36,7 +36,8 @@ from shoal.wire import WithTensor, is_set, pack, parse_with_tensor, unpack
 from shards.experts import ExpertPath
 from shards.memory import RWLock, TableArena
 from shards.replog import ReplicationLog
-from shards.storage import Positions, RowStore, StorageError
+from shards import spool
+from shards.storage import Positions, RowStore, StorageError, key_array
 from shards.writes import WritePath
 
 log = logging.getLogger("shard")
@@ -86,9 +87,13 @@ class HeldTable:
 
 class ShardService(WritePath, ExpertPath):
     def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
-                 fetch_map: Callable[[int], pb.ShardMap | None]):
-        """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged."""
+                 fetch_map: Callable[[int], pb.ShardMap | None], spool_dir: str = ""):
+        """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged.
+        ``spool_dir``: where a loader on this host may leave SST files (``shards.spool``);
+        "": none taken."""
         self.server_id = server_id
+        self._spool_dir = spool_dir
+        self._host_id = spool.host_id()
         self._store = store
         self._cfg = config
         self._fetch_map = fetch_map
@@ -366,10 +371,16 @@ class ShardService(WritePath, ExpertPath):
         if hot.size:
             if hot.size < len(ids):
                 idx, rows = idx[hot], rows[hot]
+            rows = torch.from_numpy(np.ascontiguousarray(rows)).view(table.arena.dtype)
+            # Rows that land in a few runs of consecutive arena rows (a load's chunk, a
+            # partition at a time) are copied run by run: index_copy_ goes a row at a time.
+            starts = np.flatnonzero(np.diff(idx) != 1) + 1
             with table.lock.write():
-                table.arena.weight.index_copy_(
-                    0, torch.from_numpy(idx),
-                    torch.from_numpy(np.ascontiguousarray(rows)).view(table.arena.dtype))
+                if len(starts) < 64:
+                    for a, b in zip([0, *starts.tolist()], [*starts.tolist(), len(idx)]):
+                        table.arena.weight[int(idx[a]): int(idx[a]) + b - a] = rows[a:b]
+                else:
+                    table.arena.weight.index_copy_(0, torch.from_numpy(idx), rows)
 
     # ------------------------------------------------------------ splits (see shards.split)
     @property
@@ -429,6 +440,8 @@ class ShardService(WritePath, ExpertPath):
                              f"table {spec.name!r} (table_uid {spec.table_uid}) is not of a "
                              "loading version; Ingest only fills a version being loaded (use "
                              "WriteRows)")
+        if len(request.files):
+            return self._ingest_spooled(table, request)
         ids = unpack(request.ids, "ids", "int64", 1)
         rows = request.tensor("rows", spec.dtype, 2) if isinstance(request, WithTensor) else \
             unpack(request.rows, "rows", spec.dtype, 2)
@@ -448,14 +461,64 @@ class ShardService(WritePath, ExpertPath):
         # The files are written and synced outside the lock: the next chunk's are built while
         # this one's wait for the disk. The routing is checked again under the lock.
         prepared = self._store.prepare_ingest(spec.table_uid, parts, ids, rows, lo, hi)
+        return self._commit_ingest(table, ids, parts, rows, request.routed, prepared)
+
+    def _ingest_spooled(self, table: HeldTable, request: pb.IngestRequest) -> pb.IngestReply:
+        """Ingest's ``files`` form (``shards.spool``): each file checked and read, then linked
+        in; the rows read feed the ingest records and the memory tier."""
+        spec = table.spec
+        P, lo, hi = spec.num_partitions, int(request.lo), int(request.hi)
+        rows_given = request.given if isinstance(request, WithTensor) else \
+            request.HasField("rows")
+        if rows_given or request.HasField("ids"):
+            raise InvalidArgument("files: given with ids or rows; send one or the other")
+        if not 0 <= lo < hi <= spec.num_embeddings:
+            raise InvalidArgument(f"lo, hi: [{lo}, {hi}) must lie within [0, "
+                                  f"{spec.num_embeddings}) of table {spec.name!r}, lo < hi")
+        parts = np.array([f.partition for f in request.files], np.int64)
+        if parts.min() < 0 or parts.max() >= P or len(np.unique(parts)) != len(parts):
+            raise InvalidArgument(f"files: partitions {parts.tolist()} must be distinct, each "
+                                  f"in [0, {P})")
+        first = lo + (parts - lo) % P
+        counts = np.maximum(0, -(-(hi - first) // P))
+        if not counts.all():
+            raise InvalidArgument(f"files: [{lo}, {hi}) holds no id of partition "
+                                  f"{int(parts[np.argmin(counts)])}")
+        self._limit(int(counts.sum()))
+        per = [np.arange(f, hi, P, dtype=np.int64) for f in first.tolist()]
+        ids = np.concatenate(per)
+        routed_parts = self._check(table, ids, request.routed)
+        rows = np.empty((len(ids), spec.dim), spec.np_dtype)
+        raw = rows.view(np.uint8).reshape(len(ids), spec.row_bytes)
+        fds, at = [], 0
         try:
-            self._commit_ingest(table, ids, parts, rows, request.routed, prepared)
+            for i, (f, p, n) in enumerate(zip(request.files, parts.tolist(), counts.tolist())):
+                fds.append(spool.open_spooled(self._spool_dir, f.path,
+                                              key_array(spec.table_uid, p, per[i]),
+                                              raw[at: at + n], f"files[{i}]"))
+                at += n
+            try:
+                prepared = self._store.prepare_linked_ingest(spec.table_uid, routed_parts, ids,
+                                                             rows, lo, hi, fds)
+            except OSError as e:        # another file system (EXDEV), a full disk
+                raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"files: cannot link {request.files[0].path!r} into "
+                                 f"{self.server_id}'s store: {e.strerror}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return self._commit_ingest(table, ids, routed_parts, rows, request.routed, prepared)
+
+    def _commit_ingest(self, table: HeldTable, ids, parts, rows, routed,
+                       prepared) -> pb.IngestReply:
+        try:
+            self._commit_prepared(table, ids, parts, rows, routed, prepared)
         finally:
             prepared.discard()
         self.last_bulk_write = time.monotonic()
         return pb.IngestReply(rows=len(ids))
 
-    def _commit_ingest(self, table: HeldTable, ids, parts, rows, routed, prepared) -> None:
+    def _commit_prepared(self, table: HeldTable, ids, parts, rows, routed, prepared) -> None:
         spec = table.spec
         with table.write_mutex:         # the map (epochs, learners) cannot change meanwhile
             self._check_routing(table, routed)
@@ -467,7 +530,7 @@ class ShardService(WritePath, ExpertPath):
                                      f"partition {p} of table {spec.name!r} has a copy being "
                                      f"built on {server}: its rows must go through the "
                                      "leader's write path (WriteRows), not Ingest")
-            mine = np.unique(parts)
+            mine = np.flatnonzero(np.bincount(parts, minlength=spec.num_partitions))
             new = np.array([p for p in mine.tolist() if (spec.table_uid, p) not in self._on_disk],
                            np.int64)
             positions = (new, table.log.seq[new].copy(), table.log.epoch[new].copy()) \
@@ -625,6 +688,7 @@ class ShardService(WritePath, ExpertPath):
                               cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid(),
                               replication_log_bytes=sum(t.log.nbytes for t in tables),
                               stored_partitions=len(self._on_disk),
+                              host_id=self._host_id, spool_dir=self._spool_dir,
                               builds=[pb.BuildProgress(table_uid=k[0], partition=k[1],
                                                        bytes_done=v[0], bytes_total=v[1])
                                       for k, v in list(self.building.items())],

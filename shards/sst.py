@@ -171,6 +171,20 @@ class _RunLayout:
         self.entry = self.v_at + vlen
         self.per_block = max(1, block_bytes // self.entry)
 
+    def index(self, offset: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(index entries, their lengths, bytes, blocks) of this run's data blocks written
+        from ``offset``: arithmetic offsets, the last key of each block."""
+        m = self.per_block
+        full, rest = divmod(self.n, m)
+        counts = np.full(full + (rest > 0), m, np.int64)
+        sizes = np.full(len(counts), self.block_size(m), np.int64)
+        if rest:
+            counts[-1], sizes[-1] = rest, self.block_size(rest)
+        offsets = offset + np.concatenate([[0], np.cumsum(sizes + TRAILER)[:-1]])
+        last = np.cumsum(counts) - 1
+        entries, lens = _index_entries(self.keys[last], offsets, sizes)
+        return entries, lens, int((sizes + TRAILER).sum()), len(counts)
+
     def block_size(self, m: int) -> int:
         """Contents size (no trailer) of a block of m entries."""
         return m * self.entry + 4 * (-(-m // RESTART_INTERVAL)) + 4
@@ -255,69 +269,114 @@ def write_sst(path: str, runs: list[tuple[np.ndarray, np.ndarray]], block_bytes:
                 f.write(run.blocks(b0 * m, m, nb, buf))
             if rest:
                 f.write(run.blocks(full * m, rest, 1))
-            # Index entries of this run's blocks: arithmetic offsets, last key of each block.
-            counts = np.full(full + (rest > 0), m, np.int64)
-            sizes = np.full(len(counts), run.block_size(m), np.int64)
-            if rest:
-                counts[-1], sizes[-1] = rest, run.block_size(rest)
-            offsets = offset + np.concatenate([[0], np.cumsum(sizes + TRAILER)[:-1]])
-            last = np.cumsum(counts) - 1
-            entries, lens = _index_entries(keys[last], offsets, sizes)
+            entries, lens, nbytes, nb = run.index(offset)
             index_parts.append(entries)
             index_lens.append(lens)
-            offset += int((sizes + TRAILER).sum())
+            offset += nbytes
             raw_key += run.n * run.ikey
             raw_value += values.size
-            n_blocks += len(counts)
+            n_blocks += nb
+        tail = _tail(index_parts, index_lens, offset, n_blocks, total, raw_key, raw_value)
+        f.write(tail)
+    return offset + len(tail)
 
-        data_size = offset
-        lens = np.concatenate(index_lens)
-        restarts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype("<u4")
-        index = _finish_block(np.concatenate(index_parts).tobytes() + restarts.tobytes()
-                              + struct.pack("<I", len(restarts)))
-        index_handle = _handle(offset, len(index) - TRAILER)
-        f.write(index)
-        offset += len(index)
 
-        v = _varint
-        props = _small_block([
-            (b"rocksdb.block.based.table.index.type", struct.pack("<I", 0)),     # kBinarySearch
-            (b"rocksdb.column.family.id", v(K_UNKNOWN_CF)),
-            (b"rocksdb.comparator", b"leveldb.BytewiseComparator"),
-            (b"rocksdb.compression", b"NoCompression"),
-            (b"rocksdb.data.size", v(data_size)),
-            (b"rocksdb.deleted.keys", v(0)),
-            (b"rocksdb.external_sst_file.global_seqno", struct.pack("<Q", 0)),
-            (b"rocksdb.external_sst_file.version", struct.pack("<I", 2)),
-            (b"rocksdb.filter.size", v(0)),
-            (b"rocksdb.fixed.key.length", v(0)),
-            (b"rocksdb.format.version", v(FORMAT_VERSION)),
-            (b"rocksdb.index.key.is.user.key", v(0)),
-            (b"rocksdb.index.size", v(len(index))),
-            (b"rocksdb.index.value.is.delta.encoded", v(0)),
-            (b"rocksdb.key.largest.seqno", v(0)),
-            (b"rocksdb.merge.operands", v(0)),
-            (b"rocksdb.merge.operator", b"nullptr"),
-            (b"rocksdb.num.data.blocks", v(n_blocks)),
-            (b"rocksdb.num.entries", v(total)),
-            (b"rocksdb.num.range-deletions", v(0)),
-            (b"rocksdb.prefix.extractor.name", b"nullptr"),
-            (b"rocksdb.property.collectors", b"[]"),
-            (b"rocksdb.raw.key.size", v(raw_key)),
-            (b"rocksdb.raw.value.size", v(raw_value)),
-            (b"rocksdb.tail.start.offset", v(data_size)),
-        ])
-        props_handle = _handle(offset, len(props) - TRAILER)
-        f.write(props)
-        offset += len(props)
+def _tail(index_parts, index_lens, data_size: int, n_blocks: int, total: int, raw_key: int,
+          raw_value: int) -> bytes:
+    """Index, properties and metaindex blocks and the footer of a file whose data blocks end
+    at ``data_size``."""
+    offset = data_size
+    lens = np.concatenate(index_lens)
+    restarts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype("<u4")
+    index = _finish_block(np.concatenate(index_parts).tobytes() + restarts.tobytes()
+                          + struct.pack("<I", len(restarts)))
+    index_handle = _handle(offset, len(index) - TRAILER)
+    offset += len(index)
 
-        meta = _small_block([(b"rocksdb.properties", props_handle)])
-        meta_handle = _handle(offset, len(meta) - TRAILER)
-        f.write(meta)
-        offset += len(meta)
+    v = _varint
+    props = _small_block([
+        (b"rocksdb.block.based.table.index.type", struct.pack("<I", 0)),     # kBinarySearch
+        (b"rocksdb.column.family.id", v(K_UNKNOWN_CF)),
+        (b"rocksdb.comparator", b"leveldb.BytewiseComparator"),
+        (b"rocksdb.compression", b"NoCompression"),
+        (b"rocksdb.data.size", v(data_size)),
+        (b"rocksdb.deleted.keys", v(0)),
+        (b"rocksdb.external_sst_file.global_seqno", struct.pack("<Q", 0)),
+        (b"rocksdb.external_sst_file.version", struct.pack("<I", 2)),
+        (b"rocksdb.filter.size", v(0)),
+        (b"rocksdb.fixed.key.length", v(0)),
+        (b"rocksdb.format.version", v(FORMAT_VERSION)),
+        (b"rocksdb.index.key.is.user.key", v(0)),
+        (b"rocksdb.index.size", v(len(index))),
+        (b"rocksdb.index.value.is.delta.encoded", v(0)),
+        (b"rocksdb.key.largest.seqno", v(0)),
+        (b"rocksdb.merge.operands", v(0)),
+        (b"rocksdb.merge.operator", b"nullptr"),
+        (b"rocksdb.num.data.blocks", v(n_blocks)),
+        (b"rocksdb.num.entries", v(total)),
+        (b"rocksdb.num.range-deletions", v(0)),
+        (b"rocksdb.prefix.extractor.name", b"nullptr"),
+        (b"rocksdb.property.collectors", b"[]"),
+        (b"rocksdb.raw.key.size", v(raw_key)),
+        (b"rocksdb.raw.value.size", v(raw_value)),
+        (b"rocksdb.tail.start.offset", v(data_size)),
+    ])
+    props_handle = _handle(offset, len(props) - TRAILER)
+    offset += len(props)
 
-        footer = (bytes([K_CRC32C]) + meta_handle + index_handle).ljust(41, b"\0")
-        footer += struct.pack("<IQ", FORMAT_VERSION, MAGIC)
-        f.write(footer)
-        offset += len(footer)
-    return offset
+    meta = _small_block([(b"rocksdb.properties", props_handle)])
+    meta_handle = _handle(offset, len(meta) - TRAILER)
+
+    footer = (bytes([K_CRC32C]) + meta_handle + index_handle).ljust(41, b"\0")
+    footer += struct.pack("<IQ", FORMAT_VERSION, MAGIC)
+    return index + props + meta + footer
+
+
+def read_sst_values(buf: np.ndarray, keys: np.ndarray, out: np.ndarray,
+                    block_bytes: int = 16384) -> None:
+    """Copy into ``out`` (uint8 [n, value_len]) the values of a file that ``write_sst`` wrote
+    for one run of exactly ``keys`` (uint8 [n, key_len], ascending) with values of
+    ``value_len`` bytes, checking that ``buf`` (uint8, the whole file) is byte for byte such a
+    file, every block's checksum included: anything else (another layout or writer, other
+    keys, a flipped bit, a truncated or extended file) raises ValueError saying what differs.
+    Vectorised, one crc32c call per data block, as in writing."""
+    keys = np.ascontiguousarray(keys)
+    n = len(keys)
+    value_len = out.shape[1]
+    if n == 0 or out.shape[0] != n or out.dtype != np.uint8:
+        raise ValueError(f"keys ({n}) and out ({list(out.shape)}, {out.dtype}) must be n >= 1 "
+                         "entries, out uint8 [n, value_len]")
+    run = _RunLayout(keys, np.empty((0, value_len), np.uint8), block_bytes)
+    entries, lens, data_size, nb = run.index(0)
+    tail = _tail([entries], [lens], data_size, nb, n, n * run.ikey, n * value_len)
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise ValueError("buf must be a 1-D uint8 array")
+    if len(buf) != data_size + len(tail):
+        raise ValueError(f"file is {len(buf)} bytes; {n} entries of {keys.shape[1]} + "
+                         f"{value_len} bytes make {data_size + len(tail)}")
+    if buf[data_size:].tobytes() != tail:
+        raise ValueError("index, properties or footer differ from those of the keys expected")
+    m = run.per_block
+    full, rest = divmod(n, m)
+    at = 0
+    for lo, cnt, nblocks in ((0, m, full), (full * m, rest, 1 if rest else 0)):
+        if not nblocks:
+            continue
+        size = run.block_size(cnt)
+        blocks = buf[at: at + nblocks * (size + TRAILER)].reshape(nblocks, size + TRAILER)
+        at += nblocks * (size + TRAILER)
+        ent = blocks[:, : cnt * run.entry].reshape(nblocks, cnt, run.entry)
+        want_keys = keys[lo: lo + nblocks * cnt].reshape(nblocks, cnt, -1)
+        nr = -(-cnt // RESTART_INTERVAL)
+        restarts = np.arange(nr + 1, dtype="<u4") * (RESTART_INTERVAL * run.entry)
+        restarts[nr] = nr
+        if not ((ent[:, :, : run.k_at] == run.head).all()
+                and (ent[:, :, run.k_at: run.v_at - 8] == want_keys).all()
+                and (ent[:, :, run.v_at - 8: run.v_at] == _SEQ_TYPE).all()
+                and (blocks[:, cnt * run.entry: size] == restarts.view(np.uint8)).all()
+                and (blocks[:, size] == K_NO_COMPRESSION).all()):
+            raise ValueError("a data block's entries differ from those of the keys expected")
+        crcs = np.fromiter((crc32c.crc32c(row[: size + 1]) for row in blocks), np.uint64, nblocks)
+        if not (blocks[:, size + 1:] == _mask(crcs).view(np.uint8).reshape(nblocks, 4)).all():
+            raise ValueError("a data block's checksum does not match its contents")
+        out[lo: lo + nblocks * cnt].reshape(nblocks, cnt, value_len)[:] = ent[:, :, run.v_at:]

@@ -85,7 +85,7 @@ def partition_range(table_uid: int, partition: int) -> tuple[bytes, bytes]:
 Positions = tuple[np.ndarray, np.ndarray, np.ndarray]     # (partitions, seqs, epochs)
 
 
-def _start_writeback(path: str) -> None:
+def start_writeback(path: str) -> None:
     """Start writing a file's dirty pages back without waiting (``POSIX_FADV_DONTNEED`` on
     dirty pages starts their writeback): every file of a chunk is on its way to the disk
     before the first sync waits, and the disk stays busy while the next file is built."""
@@ -96,12 +96,24 @@ def _start_writeback(path: str) -> None:
         os.close(fd)
 
 
-def _sync(path: str) -> None:
+def sync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def link_fd(fd: int, path: str) -> None:
+    """Hard-link the file open as ``fd`` at ``path`` (``linkat`` through ``/proc/self/fd``,
+    following it: Python's ``os.link`` would link the /proc entry itself)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    if libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd, os.fsencode(path),
+                   at_symlink_follow) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
 
 
 def _unlink(paths: list[str]) -> None:
@@ -142,6 +154,15 @@ class RowStore(abc.ABC):
         """Write (and sync) a load's bulk rows, ids unique and in ``[lo, hi)``, as SST files,
         one per partition, not yet visible: ``PreparedIngest.commit`` ingests them. Needs no
         lock: a caller serialising its writes prepares outside its lock and commits inside."""
+
+    @abc.abstractmethod
+    def prepare_linked_ingest(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
+                              rows: np.ndarray, lo: int, hi: int,
+                              fds: list[int]) -> "PreparedIngest":
+        """``prepare_ingest`` for rows already in SST files, one per partition present, open
+        as ``fds`` and checked to hold exactly ``rows`` (``shards.sst.read_sst_values``): the
+        files are hard-linked in, not rewritten; their pages stay cached for the other
+        replicas that link them too."""
 
     @abc.abstractmethod
     def ingest_records(self, table_uid: int, partition: int) -> np.ndarray:
@@ -223,10 +244,11 @@ class PreparedIngest:
 
     def __init__(self, store: "RocksRowStore", table_uid: int, partitions: np.ndarray,
                  ids: np.ndarray, rows: np.ndarray, lo: int, hi: int, present: np.ndarray,
-                 paths: list[str]):
+                 paths: list[str], drop_cache: bool = True):
         self._store, self._uid = store, table_uid
         self._parts, self._ids, self._rows = partitions, ids, rows
         self._paths = paths
+        self._drop_cache = drop_cache
         # The records, computed here, outside the caller's lock.
         sums, counts = partition_checksums(ids, rows, partitions, int(present.max()) + 1)
         rk = np.empty(len(present), RECORD_KEY_DTYPE)
@@ -250,7 +272,8 @@ class PreparedIngest:
             _unlink(paths)
             raise
         self._store._ingest_files(
-            paths, lambda: self._store._read_back(uid, self._parts, self._ids, self._rows))
+            paths, lambda: self._store._read_back(uid, self._parts, self._ids, self._rows),
+            self._drop_cache)
 
     def discard(self) -> None:
         paths, self._paths = self._paths, []
@@ -384,6 +407,20 @@ class RocksRowStore(RowStore):
         return PreparedIngest(self, table_uid, partitions, ids, rows, lo, hi, present,
                               self._write_files(files))
 
+    def prepare_linked_ingest(self, table_uid, partitions, ids, rows, lo, hi, fds):
+        present = np.flatnonzero(np.bincount(partitions))
+        paths = []
+        try:
+            for fd in fds:     # the inode checked, whatever its path names by now
+                path = str(self._tmp / f"{uuid.uuid4().hex}.sst")
+                link_fd(fd, path)
+                paths.append(path)
+        except BaseException:
+            _unlink(paths)
+            raise
+        return PreparedIngest(self, table_uid, partitions, ids, rows, lo, hi, present, paths,
+                              drop_cache=False)
+
     def bulk_write(self, table_uid: int, partitions: np.ndarray, ids: np.ndarray,
                    rows: np.ndarray) -> None:
         """Rows as SST files, one per partition, ingested at once: what a load's ingest
@@ -463,15 +500,15 @@ class RocksRowStore(RowStore):
                 os.close(fd)
                 paths.append(path)
                 write_sst(path, runs)
-                _start_writeback(path)
+                start_writeback(path)
             for path in paths:
-                _sync(path)
+                sync_file(path)
         except BaseException:
             _unlink(paths)
             raise
         return paths
 
-    def _ingest_files(self, paths: list[str], then=None) -> None:
+    def _ingest_files(self, paths: list[str], then=None, drop_cache: bool = True) -> None:
         """Ingest ``paths`` (moved into the database) and run ``then()`` (the read-back) while
         their pages are still cached; then drop those pages from the page cache, as RocksDB's
         own SstFileWriter does: the memory tier serves the rows, and the next files reuse the
@@ -487,7 +524,8 @@ class RocksRowStore(RowStore):
         finally:
             _unlink(paths)
             for fd in fds:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                if drop_cache:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
 
     def read_rows(self, table_uid, partitions, ids, row_bytes):

@@ -363,14 +363,16 @@ def cmd_load(args) -> int:
 
     res = client.load(args.path, model=args.model, version=args.version, format=args.format,
                       chunk_bytes=int(args.chunk_mib * 2**20), make_current=not args.no_current,
-                      resume=args.resume, progress=bar)
+                      resume=args.resume, progress=bar, transfer=args.transfer)
     print(f"\nshoal: loaded {args.model} v{res.version}: {len(res.tables)} tables, "
           f"{sum(res.tables.values()):,} rows, {res.bytes / 2**20:,.1f} MiB in "
           f"{res.seconds:.1f}s ({res.bytes / 2**20 / max(res.seconds, 1e-9):,.1f} MiB/s), "
           f"verified on every replica{'' if args.no_current else ', now current'}; "
           f"{len(res.dense)} dense tensors stored with it"
           + (f"; {res.skipped_partitions} partitions were already complete and kept"
-             if res.skipped_partitions else ""))
+             if res.skipped_partitions else "")
+          + (f"; {res.spooled_files} SST files written once and linked in by the replicas "
+             "on this host" if res.spooled_files else ""))
     if res.expert_layers:
         print(f"shoal: expert layers {', '.join(res.expert_layers)}"
               + (f"; not MoE, skipped: {', '.join(res.skipped_layers)}"
@@ -553,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--no-current", action="store_true", help="leave it ready, not current")
     ld.add_argument("--resume", action="store_true", help="finish a loading version: rewrite only partitions not already complete on every replica")
     ld.add_argument("--address", help="a router address instead of the local cluster")
+    ld.add_argument("--transfer", default="auto", choices=["auto", "rows"],
+                    help="auto: replicas on this host link SST files written once by the "
+                    "loader, others get rows; rows: every replica gets rows")
     _credential_flags(ld)
     ld.set_defaults(fn=cmd_load)
     au = sub.add_parser("autoscale", help="let the coordinator resize the cluster by load")

@@ -38,6 +38,9 @@ class ShardServerConfig:
     # The server's failure domain (a host, a Ray node): the coordinator keeps a partition's
     # replicas in distinct domains while there are enough. "": the server alone.
     domain: str = ""
+    # Where a loader on this host leaves SST files for the servers to link in (shards.spool):
+    # "": "spool" beside the server's data directory, shared by a local cluster's servers.
+    spool_dir: str = ""
 
 
 @dataclass(frozen=True)

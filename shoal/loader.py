@@ -4,10 +4,12 @@
 embedding tables, create the model (version 1) or its next version, both "loading" (written,
 not servable: queries keep getting the current version), and stream every table's rows in
 bounded chunks (``chunk_bytes``; the loader holds a few chunks, never a table). Each chunk goes
-to every replica directly (``Ingest``: the servers write it as SST files, one per partition,
-and ingest them with an ingest record of the chunk's checksums), pipelined so the loader reads
-the next chunk while the servers store this one (MoE checkpoints: ``shoal.moe_loader``, an
-expert at a time); partitions with a copy being built, and any
+to every replica directly (``Ingest``, with an ingest record of the chunk's checksums): to the
+replicas on this host as SST files the loader writes once, one per partition, which each of
+them checks and links in (``shards.spool``); to the others as rows, which they write as SST
+files themselves. Pipelined so the loader reads the next chunk while the servers store the last
+ones (MoE checkpoints: ``shoal.moe_loader``, an expert at a time); partitions with a copy being
+built, and any
 replica that refuses or fails, take the routers' replicated write path instead. Then verify:
 every replica's per-partition checksums must equal the source's, computed while streaming
 (answered from the ingest records, or by a scan where other writes touched a partition). The
@@ -22,6 +24,10 @@ every replica, and rewrites only the partitions that are not complete everywhere
 from __future__ import annotations
 
 import collections
+import logging
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,11 +41,14 @@ from embeddings.checkpoint import CheckpointError, dense_keys, embedding_tables,
 from embeddings.checksum import partition_checksums
 from embeddings.partition import rows_in_partition
 from embeddings.specs import TableSpec
+from shards import spool
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.serving import heap_kept
 from shoal.wire import pack
 
+log = logging.getLogger("shoal.loader")
+TRANSFERS = ("auto", "rows")     # how chunks reach the replicas (see Sink)
 DEFAULT_CHUNK_BYTES = 16 << 20   # the loader's peak memory is about 10 chunks
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float32",
           torch.float64: "float32"}
@@ -79,19 +88,22 @@ class LoadResult:
     skipped_partitions: int = 0     # a resume's partitions already complete on every replica
     expert_layers: list[str] = field(default_factory=list)    # an MoE checkpoint's layers
     skipped_layers: list[str] = field(default_factory=list)   # ... and those not MoE
+    spooled_files: int = 0          # SST files replicas linked in from the loader's spool
 
 
 def load(client, path: str, model: str, version: int = 0, format: str = "auto",
          mapping: dict[str, str] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          make_current: bool = True, resume: bool = False,
          progress: Callable[[LoadProgress], None] | None = None,
-         direct: bool = True) -> LoadResult:
+         direct: bool = True, transfer: str = "auto") -> LoadResult:
     """Load the checkpoint at ``path`` as a new version of ``model`` (see the module doc).
     ``version``: a loading version to fill or rewrite (e.g. one created with its tables by
     ``create_model(..., loading=True)``); 0: the next version (with ``resume``: the newest
     loading one).
     ``direct``: send each replica its rows itself (``Ingest``), in parallel; else (and for any
-    chunk a replica fails) through the routers' replicated write path."""
+    chunk a replica fails) through the routers' replicated write path.
+    ``transfer``: "auto": replicas on this host link SST files the loader writes once
+    (``shards.spool``), others get rows; "rows": every replica gets rows."""
     with open_checkpoint(path, format) as reader:
         infos = reader.tensors()
         tables = embedding_tables(infos, mapping)
@@ -99,7 +111,7 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
             from shoal.moe_loader import is_moe_checkpoint, load_moe
             if is_moe_checkpoint(path, infos):
                 return load_moe(client, reader, path, model, version, chunk_bytes,
-                                make_current, resume, progress, direct)
+                                make_current, resume, progress, direct, transfer)
         if not tables:
             raise CheckpointError(f"{path}: no embedding tables found (keys like "
                                   "'...embedding_bags.<name>.weight'); pass a mapping",
@@ -143,7 +155,8 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
         attempt = uuid.uuid4().hex[:12]
         # Each chunk's buffers reuse the last one's pages; freed memory past a few chunks, and
         # all of it at the end, goes back to the OS: the loader's memory stays a few chunks.
-        with heap_kept(2 * chunk_bytes), Sink(client, model, md.version, direct) as sink:
+        with heap_kept(2 * chunk_bytes), \
+            Sink(client, model, md.version, direct, transfer) as sink:
             for name, t in placed.items():
                 if not todo[name].any():
                     continue
@@ -159,7 +172,8 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
         client.update_version(model, md.version, ready=True, make_current=make_current)
         return LoadResult(model, md.version, {n: t.num_embeddings for n, t in placed.items()},
                           prog.bytes_done, prog.seconds, dense,
-                          sum(int(d.sum()) for d in done.values()))
+                          sum(int(d.sum()) for d in done.values()),
+                          spooled_files=sink.files_sent)
 
 
 def _check_dense_size(infos, dense: list[str], path: str) -> None:
@@ -280,19 +294,28 @@ class Sink:
     """Where a load's chunks go: each replica directly (``Ingest``, servers in parallel), or,
     for partitions with a copy being built (a learner would miss rows that bypass the leader's
     log) and for any replica that refuses or fails, the routers' write path (leader, log,
-    replicas). Pipelined: ``write`` sends a chunk, then waits for the one before it, so the
-    loader reads the next chunk while the servers store the last ones (``IN_FLIGHT``).
-    Requests carry each partition's epoch: a server whose replica set changed since this map
-    refuses them (the map is then read again), so no new replica misses a chunk."""
+    replicas). Replicas on this host whose spool directory the loader can write get the chunk
+    as SST files written once, one per partition, which each of them checks and links in
+    (``shards.spool``); others get the rows (``transfer="rows"``: every replica does).
+    Pipelined: ``write`` sends a chunk, then waits for the one before it, so the loader reads
+    the next chunk while the servers store the last ones (``IN_FLIGHT``). Requests carry each
+    partition's epoch: a server whose replica set changed since this map refuses them (the map
+    is then read again), so no new replica misses a chunk."""
 
-    INGEST = "/shoal.v1.ShardServer/Ingest"
-    IN_FLIGHT = 1        # chunks left in flight while the next is sent (each costs ~4 chunks of memory)
+    IN_FLIGHT = 2        # chunks left in flight while the next is sent (each costs ~4 chunks of memory)
 
-    def __init__(self, client, model: str, version: int, direct: bool):
+    def __init__(self, client, model: str, version: int, direct: bool, transfer: str = "auto"):
+        if transfer not in TRANSFERS:
+            raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"transfer: {transfer!r} is not one of {', '.join(TRANSFERS)}")
         self._client, self._model, self._version, self._direct = client, model, version, direct
+        self._transfer = transfer
         self._channels: dict[str, object] = {}
         self._map: pb.ShardMap | None = None      # read again after a refusal
         self._pending: collections.deque = collections.deque()     # chunks in flight
+        self._spool: str | None = None            # this load's directory in the servers' spool
+        self._file_servers: set[str] | None = None   # None: not asked yet
+        self.files_sent = 0                       # spooled SST files linked in by a replica
 
     def __enter__(self):
         return self
@@ -304,6 +327,8 @@ class Sink:
         finally:
             for ch in self._channels.values():
                 ch.close()
+            if self._spool is not None:
+                shutil.rmtree(self._spool, ignore_errors=True)
 
     def write(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray, key: str) -> None:
         if not self._direct:
@@ -319,55 +344,108 @@ class Sink:
             self._finish(self._pending.popleft())
 
     def _finish(self, sent) -> None:
-        t, ids, rows, key, jobs, failed = sent
-        for held, job in jobs:
-            if job.exception() is not None:   # stale map, learner, server lost: route them
-                failed = failed | held
+        t, ids, rows, key, jobs, failed, spooled = sent
+        try:
+            for held, job, server, files in jobs:
+                e = job.exception()
+                if e is None:
+                    self.files_sent += files
+                    continue
+                failed = failed | held     # stale map, learner, server lost: route them
                 self._map = None
-        del jobs
+                if files and isinstance(e, grpc.RpcError) and e.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.PERMISSION_DENIED) and e.details().startswith("files"):
+                    log.warning("%s does not take spooled files (%s); sending it rows",
+                                server, e.details())
+                    self._file_servers.discard(server)
+            del jobs
+        finally:
+            spool.release(spooled.values())
         if failed.any():
             sel = failed[ids & (t.num_partitions - 1)]
             self._routed(t, ids[sel], rows[sel], key)
 
     def _send(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray):
-        """Start one Ingest per server: ([(partitions it holds, future)], partitions to route)."""
+        """Start one Ingest per server: ([(partitions it holds, future, server, files)],
+        partitions to route, {partition: spooled file})."""
         from shoal.wire import serialize_with_tensor
         P = t.num_partitions
         if self._map is None:
             self._map = self._client.status().map
+        if self._file_servers is None:
+            self._find_spool()
         sets = {rs.partition: rs for rs in self._map.partitions if rs.table_uid == t.table_uid}
         if len(sets) != P:
-            return [], np.ones(P, bool)
+            return [], np.ones(P, bool), {}
         learning = np.array([bool(sets[p].learners) for p in range(P)])
         epochs = np.array([sets[p].epoch for p in range(P)], np.int64)
         parts = ids & (P - 1)
+        servers = sorted({s for rs in sets.values() for s in rs.replicas})
+        holds = {s: np.array([s in sets[p].replicas for p in range(P)]) & ~learning
+                 for s in servers}
+        by_file = [s for s in servers if s in self._file_servers and holds[s].any()]
+        spooled = {}
+        if by_file:
+            wanted = np.logical_or.reduce([holds[s] for s in by_file])
+            raw = np.ascontiguousarray(rows).view(np.uint8).reshape(len(ids), -1)
+            spooled = spool.write_chunk_files(self._spool, t.table_uid, P, ids, raw,
+                                              np.flatnonzero(wanted).tolist()) or {}
         jobs, whole = [], None           # one serialised request for servers that hold all
-        for s in sorted({s for rs in sets.values() for s in rs.replicas}):
-            held = np.array([s in sets[p].replicas for p in range(P)]) & ~learning
+        lo, hi = int(ids[0]), int(ids[-1]) + 1
+        for s in servers:
+            held = holds[s]
             if not held.any():
                 continue
             mine = np.flatnonzero(held)
-            head = pb.IngestRequest(map_version=self._map.version, table_uid=t.table_uid,
-                                    ids=pack(ids if held.all() else ids[held[parts]]),
-                                    routed=pb.PartitionEpochs(partitions=pack(mine, "int32"),
-                                                              epochs=pack(epochs[mine])),
-                                    lo=int(ids[0]), hi=int(ids[-1]) + 1)
-            if held.all():
-                whole = whole or serialize_with_tensor(head, 4, rows)
-                msg = whole
+            routed = pb.PartitionEpochs(partitions=pack(mine, "int32"), epochs=pack(epochs[mine]))
+            files = [pb.IngestFile(partition=int(p), path=spooled[p])
+                     for p in mine.tolist() if p in spooled]
+            if files and len(files) == len(mine) and s in by_file:
+                msg = pb.IngestRequest(map_version=self._map.version, table_uid=t.table_uid,
+                                       routed=routed, lo=lo, hi=hi,
+                                       files=files).SerializeToString()
             else:
-                msg = serialize_with_tensor(head, 4, rows[held[parts]])
-            jobs.append((held, self._stub(s).future(msg, timeout=120)))
+                files = []
+                head = pb.IngestRequest(map_version=self._map.version, table_uid=t.table_uid,
+                                        ids=pack(ids if held.all() else ids[held[parts]]),
+                                        routed=routed, lo=lo, hi=hi)
+                if held.all():
+                    whole = whole or serialize_with_tensor(head, 4, rows)
+                    msg = whole
+                else:
+                    msg = serialize_with_tensor(head, 4, rows[held[parts]])
+            jobs.append((held, self._stub(s).future(msg, timeout=120), s, len(files)))
             del msg
-        return jobs, learning
+        return jobs, learning, spooled
 
-    def _stub(self, server: str):
+    def _find_spool(self) -> None:
+        """The servers that get files: those on this host whose spool directory (the one most
+        of them share) this process can write."""
+        self._file_servers = set()
+        if self._transfer == "rows":
+            return
+        here, dirs = spool.host_id(), {}
+        for s in self._map.servers:
+            try:
+                st = self._stub(s.server_id, "Stats", pb.ServerStats.FromString)(
+                    pb.StatsRequest().SerializeToString(), timeout=10)
+            except grpc.RpcError:
+                continue
+            if st.host_id == here and st.spool_dir and os.access(st.spool_dir, os.W_OK):
+                dirs.setdefault(st.spool_dir, set()).add(s.server_id)
+        if dirs:
+            root, self._file_servers = max(dirs.items(), key=lambda kv: len(kv[1]))
+            self._spool = tempfile.mkdtemp(prefix="load-", dir=root)
+
+    def _stub(self, server: str, method: str = "Ingest", reply=pb.IngestReply.FromString):
         from shoal.serving import channel
         address = next(s.address for s in self._map.servers if s.server_id == server)
         if address not in self._channels:
             self._channels[address] = channel(address, self._client.credentials)
         return self._channels[address].unary_unary(   # takes the request already serialised
-            self.INGEST, request_serializer=None, response_deserializer=pb.IngestReply.FromString)
+            f"/shoal.v1.ShardServer/{method}", request_serializer=None,
+            response_deserializer=reply)
 
     def _routed(self, t: pb.TableSpec, ids: np.ndarray, rows: np.ndarray, key: str) -> None:
         self._client.write_rows(self._model, t.name, ids, rows, version=self._version,

@@ -41,7 +41,8 @@ def is_moe_checkpoint(path: str, infos: dict) -> bool:
 
 
 def load_moe(client, reader, path: str, model: str, version: int, chunk_bytes: int,
-             make_current: bool, resume: bool, progress, direct: bool) -> LoadResult:
+             make_current: bool, resume: bool, progress, direct: bool,
+             transfer: str = "auto") -> LoadResult:
     infos = reader.tensors()
     layers, skipped = moe_layers(read_config(path), infos, f"{path}/config.json")
     if not layers:
@@ -66,7 +67,8 @@ def load_moe(client, reader, path: str, model: str, version: int, chunk_bytes: i
                                         TableSpec.from_proto(placed[n]).row_bytes
                                         for n in placed))
     attempt = uuid.uuid4().hex[:12]
-    with heap_kept(2 * chunk_bytes), Sink(client, model, md.version, direct) as sink:
+    with heap_kept(2 * chunk_bytes), \
+            Sink(client, model, md.version, direct, transfer) as sink:
         for n, t in placed.items():
             prog.table = n
             sums = _layer_sums(reader, by_table[n], t, chunk_bytes, sink, todo[n],
@@ -80,7 +82,8 @@ def load_moe(client, reader, path: str, model: str, version: int, chunk_bytes: i
     client.update_version(model, md.version, ready=True, make_current=make_current)
     return LoadResult(model, md.version, {n: t.num_embeddings for n, t in placed.items()},
                       prog.bytes_done, prog.seconds, sorted(dense), done_parts,
-                      expert_layers=[x.spec.name for x in layers], skipped_layers=skipped)
+                      expert_layers=[x.spec.name for x in layers], skipped_layers=skipped,
+                      spooled_files=sink.files_sent)
 
 
 def _layer_sums(reader, layer: MoeLayer, t: pb.TableSpec, chunk_bytes: int, sink,

@@ -125,6 +125,7 @@ class WithTensor:
     def __init__(self, message, header: pb.Tensor, data: memoryview | None,
                  error: str = ""):
         self.message, self._header, self._data, self._error = message, header, data, error
+        self.given = data is not None or header.ByteSize() > 0 or error != ""   # field sent
 
     def __getattr__(self, name):                  # map_version, table_uid, ... of the message
         return getattr(self.message, name)

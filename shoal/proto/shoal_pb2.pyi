@@ -161,7 +161,7 @@ class ServerInfo(_message.Message):
     def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits", "rocksdb_reads")
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits", "rocksdb_reads", "host_id", "spool_dir")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,8 @@ class ServerStats(_message.Message):
     TABLE_LOADS_FIELD_NUMBER: _ClassVar[int]
     SPLITS_FIELD_NUMBER: _ClassVar[int]
     ROCKSDB_READS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DIR_FIELD_NUMBER: _ClassVar[int]
     rows: int
     raw_bytes: int
     resident_bytes: int
@@ -206,7 +208,9 @@ class ServerStats(_message.Message):
     table_loads: _containers.RepeatedCompositeFieldContainer[TableLoad]
     splits: _containers.RepeatedCompositeFieldContainer[SplitProgress]
     rocksdb_reads: int
-    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ..., rocksdb_reads: _Optional[int] = ...) -> None: ...
+    host_id: str
+    spool_dir: str
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ..., rocksdb_reads: _Optional[int] = ..., host_id: _Optional[str] = ..., spool_dir: _Optional[str] = ...) -> None: ...
 
 class TableLoad(_message.Message):
     __slots__ = ("table_uid", "ids_looked_up")
@@ -727,7 +731,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("map_version", "table_uid", "ids", "rows", "routed", "lo", "hi")
+    __slots__ = ("map_version", "table_uid", "ids", "rows", "routed", "lo", "hi", "files")
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -735,6 +739,7 @@ class IngestRequest(_message.Message):
     ROUTED_FIELD_NUMBER: _ClassVar[int]
     LO_FIELD_NUMBER: _ClassVar[int]
     HI_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     map_version: int
     table_uid: int
     ids: Tensor
@@ -742,7 +747,16 @@ class IngestRequest(_message.Message):
     routed: PartitionEpochs
     lo: int
     hi: int
-    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., lo: _Optional[int] = ..., hi: _Optional[int] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[IngestFile]
+    def __init__(self, map_version: _Optional[int] = ..., table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ..., lo: _Optional[int] = ..., hi: _Optional[int] = ..., files: _Optional[_Iterable[_Union[IngestFile, _Mapping]]] = ...) -> None: ...
+
+class IngestFile(_message.Message):
+    __slots__ = ("partition", "path")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    path: str
+    def __init__(self, partition: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class IngestReply(_message.Message):
     __slots__ = ("rows",)
