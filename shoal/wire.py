@@ -164,8 +164,20 @@ def parse_with_tensor(message_cls, field_number: int):
                 header = pb.Tensor.FromString(b"".join(head))
             return WithTensor(message_cls.FromString(b"".join(rest)), header, data)
         except ValueError:
-            message_cls.FromString(raw)               # protobuf's error for bad bytes
-            raise
+            # Bytes protobuf refuses get its error; wire features the walk does not follow
+            # (groups, which protobuf still parses) take the copying way.
+            msg = message_cls.FromString(raw)
+            name = message_cls.DESCRIPTOR.fields_by_number[field_number].name
+            if not msg.HasField(name):
+                return WithTensor(msg, pb.Tensor(), None)
+            header = pb.Tensor()
+            header.CopyFrom(getattr(msg, name))
+            data = memoryview(header.data) if header.data else None
+            header.ClearField("data")
+            msg.ClearField(name)
+            out = WithTensor(msg, header, data)
+            out.given = True
+            return out
     return parse
 
 

@@ -214,3 +214,20 @@ def test_parse_with_tensor_leaves_rows_in_place_and_refuses_bad_bytes():
                                                                           rows)
     with pytest.raises(InvalidArgument, match="rows: given twice"):
         parse(twice).tensor("rows", "float32", 2)
+
+
+def test_parse_with_tensor_takes_groups_as_protobuf_does():
+    """A message with a (deprecated, still valid) group field: the in-place walk does not
+    follow groups, so the parse falls back to protobuf's, with the same fields (atheris found
+    this: it used to raise ValueError, which gRPC answers INTERNAL)."""
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.wire import pack, parse_with_tensor
+
+    parse = parse_with_tensor(pb.IngestRequest, 4)
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    group = bytes([(15 << 3) | 3, (15 << 3) | 4])        # an empty group, field 15
+    got = parse(pb.IngestRequest(map_version=5, rows=pack(rows)).SerializeToString() + group)
+    assert got.map_version == 5 and got.given
+    np.testing.assert_array_equal(got.tensor("rows", "float32", 2), rows)
+    bare = parse(pb.IngestRequest(map_version=6).SerializeToString() + group)
+    assert bare.map_version == 6 and not bare.given
