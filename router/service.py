@@ -26,6 +26,7 @@ from shoal.metrics import MODEL_REQUESTS, STAGE_SECONDS
 from router.batcher import Batcher
 from router.dense import DenseCache
 from router.moe import MoeStats, moe_forward
+from router.predict import PredictItem, check_request, predict_batch, scorer_for
 from router.hedging import Hedger, RetryBudget
 from router.mapcache import MapCache
 from router.pooled import Query, Stats, output_keys, pooled_lookup
@@ -55,6 +56,8 @@ class RouterService(pbg.RouterServicer):
         self._batcher = Batcher(self._execute, config.batch_window_ms / 1000.0,
                                 config.max_batch_ids)
         self.dense = DenseCache(coordinator)
+        self._predict_batcher = Batcher(self._execute_predict, config.predict_window_ms / 1e3,
+                                        config.max_predict_batch)
         self.metrics_address = ""               # set by the process once it serves them
         self._slow_logged = 0.0
         self.moe = MoeStats()
@@ -247,6 +250,37 @@ class RouterService(pbg.RouterServicer):
         except ShoalError as e:
             self._counted("MoeForward", request.model, request.version, e)
             await abort_async(context, e)
+
+    # ------------------------------------------------------------ predict
+    async def Predict(self, request, context):
+        sparse = request.sparse
+        try:
+            self._requests += 1
+            t0 = time.perf_counter()
+            q = self._parse(sparse)
+            scorer, _ = await scorer_for(self.dense, q.model)
+            dense = to_torch(request.dense, "dense", "float32", 2)
+            check_request(scorer.part, scorer, q.keys, dense, q.batch_size, request.top_k,
+                          self._cfg.max_predict_batch)
+            item = PredictItem(q, dense, int(request.top_k), t0)
+            result = await self._predict_batcher.run(item, (q.model.name, q.model.version),
+                                                     q.batch_size)
+            timings = dict(result.timings, total=time.perf_counter() - t0)
+            self._traced("predict", timings, f"predict of {q.batch_size} candidates, model "
+                         f"{q.model.name} v{q.model.version}")
+            self._counted("Predict", q.model.name, q.model.version)
+            reply = pb.PredictReply(scores=pack(result.scores), version=q.model.version,
+                                    timings=timings if request.trace else None)
+            if result.indices is not None:
+                reply.indices.CopyFrom(pack(result.indices.astype(np.int64)))
+            return reply
+        except ShoalError as e:
+            self._counted("Predict", sparse.model, sparse.version, e)
+            await abort_async(context, e)
+
+    async def _execute_predict(self, items: list[PredictItem]):
+        scorer, perm = await scorer_for(self.dense, items[0].query.model)
+        return await predict_batch(items, self._execute, scorer, perm)
 
     # ------------------------------------------------------------ control
     async def CreateModel(self, request, context):

@@ -6,7 +6,8 @@
 """
 from shoal.errors import ShoalError
 
-__all__ = ["ShoalError", "connect", "Client", "LocalCluster", "TableSpec", "ShoalConfig"]
+__all__ = ["ShoalError", "connect", "Client", "LocalCluster", "TableSpec", "ShoalConfig",
+           "DensePart"]
 __version__ = "0.1.0"
 
 
@@ -21,6 +22,9 @@ def __getattr__(name):
     if name == "TableSpec":
         from embeddings.specs import TableSpec
         return TableSpec
+    if name == "DensePart":
+        from shoal.dense_part import DensePart
+        return DensePart
     if name == "ShoalConfig":
         from shoal.config import ShoalConfig
         return ShoalConfig

@@ -7,6 +7,7 @@ Tensors go over the wire as packed bytes; results come back as torch tensors (to
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Iterable
 
 import grpc
@@ -75,8 +76,13 @@ class Client(RpcClient):
         until a load readies it). Returns the spec as placed."""
         return self._call(self._stub.CreateModel, pb.CreateModelRequest(spec=spec)).model
 
-    def put_dense(self, model: str, version: int, params: dict) -> int:
-        """Store a loading version's dense parameters (name -> tensor); returns bytes."""
+    def put_dense(self, model: str, version: int, params: dict, dense_part=None) -> int:
+        """Store a loading version's dense parameters (name -> tensor), replacing any stored
+        before, and its ``dense_part`` (a ``shoal.DensePart``: what ``predict`` runs);
+        returns bytes."""
+        params = dict(params)
+        if dense_part is not None:
+            params.update(dense_part.check().to_params())
         names = list(params)
         msg = pb.DenseParams(model=model, version=version, names=names,
                              tensors=[pack(_dense_np(params[n])) for n in names])
@@ -174,6 +180,31 @@ class Client(RpcClient):
                            values=torch.from_numpy(values.copy()))
 
 
+    def predict(self, model: str, dense, kjt, top_k: int | None = None, version: int = 0,
+                timings: dict | None = None) -> "Prediction":
+        """Scores of candidates by the model's dense part (``shoal.DensePart``): row i of
+        ``dense`` [B, dense_in_features] and bag i of each feature of ``kjt`` (a torchrec
+        ``KeyedJaggedTensor`` of stride B) are candidate i. ``top_k``: only the k best, best
+        first, with their candidate indices. ``version`` 0: the current one."""
+        from shoal.wire import unpack
+        values = _np(kjt.values())
+        if values.size and 0 <= values.min() and values.max() < 2**31:
+            values = values.astype(np.int32)
+        sparse = pb.FeatureBatch(model=model, version=version, keys=kjt.keys(),
+                                 values=pack(values), lengths=pack(kjt.lengths()),
+                                 batch_size=kjt.stride())
+        if kjt.weights_or_none() is not None:
+            sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
+        req = pb.PredictRequest(sparse=sparse, dense=pack(torch.as_tensor(dense), "float32"),
+                                top_k=top_k or 0, trace=timings is not None)
+        reply = self._call(self._stub.Predict, req)
+        if timings is not None:
+            timings.update(reply.timings)
+        scores = torch.from_numpy(unpack(reply.scores, "scores", "float32", 1).copy())
+        indices = torch.from_numpy(unpack(reply.indices, "indices", "int64", 1).copy()) \
+            if top_k else None
+        return Prediction(scores, indices, reply.version)
+
     # ------------------------------------------------------------ MoE
     def moe_forward(self, model: str, layer: str, hidden_states, expert_ids=None,
                     expert_weights=None, version: int = 0, timings: dict | None = None):
@@ -243,6 +274,13 @@ def connect(address: str, timeout: float = 120.0, creds=None) -> Client:
     """A client of the router at ``address``; ``creds`` (``shoal.security.Credentials``) where
     the cluster has TLS or tokens on."""
     return Client(address, timeout, creds)
+
+
+@dataclass
+class Prediction:
+    scores: torch.Tensor             # float32 [B], or the top k best first
+    indices: torch.Tensor | None     # int64: with top_k, the candidates of those scores
+    version: int                     # the version that answered
 
 
 def _dense_np(t) -> np.ndarray:

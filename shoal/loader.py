@@ -95,7 +95,7 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
          mapping: dict[str, str] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          make_current: bool = True, resume: bool = False,
          progress: Callable[[LoadProgress], None] | None = None,
-         direct: bool = True, transfer: str = "auto") -> LoadResult:
+         direct: bool = True, transfer: str = "auto", dense_part=None) -> LoadResult:
     """Load the checkpoint at ``path`` as a new version of ``model`` (see the module doc).
     ``version``: a loading version to fill or rewrite (e.g. one created with its tables by
     ``create_model(..., loading=True)``); 0: the next version (with ``resume``: the newest
@@ -103,7 +103,9 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
     ``direct``: send each replica its rows itself (``Ingest``), in parallel; else (and for any
     chunk a replica fails) through the routers' replicated write path.
     ``transfer``: "auto": replicas on this host link SST files the loader writes once
-    (``shards.spool``), others get rows; "rows": every replica gets rows."""
+    (``shards.spool``), others get rows; "rows": every replica gets rows.
+    ``dense_part``: a ``shoal.DensePart`` stored with the version (what ``predict`` runs,
+    e.g. ``DensePart.dlrm(features)`` for a TorchRec DLRM's checkpoint)."""
     with open_checkpoint(path, format) as reader:
         infos = reader.tensors()
         tables = embedding_tables(infos, mapping)
@@ -165,9 +167,9 @@ def load(client, path: str, model: str, version: int = 0, format: str = "auto",
                                      progress, attempt, todo[name])
                 source.setdefault(name, sums)
         dense = dense_keys(infos, tables)
-        if dense:
+        if dense or dense_part is not None:
             _check_dense_size(infos, dense, path)
-            client.put_dense(model, md.version, {k: reader.read(k) for k in dense})
+            client.put_dense(model, md.version, {k: reader.read(k) for k in dense}, dense_part)
         _verify(client, md, source)
         client.update_version(model, md.version, ready=True, make_current=make_current)
         return LoadResult(model, md.version, {n: t.num_embeddings for n, t in placed.items()},

@@ -68,7 +68,8 @@ RULES: dict[str, str | Callable] = {
     S + "Replicate": CLUSTER, S + "CatchUp": CLUSTER,
     S + "Ingest": WRITE, S + "Checksums": WRITE, S + "Stats": QUERY,
     # Router: the clients' API.
-    R + "Lookup": QUERY, R + "LookupRows": QUERY, R + "MoeForward": QUERY, R + "Status": QUERY,
+    R + "Lookup": QUERY, R + "LookupRows": QUERY, R + "MoeForward": QUERY, R + "Predict": QUERY,
+    R + "Status": QUERY,
     R + "GetDense": QUERY,
     R + "CreateModel": WRITE, R + "PutDense": WRITE, R + "WriteRows": WRITE,
     R + "UpdateModel": _update_model_role, R + "RebalanceExperts": ADMIN,

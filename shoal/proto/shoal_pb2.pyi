@@ -973,6 +973,37 @@ class PooledReply(_message.Message):
     timings: _containers.ScalarMap[str, float]
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class PredictRequest(_message.Message):
+    __slots__ = ("sparse", "dense", "top_k", "trace")
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    sparse: FeatureBatch
+    dense: Tensor
+    top_k: int
+    trace: bool
+    def __init__(self, sparse: _Optional[_Union[FeatureBatch, _Mapping]] = ..., dense: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., trace: _Optional[bool] = ...) -> None: ...
+
+class PredictReply(_message.Message):
+    __slots__ = ("scores", "indices", "version", "timings")
+    class TimingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    scores: Tensor
+    indices: Tensor
+    version: int
+    timings: _containers.ScalarMap[str, float]
+    def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class RouterWriteRowsRequest(_message.Message):
     __slots__ = ("model", "version", "table", "ids", "rows", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]

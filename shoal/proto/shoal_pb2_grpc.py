@@ -1336,6 +1336,11 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/shoal.v1.Router/Predict',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.PredictRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.PredictReply.FromString,
+                _registered_method=True)
         self.RebalanceExperts = channel.unary_unary(
                 '/shoal.v1.Router/RebalanceExperts',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.SerializeToString,
@@ -1399,6 +1404,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RebalanceExperts(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1453,6 +1464,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.MoeForward,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.PredictRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.PredictReply.SerializeToString,
             ),
             'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.RebalanceExperts,
@@ -1681,6 +1697,33 @@ class Router:
             '/shoal.v1.Router/MoeForward',
             shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Router/Predict',
+            shoal_dot_proto_dot_shoal__pb2.PredictRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.PredictReply.FromString,
             options,
             channel_credentials,
             insecure,
