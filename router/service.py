@@ -2,6 +2,7 @@
 lookup / write paths against the shard servers."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -35,6 +36,8 @@ from router.rows import lookup_rows, write_rows
 from router.transport import ShardTransport
 
 log = logging.getLogger("router")
+MAP_RECHECK_S = 0.05      # an unknown model re-reads the map at most this often
+DEADLINE_MARGIN_S = 0.01  # answer DEADLINE_EXCEEDED this long before the caller's deadline
 
 
 class RouterService(pbg.RouterServicer):
@@ -61,15 +64,19 @@ class RouterService(pbg.RouterServicer):
         self.metrics_address = ""               # set by the process once it serves them
         self._slow_logged = 0.0
         self.moe = MoeStats()
+        self._map_recheck: asyncio.Future | None = None     # a re-read for an unknown model
+        self._map_rechecked = 0.0
 
     # ------------------------------------------------------------ pooled lookup
     async def Lookup(self, request, context):
         try:
             self._requests += 1
             t0 = time.perf_counter()
-            q = self._parse(request)
+            q = self._parse(request, await self._model(request.model, request.version, True))
             q.arrived = t0
-            values = await self._batcher.run(q, (q.model.name, q.model.version), q.num_ids)
+            values = await self._in_time(
+                context, self._batcher.run(q, (q.model.name, q.model.version), q.num_ids),
+                f"lookup of {q.num_ids} ids", t0)
             keys, dims = output_keys(q)
             self._counted("Lookup", q.model.name, q.model.version)
             timings = dict(q.timings or {}, total=time.perf_counter() - t0)
@@ -110,8 +117,46 @@ class RouterService(pbg.RouterServicer):
                                    self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats,
                                    self.hedger)
 
-    def _parse(self, r: pb.FeatureBatch) -> Query:
-        model = self._maps.current().model(r.model, r.version).readable()
+    async def _in_time(self, context, work, what: str, t0: float):
+        """``await work`` within the caller's deadline (``router.default_deadline_s`` when it
+        set none): past it, DEADLINE_EXCEEDED, never a partial answer. The merged batch goes
+        on for the other requests in it."""
+        left = context.time_remaining()
+        limit = self._cfg.default_deadline_s if left is None else left - DEADLINE_MARGIN_S
+        try:
+            return await asyncio.wait_for(work, max(limit, 0.0))
+        except asyncio.TimeoutError:
+            raise ShoalError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"{what}: not answered within the request's deadline "
+                             f"({time.perf_counter() - t0:.3f} s)") from None
+
+    async def _model(self, name: str, version: int, readable: bool = False):
+        """The model version a request names. Not in this router's map (or not ready in it):
+        the map is read again first, since another router may have just created or readied
+        it (concurrent requests share one read, at most one per ``MAP_RECHECK_S``)."""
+        for attempt in (0, 1):
+            try:
+                model = self._maps.current().model(name, version)
+                return model.readable() if readable else model
+            except ShoalError as e:
+                if attempt or e.code not in (grpc.StatusCode.NOT_FOUND,
+                                             grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                task = self._map_recheck
+                if task is None or (task.done() and
+                                    time.monotonic() - self._map_rechecked > MAP_RECHECK_S):
+                    task = self._map_recheck = asyncio.ensure_future(self._recheck_map())
+                elif task.done():
+                    raise
+                await asyncio.shield(task)
+
+    async def _recheck_map(self) -> None:
+        try:
+            await self._maps.refresh_async()
+        finally:
+            self._map_rechecked = time.monotonic()
+
+    def _parse(self, r: pb.FeatureBatch, model) -> Query:
         keys = list(r.keys)
         if len(set(keys)) != len(keys):
             raise InvalidArgument(f"keys: feature names must be unique, got {keys}")
@@ -163,7 +208,7 @@ class RouterService(pbg.RouterServicer):
     async def WriteRows(self, request, context):
         try:
             self._requests += 1
-            model = self._maps.current().model(request.model, request.version)
+            model = await self._model(request.model, request.version)
             spec = model.table(request.table).spec
             ids = unpack(request.ids, "ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
             if request.rows.dtype != spec.dtype:
@@ -200,7 +245,7 @@ class RouterService(pbg.RouterServicer):
     async def LookupRows(self, request, context):
         try:
             self._requests += 1
-            model = self._maps.current().model(request.model, request.version)
+            model = await self._model(request.model, request.version)
             spec = model.table(request.table).spec
             ids = unpack(request.ids, "ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
             if len(ids) > self._cfg.max_ids_per_request:
@@ -220,7 +265,7 @@ class RouterService(pbg.RouterServicer):
     async def MoeForward(self, request, context):
         try:
             self._requests += 1
-            model = self._maps.current().model(request.model, request.version).readable()
+            model = await self._model(request.model, request.version, True)
             spec, _ = model.expert_layer(request.layer)
             hidden = to_torch(request.hidden, "hidden", spec.dtype, 2)
             check_hidden(spec, hidden, "hidden")
@@ -257,14 +302,16 @@ class RouterService(pbg.RouterServicer):
         try:
             self._requests += 1
             t0 = time.perf_counter()
-            q = self._parse(sparse)
+            q = self._parse(sparse, await self._model(sparse.model, sparse.version, True))
             scorer, _ = await scorer_for(self.dense, q.model)
             dense = to_torch(request.dense, "dense", "float32", 2)
             check_request(scorer.part, scorer, q.keys, dense, q.batch_size, request.top_k,
                           self._cfg.max_predict_batch)
             item = PredictItem(q, dense, int(request.top_k), t0)
-            result = await self._predict_batcher.run(item, (q.model.name, q.model.version),
-                                                     q.batch_size)
+            result = await self._in_time(
+                context, self._predict_batcher.run(item, (q.model.name, q.model.version),
+                                                   q.batch_size),
+                f"predict of {q.batch_size} candidates", t0)
             timings = dict(result.timings, total=time.perf_counter() - t0)
             self._traced("predict", timings, f"predict of {q.batch_size} candidates, model "
                          f"{q.model.name} v{q.model.version}")

@@ -43,11 +43,12 @@ def cmd_up(args) -> int:
     if args.ray is not None:
         return _up_on_ray(args, cfg, data)
     cluster = LocalCluster(servers=args.servers, replication=args.replication, data_dir=str(data),
-                           config=cfg, detach=True)
+                           config=cfg, detach=True, routers=args.routers)
     shoal_home().mkdir(parents=True, exist_ok=True)
     _current_file().write_text(json.dumps({"data_dir": str(data)}))
     print(f"shoal: {args.servers} servers, replication {cluster.replication}, data in {data}")
-    print(f"router: {cluster.router_address}")
+    print(f"router{'s' if len(cluster.routers) > 1 else ''}: "
+          f"{', '.join(cluster.router_addresses)}")
     return 0
 
 
@@ -116,8 +117,9 @@ def _client(args):
     from shoal.client import connect
     from shoal.local import LocalCluster
 
-    if args.address:
-        return connect(args.address, creds=_creds(args))
+    if args.address:                        # one router, or several: a,b
+        return connect(args.address.split(",") if "," in args.address else args.address,
+                       creds=_creds(args))
     data = _cluster_dir(args)
     if (data / "ray.json").exists():       # no Ray needed: the router's address is enough
         return connect(json.loads((data / "ray.json").read_text())["router"],
@@ -455,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a local cluster in the background")
     up.add_argument("--servers", type=int, default=3)
+    up.add_argument("--routers", type=int, default=1, help="routers (clients spread over them)")
     up.add_argument("--replication", type=int, default=0,
                     help="replicas per partition (default: 2 with >= 2 servers)")
     up.add_argument("--data-dir", help="default: $SHOAL_HOME/cluster")

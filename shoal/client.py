@@ -37,12 +37,29 @@ def _np(x) -> np.ndarray:
 
 
 class Client(RpcClient):
-    def __init__(self, address: str, timeout: float = 120.0, creds=None):
-        """``creds``: a ``shoal.security.Credentials`` (TLS files and / or a bearer token) for a
+    def __init__(self, address: str | list[str], timeout: float = 120.0, creds=None):
+        """``address``: a router, or several: requests are spread over them, and a request
+        a router cannot take (UNAVAILABLE: it is down) goes to the next one, for every call
+        that is safe to send twice (queries, and writes, which carry idempotency keys).
+        ``creds``: a ``shoal.security.Credentials`` (TLS files and / or a bearer token) for a
         cluster with security on; also used for the loader's direct calls to servers."""
         tune_malloc()
         self.credentials = creds
-        super().__init__(address, pbg.RouterStub, timeout, creds=creds)
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise InvalidArgument("address: no router address given")
+        super().__init__(addresses[0], pbg.RouterStub, timeout, creds=creds)
+        self.addresses = addresses
+        if len(addresses) > 1:
+            from shoal.serving import channel
+            self._extra = [channel(a, creds) for a in addresses[1:]]
+            self._stub = RouterPool([self._stub] + [pbg.RouterStub(ch) for ch in self._extra],
+                                    addresses)
+
+    def close(self) -> None:
+        for ch in getattr(self, "_extra", []):
+            ch.close()
+        super().close()
 
     # ------------------------------------------------------------ models
     def create_model(self, name: str, tables: Iterable = (), replication: int = 0,
@@ -181,11 +198,13 @@ class Client(RpcClient):
 
 
     def predict(self, model: str, dense, kjt, top_k: int | None = None, version: int = 0,
-                timings: dict | None = None) -> "Prediction":
+                timings: dict | None = None, timeout: float | None = None) -> "Prediction":
         """Scores of candidates by the model's dense part (``shoal.DensePart``): row i of
         ``dense`` [B, dense_in_features] and bag i of each feature of ``kjt`` (a torchrec
         ``KeyedJaggedTensor`` of stride B) are candidate i. ``top_k``: only the k best, best
-        first, with their candidate indices. ``version`` 0: the current one."""
+        first, with their candidate indices. ``version`` 0: the current one. ``timeout``:
+        this call's deadline in seconds (default: the client's); past it DEADLINE_EXCEEDED,
+        never a partial answer."""
         from shoal.wire import unpack
         values = _np(kjt.values())
         if values.size and 0 <= values.min() and values.max() < 2**31:
@@ -197,7 +216,7 @@ class Client(RpcClient):
             sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
         req = pb.PredictRequest(sparse=sparse, dense=pack(torch.as_tensor(dense), "float32"),
                                 top_k=top_k or 0, trace=timings is not None)
-        reply = self._call(self._stub.Predict, req)
+        reply = self._call(self._stub.Predict, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
         scores = torch.from_numpy(unpack(reply.scores, "scores", "float32", 1).copy())
@@ -270,10 +289,45 @@ class Client(RpcClient):
         return self.update_version(model, md.version, ready=True, make_current=True)
 
 
-def connect(address: str, timeout: float = 120.0, creds=None) -> Client:
-    """A client of the router at ``address``; ``creds`` (``shoal.security.Credentials``) where
-    the cluster has TLS or tokens on."""
+def connect(address: str | list[str], timeout: float = 120.0, creds=None) -> Client:
+    """A client of the router at ``address`` (or of several routers: a list); ``creds``
+    (``shoal.security.Credentials``) where the cluster has TLS or tokens on."""
     return Client(address, timeout, creds)
+
+
+class RouterPool:
+    """Router stubs used in turn; a call a router could not take (UNAVAILABLE) is sent to the
+    next, and that router is skipped for ``DOWN_S`` while others are up."""
+
+    RETRY = frozenset({"Lookup", "LookupRows", "Predict", "MoeForward", "Status", "GetDense",
+                       "WriteRows"})
+    DOWN_S = 5.0
+
+    def __init__(self, stubs: list, addresses: list[str]):
+        import itertools
+        self._stubs, self._addresses = stubs, addresses
+        self._turn = itertools.count()
+        self._down = [0.0] * len(stubs)
+        self.failovers = 0
+
+    def __getattr__(self, method: str):
+        import time
+
+        def call(request, **kw):
+            n, first = len(self._stubs), next(self._turn)
+            order = [(first + i) % n for i in range(n)]
+            now = time.monotonic()
+            order.sort(key=lambda j: self._down[j] > now)       # routers up first
+            for i, j in enumerate(order):
+                try:
+                    return getattr(self._stubs[j], method)(request, **kw)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or method not in self.RETRY \
+                            or i == n - 1:
+                        raise
+                    self._down[j] = time.monotonic() + self.DOWN_S
+                    self.failovers += 1
+        return call
 
 
 @dataclass

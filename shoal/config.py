@@ -51,6 +51,7 @@ class RouterConfig:
     max_moe_tokens: int = 65_536            # tokens per moe_forward request; more is RESOURCE_EXHAUSTED
     predict_window_ms: float = 1.0          # merge concurrent predict requests within this window
     max_predict_batch: int = 8_192          # candidates per merged predict batch (and per request)
+    default_deadline_s: float = 30.0        # a lookup / predict whose caller set no deadline
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
     hedge: bool = True                      # send a slow read to a second replica too

@@ -41,9 +41,16 @@ class ProcessHandle:
 
 class LocalCluster(Elastic):
     def __init__(self, servers: int = 3, replication: int = 0, data_dir: str | None = None,
-                 config: ShoalConfig | None = None, start: bool = True, detach: bool = False):
+                 config: ShoalConfig | None = None, start: bool = True, detach: bool = False,
+                 routers: int = 1):
         """``replication`` 0 means the default: 2 when there are >= 2 servers, else 1.
-        ``detach``: processes outlive this object (the CLI's ``shoal up``)."""
+        ``detach``: processes outlive this object (the CLI's ``shoal up``). ``routers``: how
+        many routers (they hold nothing the coordinator cannot give them again; clients from
+        ``client()`` spread their requests over all and move off one that fails)."""
+        if routers < 1:
+            raise ValueError(f"routers: {routers}; a cluster needs at least 1")
+        self.num_routers = routers
+        self.routers: list[ProcessHandle] = []
         self._owns_dir = data_dir is None
         self.data_dir = pathlib.Path(data_dir or tempfile.mkdtemp(prefix="shoal-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +77,11 @@ class LocalCluster(Elastic):
                 self.servers.append(self._spawn("server", f"s{i}", []))
             for h in self.servers:
                 self._wait_ready(h)
-            self.router = self._spawn("router", "router", [])
-            self._wait_ready(self.router)
+            self.routers = [self._spawn("router", "router" if i == 0 else f"router{i}", [])
+                            for i in range(self.num_routers)]
+            for h in self.routers:
+                self._wait_ready(h)
+            self.router = self.routers[0]
             self._save()
         except BaseException:
             self.stop()
@@ -81,8 +91,8 @@ class LocalCluster(Elastic):
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and remove a data folder we created."""
         self._stop_provisioning()
-        handles = [h for h in [self.provisioner, self.router, *self.servers, self.coordinator]
-                   if h and h.pid]
+        handles = [h for h in [self.provisioner, *(self.routers or [self.router]),
+                               *self.servers, self.coordinator] if h and h.pid]
         for h in handles:
             _signal(h.pid, signal.SIGCONT)
             _signal(h.pid, signal.SIGTERM)
@@ -111,6 +121,10 @@ class LocalCluster(Elastic):
         return self.router.address
 
     @property
+    def router_addresses(self) -> list[str]:
+        return [h.address for h in self.routers or [self.router]]
+
+    @property
     def coordinator_address(self) -> str:
         return self.coordinator.address
 
@@ -124,7 +138,9 @@ class LocalCluster(Elastic):
 
     def client(self, timeout: float = 120.0, creds=None):
         from shoal.client import Client
-        return Client(self.router_address, timeout, creds or self.credentials)
+        addresses = self.router_addresses
+        return Client(addresses if len(addresses) > 1 else addresses[0], timeout,
+                      creds or self.credentials)
 
     def server(self, server_id: str) -> ProcessHandle:
         for h in self.servers:
@@ -276,6 +292,7 @@ class LocalCluster(Elastic):
         state = {"data_dir": str(self.data_dir), "replication": self.replication,
                  "config": self.config.to_json(),
                  "coordinator": asdict(self.coordinator), "router": asdict(self.router),
+                 "routers": [asdict(h) for h in self.routers or [self.router]],
                  "servers": [asdict(h) for h in self.servers],
                  "provisioner": asdict(self.provisioner) if self.provisioner else None}
         (self.data_dir / "cluster.json").write_text(json.dumps(state, indent=1))
@@ -289,6 +306,8 @@ class LocalCluster(Elastic):
                 start=False, detach=True)
         c.coordinator = ProcessHandle(**state["coordinator"])
         c.router = ProcessHandle(**state["router"])
+        c.routers = [ProcessHandle(**h) for h in state.get("routers", [state["router"]])]
+        c.num_routers = len(c.routers)
         c.servers = [ProcessHandle(**h) for h in state["servers"]]
         if state.get("provisioner"):
             c.provisioner = ProcessHandle(**state["provisioner"])

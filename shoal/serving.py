@@ -159,9 +159,9 @@ class RpcClient:
         self._creds = creds
         self._stub = stub_class(self._channel)
 
-    def _call(self, method, request):
+    def _call(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=self._timeout, wait_for_ready=self._wait)
+            return method(request, timeout=timeout or self._timeout, wait_for_ready=self._wait)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             c = self._creds

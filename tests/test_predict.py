@@ -18,22 +18,26 @@ TABLES = [("t_cat_2", 300), ("t_cat_0", 500), ("t_cat_10", 200), ("t_cat_1", 400
 DIM, DENSE_IN, B = 8, 5, 64
 
 
-@pytest.fixture(scope="module")
-def dlrm_ckpt(tmp_path_factory):
+def make_dlrm(path: str, seed: int):
+    """A torchrec DLRM with random weights, saved at ``path`` with DCP: (model, path)."""
     import torch.distributed.checkpoint as dcp
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     ebc = EmbeddingBagCollection(tables=[
         EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=rows, feature_names=[n])
         for n, rows in TABLES])
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE_IN,
                  dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 8, 1]).eval()
-    path = str(tmp_path_factory.mktemp("dlrm") / "ckpt")
     dcp.save(model.state_dict(), checkpoint_id=path, no_dist=True)
     return model, path
+
+
+@pytest.fixture(scope="module")
+def dlrm_ckpt(tmp_path_factory):
+    return make_dlrm(str(tmp_path_factory.mktemp("dlrm") / "ckpt"), 11)
 
 
 def batch(seed: int, size: int = B, keys=None):
@@ -147,3 +151,37 @@ def test_dense_part_round_trips_and_torchscript_scores():
     torch.testing.assert_close(scorer.scores(d, p), d.sum(1) - p.sum(1))
     with pytest.raises(shoal.ShoalError, match="dense_part.kind"):
         DensePart("onnx", ("a",)).check()
+
+
+def test_a_predict_past_its_deadline_fails_whole(dlrm_ckpt, tmp_path):
+    """With the only server stopped (SIGSTOP), a predict with a 0.5 s deadline gets
+    DEADLINE_EXCEEDED from the router in about that time, not a partial answer; once the
+    server goes on, the same request is answered correctly."""
+    import os
+    import signal
+    import time
+
+    model, path = dlrm_ckpt
+    with shoal.LocalCluster(servers=1, replication=1, data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client(timeout=60)
+        client.load(path, model="dlrm", dense_part=DensePart.dlrm([n for n, _ in TABLES]))
+        dense, kjt = batch(5)
+        with torch.no_grad():
+            want = model(dense, kjt)[:, 0]
+        torch.testing.assert_close(client.predict("dlrm", dense, kjt).scores, want,
+                                   rtol=1e-5, atol=1e-5)       # the dense part is built
+        pid = cluster.servers[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(shoal.ShoalError) as e:
+                client.predict("dlrm", dense, kjt, timeout=0.5)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline" in e.value.message and "predict of 64 candidates" in e.value.message
+        assert 0.4 < took < 2.0, took
+        torch.testing.assert_close(client.predict("dlrm", dense, kjt, timeout=30).scores, want,
+                                   rtol=1e-5, atol=1e-5)
+        client.close()
