@@ -21,7 +21,8 @@ log = logging.getLogger("coordinator.versions")
 
 
 def with_update(state: ClusterState, model: str, version: int, ready: bool = False,
-                make_current: bool = False, drop: bool = False) -> ClusterState:
+                make_current: bool = False, drop: bool = False,
+                traffic_share: float | None = None) -> ClusterState:
     md = state.models.get((model, version))
     if md is None:
         have = [v.version for v in state.versions(model)]
@@ -53,6 +54,22 @@ def with_update(state: ClusterState, model: str, version: int, ready: bool = Fal
                              "be made current once it is ready")
         for other in new.versions(model):
             other.current = other.version == version
+        target.traffic_share = 0.0           # the current version takes the rest anyway
+    if traffic_share is not None:
+        if not 0.0 <= traffic_share <= 1.0:
+            raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"traffic_share: {traffic_share} must be in [0, 1]")
+        if traffic_share and (target.state != "ready" or target.current):
+            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"version {version} of model {model!r} is "
+                             f"{'current' if target.current else 'still loading'}; a share "
+                             "of traffic goes to a ready version that is not current")
+        others = sum(o.traffic_share for o in new.versions(model) if o.version != version)
+        if others + traffic_share > 1.0 + 1e-9:
+            raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"traffic_share: {traffic_share} with {others} already given to "
+                             f"other versions of model {model!r} exceeds 1")
+        target.traffic_share = traffic_share
     if new.models == state.models:
         return state
     new.version += 1
@@ -112,13 +129,16 @@ class VersionRPCs:
     def UpdateModel(self, request, context):
         try:
             with self._lock:
-                self._commit(with_update(self._state, request.model, request.version,
-                                         request.ready, request.make_current, request.drop))
+                self._commit(with_update(
+                    self._state, request.model, request.version, request.ready,
+                    request.make_current, request.drop,
+                    request.traffic_share if request.set_traffic_share else None))
                 if request.drop:
                     self._store.delete_blob(dense_key(request.model, request.version))
                 what = "dropped" if request.drop else ", ".join(
-                    w for w, on in (("ready", request.ready), ("current", request.make_current))
-                    if on)
+                    w for w, on in (("ready", request.ready), ("current", request.make_current),
+                                    (f"traffic share {request.traffic_share:g}",
+                                     request.set_traffic_share)) if on)
                 log.info("model %s version %d: %s (map version %d)", request.model,
                          request.version, what or "unchanged", self._state.version)
                 md = self._state.models.get((request.model, request.version), pb.ModelSpec())

@@ -98,10 +98,11 @@ class RoutingTable:
     server_ids: tuple[str, ...]
     addresses: tuple[str, ...]
     versions: dict[tuple[str, int], ModelRoute] = None   # every version, by (name, version)
+    shares: dict[str, tuple[tuple[float, int], ...]] = None  # model -> ((cumulative share, v),)
 
     @classmethod
     def empty(cls) -> "RoutingTable":
-        return cls(0, {}, (), (), {})
+        return cls(0, {}, (), (), {}, {})
 
     @classmethod
     def build(cls, m: pb.ShardMap) -> "RoutingTable":
@@ -139,7 +140,25 @@ class RoutingTable:
         for (name, _), route in sorted(versions.items()):   # a map without `current` flags:
             if name not in flagged and route.state == "ready":   # the newest ready version
                 models[name] = route
-        return cls(m.version, models, server_ids, tuple(s.address for s in m.servers), versions)
+        shares: dict[str, list] = {}
+        for md in sorted(m.models, key=lambda md: (md.name, md.version)):
+            if md.traffic_share > 0 and md.state == "ready" and not md.current:
+                acc = shares.setdefault(md.name, [])
+                acc.append((md.traffic_share + (acc[-1][0] if acc else 0.0), md.version))
+        return cls(m.version, models, server_ids, tuple(s.address for s in m.servers), versions,
+                   {k: tuple(v) for k, v in shares.items()})
+
+    def pick_version(self, name: str, key: str) -> int:
+        """The version that answers a request for model ``name`` naming none: a version
+        given a traffic share takes the requests whose key hashes into its share (the same
+        key always lands in the same place, on every router); 0 (the current one) for the
+        rest and for requests without a key."""
+        split = (self.shares or {}).get(name)
+        if not split or not key:
+            return 0
+        import hashlib
+        u = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+        return next((v for top, v in split if u < top), 0)
 
     def model(self, name: str, version: int = 0) -> ModelRoute:
         """Version ``version`` of model ``name``; 0: the current one."""

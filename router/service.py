@@ -72,7 +72,8 @@ class RouterService(pbg.RouterServicer):
         try:
             self._requests += 1
             t0 = time.perf_counter()
-            q = self._parse(request, await self._model(request.model, request.version, True))
+            q = self._parse(request, await self._model(
+                request.model, request.version, True, request.request_key))
             q.arrived = t0
             values = await self._in_time(
                 context, self._batcher.run(q, (q.model.name, q.model.version), q.num_ids),
@@ -82,7 +83,8 @@ class RouterService(pbg.RouterServicer):
             timings = dict(q.timings or {}, total=time.perf_counter() - t0)
             self._traced("lookup", timings, f"lookup of {q.num_ids} ids, model {q.model.name} "
                          f"v{q.model.version}")
-            reply = pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values))
+            reply = pb.PooledReply(keys=keys, length_per_key=dims, values=pack(values),
+                                   version=q.model.version)
             if request.trace:
                 reply.timings.update(timings)
             return reply
@@ -130,13 +132,15 @@ class RouterService(pbg.RouterServicer):
                              f"{what}: not answered within the request's deadline "
                              f"({time.perf_counter() - t0:.3f} s)") from None
 
-    async def _model(self, name: str, version: int, readable: bool = False):
-        """The model version a request names. Not in this router's map (or not ready in it):
-        the map is read again first, since another router may have just created or readied
-        it (concurrent requests share one read, at most one per ``MAP_RECHECK_S``)."""
+    async def _model(self, name: str, version: int, readable: bool = False, key: str = ""):
+        """The model version a request names (0: the current one, or, with a ``key``, the
+        version of an A/B split the key hashes into). Not in this router's map (or not ready
+        in it): the map is read again first, since another router may have just created or
+        readied it (concurrent requests share one read, at most one per ``MAP_RECHECK_S``)."""
         for attempt in (0, 1):
             try:
-                model = self._maps.current().model(name, version)
+                table = self._maps.current()
+                model = table.model(name, version or table.pick_version(name, key))
                 return model.readable() if readable else model
             except ShoalError as e:
                 if attempt or e.code not in (grpc.StatusCode.NOT_FOUND,
@@ -302,7 +306,8 @@ class RouterService(pbg.RouterServicer):
         try:
             self._requests += 1
             t0 = time.perf_counter()
-            q = self._parse(sparse, await self._model(sparse.model, sparse.version, True))
+            q = self._parse(sparse, await self._model(
+                sparse.model, sparse.version, True, sparse.request_key))
             scorer, _ = await scorer_for(self.dense, q.model)
             dense = to_torch(request.dense, "dense", "float32", 2)
             check_request(scorer.part, scorer, q.keys, dense, q.batch_size, request.top_k,

@@ -127,6 +127,14 @@ class Client(RpcClient):
         return self._call(self._stub.CreateModel,
                           pb.CreateModelRequest(spec=spec, new_version=True)).model
 
+    def set_traffic_share(self, name: str, version: int, share: float) -> pb.ModelSpec:
+        """A/B and canaries: ready, not current version ``version`` answers ``share`` (0..1)
+        of the requests for ``name`` that name no version, chosen by each request's key
+        (sticky: the same key, the same version, on every router); 0 ends it. Making a version
+        current (or rolling back to the old one) is one atomic switch."""
+        return self._call(self._stub.UpdateModel, pb.UpdateModelRequest(
+            model=name, version=version, set_traffic_share=True, traffic_share=share)).model
+
     def update_version(self, name: str, version: int, ready: bool = False,
                        make_current: bool = False, drop: bool = False) -> pb.ModelSpec:
         """Mark a version ready, make it current (atomic: one map version), or drop it."""
@@ -167,6 +175,40 @@ class Client(RpcClient):
                         raise
         return written
 
+    def update(self, model: str, table: str, ids, rows, version: int = 0) -> int:
+        """Online update of a serving version (0: the current one): ``rows[i]`` becomes row
+        ``ids[i]``. Once it returns, every replica holds the new rows (written to RocksDB and
+        the memory tier on each in-sync replica before the leader acknowledges), so every
+        later query sees them; a query never sees a row half old, half new."""
+        return self.write_rows(model, table, ids, rows, version)
+
+    def update_stream(self, model: str, table: str, batches, version: int = 0,
+                      in_flight: int = 4) -> int:
+        """``update`` for a stream of ``(ids, rows)`` batches (a model trained online): up to
+        ``in_flight`` batches are written at once, and a batch that shares an id with one in
+        flight waits for it, so each id's rows apply in stream order. Returns the rows
+        written; the first error stops the stream and is raised."""
+        from concurrent.futures import ThreadPoolExecutor
+        written, pending = 0, []          # [(future, ids)]
+        with ThreadPoolExecutor(max(1, in_flight)) as pool:
+            try:
+                for ids, rows in batches:
+                    ids, rows = _np(ids).astype(np.int64, copy=False), _np(rows)
+                    while pending and (len(pending) >= in_flight or any(
+                            np.intersect1d(ids, mine, assume_unique=False).size
+                            for _, mine in pending)):
+                        fut, _ = pending.pop(0)
+                        written += fut.result()
+                    pending.append((pool.submit(self.write_rows, model, table, ids, rows,
+                                                version), ids))
+                for fut, _ in pending:
+                    written += fut.result()
+            except BaseException:
+                for fut, _ in pending:
+                    fut.cancel()
+                raise
+        return written
+
     def lookup_rows(self, model: str, table: str, ids, version: int = 0) -> torch.Tensor:
         """Unpooled rows ``[len(ids), dim]`` in the table's dtype."""
         req = pb.RouterLookupRowsRequest(model=model, version=version, table=table,
@@ -174,10 +216,13 @@ class Client(RpcClient):
         from shoal.wire import to_torch
         return to_torch(self._call(self._stub.LookupRows, req).rows, "rows").clone()
 
-    def lookup(self, model: str, kjt, version: int = 0, timings: dict | None = None):
+    def lookup(self, model: str, kjt, version: int = 0, timings: dict | None = None,
+               key: str = "", answered: dict | None = None):
         """Pooled embeddings of a torchrec ``KeyedJaggedTensor``, as a ``KeyedTensor`` equal to
         what a local ``EmbeddingBagCollection`` with the same weights returns. ``timings`` (a
-        dict), if given, receives the request's seconds per stage in the router."""
+        dict), if given, receives the request's seconds per stage in the router. ``key``
+        (e.g. a user id) picks the version under an A/B split (``set_traffic_share``);
+        ``answered`` (a dict), if given, receives ``version``: the version that answered."""
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         values = _np(kjt.values())
@@ -185,33 +230,38 @@ class Client(RpcClient):
             values = values.astype(np.int32)      # half the bytes on the wire
         req = pb.FeatureBatch(model=model, version=version, keys=kjt.keys(),
                               values=pack(values), lengths=pack(kjt.lengths()),
-                              batch_size=kjt.stride(), trace=timings is not None)
+                              batch_size=kjt.stride(), trace=timings is not None,
+                              request_key=key)
         weights = kjt.weights_or_none()
         if weights is not None:
             req.weights.CopyFrom(pack(weights, "float32"))
         reply = self._call(self._stub.Lookup, req)
         if timings is not None:
             timings.update(reply.timings)
+        if answered is not None:
+            answered["version"] = reply.version
         values = np.frombuffer(reply.values.data, np.float32).reshape(tuple(reply.values.shape))
         return KeyedTensor(keys=list(reply.keys), length_per_key=list(reply.length_per_key),
                            values=torch.from_numpy(values.copy()))
 
 
     def predict(self, model: str, dense, kjt, top_k: int | None = None, version: int = 0,
-                timings: dict | None = None, timeout: float | None = None) -> "Prediction":
+                timings: dict | None = None, timeout: float | None = None,
+                key: str = "") -> "Prediction":
         """Scores of candidates by the model's dense part (``shoal.DensePart``): row i of
         ``dense`` [B, dense_in_features] and bag i of each feature of ``kjt`` (a torchrec
         ``KeyedJaggedTensor`` of stride B) are candidate i. ``top_k``: only the k best, best
         first, with their candidate indices. ``version`` 0: the current one. ``timeout``:
         this call's deadline in seconds (default: the client's); past it DEADLINE_EXCEEDED,
-        never a partial answer."""
+        never a partial answer. ``key`` (e.g. a user id): picks the version under an A/B
+        split (``set_traffic_share``), the same one every time."""
         from shoal.wire import unpack
         values = _np(kjt.values())
         if values.size and 0 <= values.min() and values.max() < 2**31:
             values = values.astype(np.int32)
         sparse = pb.FeatureBatch(model=model, version=version, keys=kjt.keys(),
                                  values=pack(values), lengths=pack(kjt.lengths()),
-                                 batch_size=kjt.stride())
+                                 batch_size=kjt.stride(), request_key=key)
         if kjt.weights_or_none() is not None:
             sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
         req = pb.PredictRequest(sparse=sparse, dense=pack(torch.as_tensor(dense), "float32"),

@@ -4,7 +4,9 @@ Starts a local cluster (3 shard servers, replication 2), creates a DLRM-shaped m
 tables, fills it with random rows, streams Zipf-distributed queries from 4 client threads and
 checks every answer against a local torchrec EmbeddingBagCollection with the same weights;
 beside them, a Mixture-of-Experts layer (8 experts, top-2) answers ``moe_forward`` calls,
-each checked against the same layer computed locally. Five seconds in, it SIGKILLs a shard
+each checked against the same layer computed locally, and a client scores candidates with
+the model's dense part (``predict``), each score checked against the local DLRM. Five
+seconds in, it SIGKILLs a shard
 server: the queries go on, and the coordinator declares it dead and rebuilds its replicas
 elsewhere; then it adds a server, rebalances onto it and splits a table, still under load.
 """
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                                  pooling=PoolingType.MEAN if i % 4 == 3 else PoolingType.SUM)
               for i in range(8)]
     oracle = EmbeddingBagCollection(tables=tables)
+    from torchrec.models.dlrm import DLRM
+    dlrm = DLRM(embedding_bag_collection=oracle, dense_in_features=13,
+                dense_arch_layer_sizes=[32, args.dim], over_arch_layer_sizes=[32, 1]).eval()
     features = [f for t in tables for f in t.feature_names]
     sizes = [t.num_embeddings for t in tables]
     step = lambda msg: print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
@@ -84,19 +89,21 @@ def main(argv: list[str] | None = None) -> int:
              "while the demo runs; `shoal status` lists every process's /metrics)")
         ckpt = os.path.join(str(cluster.data_dir), "checkpoint")
         t0 = time.monotonic()
-        _save_checkpoint(oracle, ckpt)
-        step(f"saved the torchrec model's embedding tables as a torch.distributed.checkpoint "
-             f"({time.monotonic() - t0:.1f}s)")
+        _save_checkpoint(dlrm, ckpt)
+        step(f"saved a torchrec DLRM (its 8 embedding tables, dense arch and over arch) as a "
+             f"torch.distributed.checkpoint ({time.monotonic() - t0:.1f}s)")
         # The model's tables (with their pooling), created loading: nothing is servable until
         # the load below has written and verified every replica.
         placed = client.create_model("dlrm", tables, loading=True)
         step(f"created model 'dlrm': 8 tables x {args.rows:,} rows x dim {args.dim} "
              f"({sum(t.num_partitions for t in placed)} partitions), version 1 loading")
-        res = client.load(ckpt, model="dlrm", version=1)
+        res = client.load(ckpt, model="dlrm", version=1,
+                          dense_part=shoal.DensePart.dlrm(features))
         step(f"loaded the checkpoint: {sum(res.tables.values()):,} rows "
              f"({res.bytes / 2**20:.0f} MiB, x{args.replication} replicas) in "
              f"{res.seconds:.1f}s ({res.bytes / 2**20 / res.seconds:.0f} MiB/s), every replica "
-             "verified against it; version 1 is current")
+             f"verified against it, {len(res.dense)} dense tensors stored with it as the "
+             "model's dense part; version 1 is current")
 
         moe = _MoeQueries(cluster.router_address, creds=query_creds)
         client.put_expert_layers("mixtral", [(moe.spec, moe.weights)])
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
         threads.append(threading.Thread(target=moe.run, args=(stop,)))
+        scoring = _PredictQueries(cluster.router_address, dlrm, features, sizes, query_creds)
+        threads.append(threading.Thread(target=scoring.run, args=(stop,)))
         t0 = time.monotonic()
         for th in threads:
             th.start()
@@ -161,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    max |shoal - torchrec|: {max_diff[0]:.3g}")
         print(f"    moe_forward:      {moe.ok:,} requests of {moe.tokens} tokens answered "
               f"({len(moe.errors)} failed), max |shoal - local| {moe.max_diff:.3g}")
+        print(f"    predict:          {scoring.ok:,} requests of {scoring.candidates} candidates "
+              f"scored ({len(scoring.errors)} failed), max |shoal - local DLRM| "
+              f"{scoring.max_diff:.3g}")
         print(f"    router merged {st.router.requests:,} requests into "
               f"{st.router.batches:,} batches; {st.router.replica_retries} reads retried on "
               f"another replica, {st.router.hedges} hedged")
@@ -177,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if certs:
         import shutil
         shutil.rmtree(certs, ignore_errors=True)
-    ok = not errors and max_diff[0] < 1e-4 and len(lat) > 0 and moe.passed
-    step("stopped the cluster. " + ("OK: every answer matched torchrec and the local MoE "
-                                    "layer." if ok
+    ok = not errors and max_diff[0] < 1e-4 and len(lat) > 0 and moe.passed and scoring.passed
+    step("stopped the cluster. " + ("OK: every answer matched torchrec, the local DLRM and "
+                                    "the local MoE layer." if ok
                                     else "FAILED: see the numbers above."))
     return 0 if ok else 1
 
@@ -233,16 +245,48 @@ def _counted(address: str) -> str:
                 key = (smp.labels["model"], smp.labels["rpc"], smp.labels["code"])
                 by[key] = by.get(key, 0) + smp.value
     return "; ".join(f"{m} {rpc} {code}: {int(v):,}" for (m, rpc, code), v in sorted(by.items())
-                     if rpc in ("Lookup", "MoeForward")) + f" (http://{address}/metrics)"
+                     if rpc in ("Lookup", "MoeForward", "Predict")) + f" (http://{address}/metrics)"
 
 
-class _MoeQueries:
-    """A client calling ``moe_forward`` on one Mixtral-style layer, checking every answer
-    against the layer computed in this process with the same weights."""
+class _CheckedQueries:
+    """A client thread sending requests (``ask``) and checking each answer against the same
+    computed in this process; counts answers, failures and the largest difference."""
+
+    def __init__(self, address: str, creds=None):
+        self.address, self.creds = address, creds
+        self.ok, self.errors, self.max_diff = 0, [], 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.ok > 0 and not self.errors and self.max_diff < 1e-4
+
+    def ask(self, client, i: int):
+        """One request: (Shoal's answer, the local one)."""
+        raise NotImplementedError
+
+    def run(self, stop: threading.Event) -> None:
+        import shoal
+        c = shoal.connect(self.address, creds=self.creds)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                got, want = self.ask(c, i)
+            except shoal.ShoalError as e:
+                self.errors.append(e)
+                continue
+            self.max_diff = max(self.max_diff, float((got - want).abs().max()))
+            self.ok += 1
+        c.close()
+
+
+class _MoeQueries(_CheckedQueries):
+    """``moe_forward`` on one Mixtral-style layer, against the layer computed locally."""
 
     def __init__(self, address: str, tokens: int = 128, creds=None):
         from experts.specs import ExpertLayerSpec, ExpertLayerWeights
-        self.address, self.tokens, self.creds = address, tokens, creds
+        super().__init__(address, creds)
+        self.tokens = tokens
         self.spec = ExpertLayerSpec("l0", num_experts=8, d_model=64, d_ff=128, top_k=2)
         g = torch.Generator().manual_seed(7)
         E, d, f = 8, 64, 128
@@ -250,37 +294,40 @@ class _MoeQueries:
             gate=torch.randn(E, d, generator=g), w1=torch.randn(E, f, d, generator=g) * 0.1,
             w2=torch.randn(E, d, f, generator=g) * 0.1,
             w3=torch.randn(E, f, d, generator=g) * 0.1).check(self.spec)
-        self.ok, self.errors, self.max_diff = 0, [], 0.0
+        self._g = torch.Generator().manual_seed(8)
 
-    @property
-    def passed(self) -> bool:
-        return self.ok > 0 and not self.errors and self.max_diff < 1e-4
-
-    def run(self, stop: threading.Event) -> None:
-        import shoal
+    def ask(self, client, i: int):
         from experts.compute import moe_forward_local
-        c = shoal.connect(self.address, creds=self.creds)
-        g = torch.Generator().manual_seed(8)
-        while not stop.is_set():
-            x = torch.randn(self.tokens, self.spec.d_model, generator=g)
-            try:
-                got = c.moe_forward("mixtral", "l0", x)
-            except shoal.ShoalError as e:
-                self.errors.append(e)
-                continue
-            with torch.no_grad():
-                want = moe_forward_local(self.spec, self.weights, x)
-            self.max_diff = max(self.max_diff, float((got - want).abs().max()))
-            self.ok += 1
-        c.close()
+        x = torch.randn(self.tokens, self.spec.d_model, generator=self._g)
+        got = client.moe_forward("mixtral", "l0", x)
+        with torch.no_grad():
+            return got, moe_forward_local(self.spec, self.weights, x)
 
 
-def _save_checkpoint(ebc, path: str) -> None:
-    """The EmbeddingBagCollection's tables under their DLRM state-dict keys, with DCP."""
+class _PredictQueries(_CheckedQueries):
+    """``predict`` of candidates with the model's dense part, against the local DLRM."""
+
+    def __init__(self, address: str, dlrm, features, sizes, creds=None, candidates: int = 16):
+        super().__init__(address, creds)
+        self.dlrm, self.features, self.sizes, self.candidates = dlrm, features, sizes, candidates
+        self._rng = np.random.default_rng(9)
+
+    def ask(self, client, i: int):
+        from embeddings.synthetic import random_kjt
+        kjt = random_kjt(self._rng, self.features, self.sizes, self.candidates, 4)
+        dense = torch.from_numpy(self._rng.standard_normal((self.candidates, 13))
+                                 .astype(np.float32))
+        got = client.predict("dlrm", dense, kjt, key=f"user{i}").scores
+        time.sleep(0.02)                      # a light scoring load beside the lookups
+        with torch.no_grad():
+            return got, self.dlrm(dense, kjt)[:, 0]
+
+
+def _save_checkpoint(dlrm, path: str) -> None:
+    """The DLRM's state dict (tables and dense part), with DCP."""
     import torch.distributed.checkpoint as dcp
     with torch.no_grad():
-        sd = {f"sparse_arch.embedding_bag_collection.embedding_bags.{n}.weight": m.weight.detach()
-              for n, m in ebc.embedding_bags.items()}
+        sd = {k: v.detach() for k, v in dlrm.state_dict().items()}
     with warnings.catch_warnings():           # no_dist's deprecation notice
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=path, no_dist=True)

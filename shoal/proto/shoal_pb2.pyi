@@ -37,7 +37,7 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., pooling: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_partitions: _Optional[int] = ..., table_uid: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current", "dense_bytes", "dense_tensors", "expert_layers")
+    __slots__ = ("name", "version", "tables", "replication", "memory_quota_bytes", "server_quota_bytes", "state", "current", "dense_bytes", "dense_tensors", "expert_layers", "traffic_share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class ModelSpec(_message.Message):
     DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DENSE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
@@ -60,7 +61,8 @@ class ModelSpec(_message.Message):
     dense_bytes: int
     dense_tensors: int
     expert_layers: _containers.RepeatedCompositeFieldContainer[ExpertLayer]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ..., dense_bytes: _Optional[int] = ..., dense_tensors: _Optional[int] = ..., expert_layers: _Optional[_Iterable[_Union[ExpertLayer, _Mapping]]] = ...) -> None: ...
+    traffic_share: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replication: _Optional[int] = ..., memory_quota_bytes: _Optional[int] = ..., server_quota_bytes: _Optional[int] = ..., state: _Optional[str] = ..., current: _Optional[bool] = ..., dense_bytes: _Optional[int] = ..., dense_tensors: _Optional[int] = ..., expert_layers: _Optional[_Iterable[_Union[ExpertLayer, _Mapping]]] = ..., traffic_share: _Optional[float] = ...) -> None: ...
 
 class ExpertLayer(_message.Message):
     __slots__ = ("name", "table", "num_experts", "d_model", "d_ff", "top_k", "activation", "gating", "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor", "shared_d_ff", "shared_gate", "dtype")
@@ -409,18 +411,22 @@ class CreateModelRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., new_version: _Optional[bool] = ...) -> None: ...
 
 class UpdateModelRequest(_message.Message):
-    __slots__ = ("model", "version", "ready", "make_current", "drop")
+    __slots__ = ("model", "version", "ready", "make_current", "drop", "set_traffic_share", "traffic_share")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     MAKE_CURRENT_FIELD_NUMBER: _ClassVar[int]
     DROP_FIELD_NUMBER: _ClassVar[int]
+    SET_TRAFFIC_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_SHARE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     ready: bool
     make_current: bool
     drop: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., make_current: _Optional[bool] = ..., drop: _Optional[bool] = ...) -> None: ...
+    set_traffic_share: bool
+    traffic_share: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., make_current: _Optional[bool] = ..., drop: _Optional[bool] = ..., set_traffic_share: _Optional[bool] = ..., traffic_share: _Optional[float] = ...) -> None: ...
 
 class UpdateModelReply(_message.Message):
     __slots__ = ("model", "map_version")
@@ -935,7 +941,7 @@ class PartitionChunk(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., snapshot_seq: _Optional[int] = ..., snapshot_epoch: _Optional[int] = ...) -> None: ...
 
 class FeatureBatch(_message.Message):
-    __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size", "trace")
+    __slots__ = ("model", "version", "keys", "values", "lengths", "weights", "batch_size", "trace", "request_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -944,6 +950,7 @@ class FeatureBatch(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     keys: _containers.RepeatedScalarFieldContainer[str]
@@ -952,10 +959,11 @@ class FeatureBatch(_message.Message):
     weights: Tensor
     batch_size: int
     trace: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., batch_size: _Optional[int] = ..., trace: _Optional[bool] = ...) -> None: ...
+    request_key: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., batch_size: _Optional[int] = ..., trace: _Optional[bool] = ..., request_key: _Optional[str] = ...) -> None: ...
 
 class PooledReply(_message.Message):
-    __slots__ = ("keys", "length_per_key", "values", "timings")
+    __slots__ = ("keys", "length_per_key", "values", "timings", "version")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -967,11 +975,13 @@ class PooledReply(_message.Message):
     LENGTH_PER_KEY_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     length_per_key: _containers.RepeatedScalarFieldContainer[int]
     values: Tensor
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    version: int
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., length_per_key: _Optional[_Iterable[int]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("sparse", "dense", "top_k", "trace")
