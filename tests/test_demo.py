@@ -1,6 +1,6 @@
 """The README's demo, small: it must finish with every answer matching torchrec, the killed
 server's replicas rebuilt, a server added and a table split while the queries ran, and every
-MoE answer matching the layer computed locally."""
+MoE answer matching the layer computed locally, and every predicted score the local DLRM's."""
 from __future__ import annotations
 
 import re
@@ -17,7 +17,7 @@ def test_demo_small(capsys):
     assert "loaded the checkpoint: 40,000 rows" in out and "verified" in out
     assert "every partition back to 2 replicas" in out
     assert "added s3 and moved" in out and "t_cat_0 split to" in out
-    assert "OK: every answer matched torchrec and the local MoE layer." in out
+    assert "OK: every answer matched torchrec, the local DLRM and the local MoE layer." in out
     # Security on: the query token may not write, and no credentials get nothing.
     assert "TLS on every port" in out
     assert "CreateModel was refused: PERMISSION_DENIED" in out
@@ -27,3 +27,8 @@ def test_demo_small(capsys):
     assert answered and f"dlrm Lookup OK: {answered.group(1)}" in out, out
     moe = re.search(r"moe_forward: +([\d,]+) requests of 128 tokens answered \(0 failed\)", out)
     assert moe and int(moe.group(1).replace(",", "")) > 0, out
+    # predict: candidates scored with the DLRM's dense part, each checked in the demo, and
+    # the router counted every one.
+    scored = re.search(r"predict: +([\d,]+) requests of 16 candidates scored \(0 failed\)", out)
+    assert scored and int(scored.group(1).replace(",", "")) > 0, out
+    assert f"dlrm Predict OK: {scored.group(1)}" in out, out
