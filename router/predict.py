@@ -55,12 +55,14 @@ async def scorer_for(dense_cache, model) -> tuple[Scorer, np.ndarray]:
         starts = dict(zip(keys, np.concatenate([[0], np.cumsum(key_dims)[:-1]]).tolist()))
         perm = np.concatenate([np.arange(starts[f], starts[f] + d)
                                for f, d in zip(part.features, dims)])
-        return scorer, perm
+        identity = bool((perm == np.arange(len(perm))).all())
+        return scorer, None if identity else perm       # None: already in order
     return await dense_cache.derived(model.name, model.version, "dense_part", make)
 
 
-def check_request(part: DensePart, scorer: Scorer, keys: list[str], dense: torch.Tensor,
-                  batch_size: int, top_k: int, max_batch: int) -> None:
+def check_request(scorer: Scorer, keys: list[str], dense: torch.Tensor, batch_size: int,
+                  top_k: int, max_batch: int) -> None:
+    part = scorer.part
     missing = [f for f in part.features if f not in keys]
     extra = [k for k in keys if k not in part.features]
     if missing or extra:
@@ -80,13 +82,13 @@ def check_request(part: DensePart, scorer: Scorer, keys: list[str], dense: torch
 
 
 async def predict_batch(items: list[PredictItem], lookup, scorer: Scorer,
-                        perm: np.ndarray) -> list[Prediction]:
+                        perm: np.ndarray | None) -> list[Prediction]:
     """Score the merged items: one lookup, one dense run; split per item."""
     t0 = time.perf_counter()
     pooled = await lookup([it.query for it in items])
     t1 = time.perf_counter()
-    emb = torch.from_numpy(np.concatenate(pooled)[:, perm] if len(pooled) > 1 else
-                           pooled[0][:, perm])
+    emb = np.concatenate(pooled) if len(pooled) > 1 else pooled[0]
+    emb = torch.from_numpy(emb if perm is None else emb[:, perm])
     dense = torch.cat([it.dense for it in items]) if len(items) > 1 else items[0].dense
     scores = await asyncio.to_thread(scorer.scores, dense, emb)
     t2 = time.perf_counter()

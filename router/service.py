@@ -310,7 +310,7 @@ class RouterService(pbg.RouterServicer):
                 sparse.model, sparse.version, True, sparse.request_key))
             scorer, _ = await scorer_for(self.dense, q.model)
             dense = to_torch(request.dense, "dense", "float32", 2)
-            check_request(scorer.part, scorer, q.keys, dense, q.batch_size, request.top_k,
+            check_request(scorer, q.keys, dense, q.batch_size, request.top_k,
                           self._cfg.max_predict_batch)
             item = PredictItem(q, dense, int(request.top_k), t0)
             result = await self._in_time(

@@ -479,13 +479,12 @@ class ShardService(WritePath, ExpertPath):
         if parts.min() < 0 or parts.max() >= P or len(np.unique(parts)) != len(parts):
             raise InvalidArgument(f"files: partitions {parts.tolist()} must be distinct, each "
                                   f"in [0, {P})")
-        first = lo + (parts - lo) % P
-        counts = np.maximum(0, -(-(hi - first) // P))
+        counts = spool.chunk_counts(lo, hi, parts, P)
         if not counts.all():
             raise InvalidArgument(f"files: [{lo}, {hi}) holds no id of partition "
                                   f"{int(parts[np.argmin(counts)])}")
         self._limit(int(counts.sum()))
-        per = [np.arange(f, hi, P, dtype=np.int64) for f in first.tolist()]
+        per = [spool.chunk_ids(lo, hi, p, P) for p in parts.tolist()]
         ids = np.concatenate(per)
         routed_parts = self._check(table, ids, request.routed)
         rows = np.empty((len(ids), spec.dim), spec.np_dtype)

@@ -98,6 +98,13 @@ def chunk_ids(lo: int, hi: int, partition: int, num_partitions: int) -> np.ndarr
     return np.arange(first, hi, num_partitions, dtype=np.int64)
 
 
+def chunk_counts(lo: int, hi: int, partitions: np.ndarray, num_partitions: int) -> np.ndarray:
+    """How many ids each of ``partitions`` has in ``[lo, hi)`` (``len(chunk_ids(...))``, for
+    all of them at once)."""
+    first = lo + (partitions - lo) % num_partitions
+    return np.maximum(0, -(-(hi - first) // num_partitions))
+
+
 def write_chunk_files(directory: str, table_uid: int, num_partitions: int, ids: np.ndarray,
                       raw: np.ndarray, partitions: list[int]) -> dict[int, str] | None:
     """The loader's side: one SST file per partition of ``partitions`` with rows in the chunk
@@ -112,7 +119,7 @@ def write_chunk_files(directory: str, table_uid: int, num_partitions: int, ids: 
     contiguous = hi - lo == n
     parts = ids & (P - 1)
     if not contiguous:
-        want = np.array([len(chunk_ids(lo, hi, p, P)) for p in range(P)])
+        want = chunk_counts(lo, hi, np.arange(P), P)
         have = np.bincount(parts, minlength=P)
         if (n > 1 and not (ids[1:] > ids[:-1]).all()) or not ((have == 0) | (have == want)).all():
             return None

@@ -6,6 +6,8 @@ Tensors go over the wire as packed bytes; results come back as torch tensors (to
 """
 from __future__ import annotations
 
+import itertools
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterable
@@ -354,15 +356,12 @@ class RouterPool:
     DOWN_S = 5.0
 
     def __init__(self, stubs: list, addresses: list[str]):
-        import itertools
         self._stubs, self._addresses = stubs, addresses
         self._turn = itertools.count()
         self._down = [0.0] * len(stubs)
         self.failovers = 0
 
     def __getattr__(self, method: str):
-        import time
-
         def call(request, **kw):
             n, first = len(self._stubs), next(self._turn)
             order = [(first + i) % n for i in range(n)]
