@@ -114,9 +114,12 @@ def _client_proc(system: str, target, requests, seconds: float, threads: int, st
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in ts:
         t.start()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    cpu0 = time.process_time()
     for t in ts:
         t.join()
-    out.put(lat)
+    out.put((lat, time.process_time() - cpu0))
 
 
 def run_clients(system: str, target, requests, args, dense_params, pids: dict) -> dict:
@@ -132,10 +135,13 @@ def run_clients(system: str, target, requests, args, dense_params, pids: dict) -
     while time.time() < start_at:
         time.sleep(0.01)
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
-    lat = []
+    lat, client_cpu = [], 0.0
     for _ in procs:
-        lat.extend(q.get(timeout=args.seconds + 120))
+        got, used = q.get(timeout=args.seconds + 120)
+        lat.extend(got)
+        client_cpu += used
     cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
+    cpu["clients"] = round(client_cpu, 2)
     for p in procs:
         p.join(30)
     return {"requests_per_s": len(lat) / args.seconds, "requests": len(lat),

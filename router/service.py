@@ -247,6 +247,7 @@ class RouterService(pbg.RouterServicer):
             await abort_async(context, e)
 
     async def LookupRows(self, request, context):
+        t0 = time.perf_counter()
         try:
             self._requests += 1
             model = await self._model(request.model, request.version)
@@ -256,9 +257,10 @@ class RouterService(pbg.RouterServicer):
                 raise ResourceExhausted(f"ids: {len(ids)} ids exceed max_ids_per_request "
                                       f"{self._cfg.max_ids_per_request}; split the request")
             check_ids(ids, spec, "ids")
-            rows = await lookup_rows(request.model, request.table, ids, self._maps,
-                                     self._transport, self._cfg.rpc_timeout_s, self.stats,
-                                     model.readable().version)
+            rows = await self._in_time(context, lookup_rows(
+                request.model, request.table, ids, self._maps, self._transport,
+                self._cfg.rpc_timeout_s, self.stats, model.readable().version),
+                f"lookup_rows of {len(ids)} ids", t0)
             self._counted("LookupRows", model.name, model.version)
             return pb.RouterLookupRowsReply(rows=pack(rows))
         except ShoalError as e:
@@ -267,6 +269,7 @@ class RouterService(pbg.RouterServicer):
 
     # ------------------------------------------------------------ MoE
     async def MoeForward(self, request, context):
+        t0 = time.perf_counter()
         try:
             self._requests += 1
             model = await self._model(request.model, request.version, True)
@@ -283,9 +286,10 @@ class RouterService(pbg.RouterServicer):
             dense = await self.dense.derived(
                 model.name, model.version, f"moe.{spec.name}",
                 lambda params: ExpertLayerWeights.from_dense(spec, params).check_dense(spec))
-            result = await moe_forward(model, spec.name, dense, hidden, ids, weights,
-                                       self._maps, self._transport, self._cfg.rpc_timeout_s,
-                                       self.stats)
+            result = await self._in_time(context, moe_forward(
+                model, spec.name, dense, hidden, ids, weights, self._maps, self._transport,
+                self._cfg.rpc_timeout_s, self.stats),
+                f"moe_forward of {hidden.shape[0]} tokens", t0)
             self.moe.requests += 1
             self.moe.add((model.name, model.version, spec.name), result.counts)
             self._traced("moe", dict(result.timings, total=sum(

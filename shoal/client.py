@@ -211,12 +211,14 @@ class Client(RpcClient):
                 raise
         return written
 
-    def lookup_rows(self, model: str, table: str, ids, version: int = 0) -> torch.Tensor:
-        """Unpooled rows ``[len(ids), dim]`` in the table's dtype."""
+    def lookup_rows(self, model: str, table: str, ids, version: int = 0,
+                    timeout: float | None = None) -> torch.Tensor:
+        """Unpooled rows ``[len(ids), dim]`` in the table's dtype. ``timeout``: the request's
+        deadline in seconds (default: the client's); past it, DEADLINE_EXCEEDED."""
         req = pb.RouterLookupRowsRequest(model=model, version=version, table=table,
                                          ids=pack(_np(ids)))
         from shoal.wire import to_torch
-        return to_torch(self._call(self._stub.LookupRows, req).rows, "rows").clone()
+        return to_torch(self._call(self._stub.LookupRows, req, timeout).rows, "rows").clone()
 
     def lookup(self, model: str, kjt, version: int = 0, timings: dict | None = None,
                key: str = "", answered: dict | None = None):
@@ -278,7 +280,8 @@ class Client(RpcClient):
 
     # ------------------------------------------------------------ MoE
     def moe_forward(self, model: str, layer: str, hidden_states, expert_ids=None,
-                    expert_weights=None, version: int = 0, timings: dict | None = None):
+                    expert_weights=None, version: int = 0, timings: dict | None = None,
+                    timeout: float | None = None):
         """Expert layer ``layer`` of ``model`` on ``hidden_states`` [tokens, d_model] (the
         layer's dtype): the router gates them, runs each token's top-k experts on the servers
         that hold them and combines the outputs, plus the shared expert. Callers that gate
@@ -293,7 +296,7 @@ class Client(RpcClient):
                 raise InvalidArgument("expert_ids and expert_weights: give both or neither")
             req.expert_ids.CopyFrom(pack(expert_ids))
             req.expert_weights.CopyFrom(pack(expert_weights, "float32"))
-        reply = self._call(self._stub.MoeForward, req)
+        reply = self._call(self._stub.MoeForward, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
         return to_torch(reply.out, "out").clone()

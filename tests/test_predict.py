@@ -154,9 +154,9 @@ def test_dense_part_round_trips_and_torchscript_scores():
 
 
 def test_a_predict_past_its_deadline_fails_whole(dlrm_ckpt, tmp_path):
-    """With the only server stopped (SIGSTOP), a predict with a 0.5 s deadline gets
-    DEADLINE_EXCEEDED from the router in about that time, not a partial answer; once the
-    server goes on, the same request is answered correctly."""
+    """With the only server stopped (SIGSTOP), a predict (and a lookup_rows) with a 0.5 s
+    deadline gets DEADLINE_EXCEEDED from the router in about that time, not a partial answer;
+    once the server goes on, the same request is answered correctly."""
     import os
     import signal
     import time
@@ -177,11 +177,18 @@ def test_a_predict_past_its_deadline_fails_whole(dlrm_ckpt, tmp_path):
             with pytest.raises(shoal.ShoalError) as e:
                 client.predict("dlrm", dense, kjt, timeout=0.5)
             took = time.monotonic() - t0
+            t1 = time.monotonic()
+            with pytest.raises(shoal.ShoalError) as rows_e:
+                client.lookup_rows("dlrm", TABLES[0][0], [1, 2, 3], timeout=0.5)
+            rows_took = time.monotonic() - t1
         finally:
             os.kill(pid, signal.SIGCONT)
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "deadline" in e.value.message and "predict of 64 candidates" in e.value.message
         assert 0.4 < took < 2.0, took
+        assert rows_e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "lookup_rows of 3 ids" in rows_e.value.message, rows_e.value.message
+        assert 0.4 < rows_took < 2.0, rows_took
         torch.testing.assert_close(client.predict("dlrm", dense, kjt, timeout=30).scores, want,
                                    rtol=1e-5, atol=1e-5)
         client.close()
