@@ -121,8 +121,8 @@ class RouterService(pbg.RouterServicer):
 
     async def _in_time(self, context, work, what: str, t0: float):
         """``await work`` within the caller's deadline (``router.default_deadline_s`` when it
-        set none): past it, DEADLINE_EXCEEDED, never a partial answer. The merged batch goes
-        on for the other requests in it."""
+        set none): past it, DEADLINE_EXCEEDED, never a partial answer. A merged batch goes
+        on for the other requests in it; an unmerged call is cancelled."""
         left = context.time_remaining()
         limit = self._cfg.default_deadline_s if left is None else left - DEADLINE_MARGIN_S
         try:

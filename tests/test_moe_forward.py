@@ -13,6 +13,7 @@ import torch
 
 import shoal
 from shoal.errors import ShoalError
+from tests.faults import errors_while_stopped
 from tests.test_experts import (D_MODEL, DTYPES, E, FIRM_MARGIN, FP32_ATOL, FP32_RTOL,
                                 TOKEN_COUNTS, VARIANTS, assert_bf16_close, assert_not_worse,
                                 lib_weights, make_hidden, make_refs, make_spec, random_routing)
@@ -157,10 +158,6 @@ def test_a_moe_forward_past_its_deadline_fails_whole(tmp_path):
     """With the only server stopped (SIGSTOP), a moe_forward with a 0.5 s deadline gets
     DEADLINE_EXCEEDED from the router in about that time, never a partial output; once the
     server goes on, the same tokens are answered correctly."""
-    import os
-    import signal
-    import time
-
     variant, dtype = "mixtral", "float32"
     ref32, _, _ = make_refs(variant)
     with shoal.LocalCluster(servers=1, replication=1, data_dir=str(tmp_path / "c")) as c:
@@ -168,17 +165,10 @@ def test_a_moe_forward_past_its_deadline_fails_whole(tmp_path):
         client.put_expert_layers("m", [(make_spec(variant, dtype), lib_weights(ref32))])
         x = make_hidden(64, seed=3)
         _check(client.moe_forward("m", variant, x), variant, dtype, x)
-        pid = c.servers[0].pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(ShoalError) as e:
-                client.moe_forward("m", variant, x, timeout=0.5)
-            took = time.monotonic() - t0
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "deadline" in e.value.message and "moe_forward of 64 tokens" in e.value.message
+        [(e, took)] = errors_while_stopped(
+            c.servers[0].pid, lambda: client.moe_forward("m", variant, x, timeout=0.5))
+        assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline" in e.message and "moe_forward of 64 tokens" in e.message
         assert 0.4 < took < 2.0, took
         _check(client.moe_forward("m", variant, x, timeout=60), variant, dtype, x)
         client.close()

@@ -12,6 +12,7 @@ import torch
 
 import shoal
 from shoal.dense_part import DensePart
+from tests.faults import errors_while_stopped
 
 # EBC order differs from the loader's (sorted) table order: the dense part must follow it.
 TABLES = [("t_cat_2", 300), ("t_cat_0", 500), ("t_cat_10", 200), ("t_cat_1", 400)]
@@ -157,10 +158,6 @@ def test_a_predict_past_its_deadline_fails_whole(dlrm_ckpt, tmp_path):
     """With the only server stopped (SIGSTOP), a predict (and a lookup_rows) with a 0.5 s
     deadline gets DEADLINE_EXCEEDED from the router in about that time, not a partial answer;
     once the server goes on, the same request is answered correctly."""
-    import os
-    import signal
-    import time
-
     model, path = dlrm_ckpt
     with shoal.LocalCluster(servers=1, replication=1, data_dir=str(tmp_path / "c")) as cluster:
         client = cluster.client(timeout=60)
@@ -170,24 +167,15 @@ def test_a_predict_past_its_deadline_fails_whole(dlrm_ckpt, tmp_path):
             want = model(dense, kjt)[:, 0]
         torch.testing.assert_close(client.predict("dlrm", dense, kjt).scores, want,
                                    rtol=1e-5, atol=1e-5)       # the dense part is built
-        pid = cluster.servers[0].pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(shoal.ShoalError) as e:
-                client.predict("dlrm", dense, kjt, timeout=0.5)
-            took = time.monotonic() - t0
-            t1 = time.monotonic()
-            with pytest.raises(shoal.ShoalError) as rows_e:
-                client.lookup_rows("dlrm", TABLES[0][0], [1, 2, 3], timeout=0.5)
-            rows_took = time.monotonic() - t1
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "deadline" in e.value.message and "predict of 64 candidates" in e.value.message
+        (e, took), (rows_e, rows_took) = errors_while_stopped(
+            cluster.servers[0].pid,
+            lambda: client.predict("dlrm", dense, kjt, timeout=0.5),
+            lambda: client.lookup_rows("dlrm", TABLES[0][0], [1, 2, 3], timeout=0.5))
+        assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline" in e.message and "predict of 64 candidates" in e.message
         assert 0.4 < took < 2.0, took
-        assert rows_e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "lookup_rows of 3 ids" in rows_e.value.message, rows_e.value.message
+        assert rows_e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "lookup_rows of 3 ids" in rows_e.message, rows_e.message
         assert 0.4 < rows_took < 2.0, rows_took
         torch.testing.assert_close(client.predict("dlrm", dense, kjt, timeout=30).scores, want,
                                    rtol=1e-5, atol=1e-5)
