@@ -39,9 +39,11 @@ async def serve(args) -> None:
     maps = MapCache(fetch)
     call_until_up(maps.refresh)
     coord = pbg.CoordinatorStub(security.aio_channel(args.coordinator, GRPC_OPTIONS))
-    from shoal.metrics import serve_metrics
+    from shoal.metrics import REGISTRY, RowCacheCollector, serve_metrics
     service = RouterService(cfg, maps, GrpcShardTransport(), coord)
     service.metrics_address = metrics = serve_metrics("router", args.host)
+    if service.row_cache.enabled:
+        REGISTRY.register(RowCacheCollector(service.row_cache))
     server, address = make_aio_server(args.host, args.port, role="router")
     pbg.add_RouterServicer_to_server(service, server)
     await server.start()

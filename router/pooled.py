@@ -12,7 +12,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
 from embeddings.partition import partition_of
@@ -23,10 +22,9 @@ from shoal.wire import pack
 from router.hedging import Hedger
 from router.mapcache import MapCache
 from router.routing import ModelRoute, TableRoute, routed
-from router.transport import ShardTransport
+from router.rowcache import RowCache, cached_fan_out
+from router.transport import RETRYABLE, ShardTransport  # noqa: F401 (re-exported)
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 MAX_ATTEMPTS = 8        # rounds of a request that end with a server failing
 MAX_REDIRECTS = 32      # rounds that end with a redirect to a newer map (each is progress; a
                         # map changes many times in a row while replicas are being rebuilt)
@@ -77,7 +75,9 @@ class Stats:
 
 async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
                         timeout: float, dedup: bool, stats: Stats,
-                        hedger: Hedger) -> list[np.ndarray]:
+                        hedger: Hedger, cache: RowCache | None = None) -> list[np.ndarray]:
+    """``cache`` (enabled): rows are fetched (misses) or taken from the router's row cache
+    (hits the servers confirm) and pooled here, instead of pooled on the servers."""
     t0 = time.perf_counter()
     model = queries[0].model
     works, slots = merge(queries)
@@ -87,8 +87,12 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
         hedger.budget.deposit()
     t1 = time.perf_counter()
     clock = {"fan_out": 0.0, "combine": 0.0}
-    await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats,
-                  hedger, model.version, clock)
+    if cache is not None and cache.enabled:
+        await cached_fan_out(model, list(works.values()), cache, maps, transport, timeout,
+                             stats)
+    else:
+        await fan_out(model.name, list(works.values()), maps, transport, timeout, dedup, stats,
+                      hedger, model.version, clock)
     t2 = time.perf_counter()
     for w in works.values():
         if model.tables[w.name].spec.pooling == "mean":

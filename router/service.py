@@ -33,6 +33,7 @@ from router.mapcache import MapCache
 from router.pooled import Query, Stats, output_keys, pooled_lookup
 from embeddings.specs import check_ids
 from router.rows import lookup_rows, write_rows
+from router.rowcache import RowCache
 from router.transport import ShardTransport
 
 log = logging.getLogger("router")
@@ -64,6 +65,8 @@ class RouterService(pbg.RouterServicer):
         self.metrics_address = ""               # set by the process once it serves them
         self._slow_logged = 0.0
         self.moe = MoeStats()
+        self.row_cache = RowCache(config.row_cache_rows)
+        self._cache_map = 0                     # the map version the cache last retained for
         self._map_recheck: asyncio.Future | None = None     # a re-read for an unknown model
         self._map_rechecked = 0.0
 
@@ -115,9 +118,14 @@ class RouterService(pbg.RouterServicer):
                               error.code.name if error is not None else "OK").inc()
 
     async def _execute(self, queries: list[Query]) -> list[np.ndarray]:
+        table = self._maps.current()
+        if self.row_cache.enabled and table.version != self._cache_map:
+            self._cache_map = table.version
+            self.row_cache.retain(tr.spec.table_uid for route in table.versions.values()
+                                  for tr in route.tables.values())
         return await pooled_lookup(queries, self._maps, self._transport,
                                    self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats,
-                                   self.hedger)
+                                   self.hedger, self.row_cache)
 
     async def _in_time(self, context, work, what: str, t0: float):
         """``await work`` within the caller's deadline (``router.default_deadline_s`` when it
@@ -387,4 +395,7 @@ class RouterService(pbg.RouterServicer):
             map_refreshes=self._maps.refreshes, replica_retries=s.replica_retries,
             map_version=self._maps.current().version, hedges=self.hedger.hedges,
             hedge_wins=self.hedger.hedge_wins, metrics_address=self.metrics_address,
+            cache_hits=self.row_cache.stats.hits, cache_misses=self.row_cache.stats.misses,
+            cache_invalidated=self.row_cache.stats.invalidated,
+            cache_bytes=self.row_cache.nbytes,
             cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid()))

@@ -14,6 +14,10 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import AioStubs
 
+# A shard call that failed with one of these may succeed on another replica.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
 
 class ShardTransport(abc.ABC):
     @abc.abstractmethod

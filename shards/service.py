@@ -588,19 +588,25 @@ class ShardService(WritePath, ExpertPath):
     # ------------------------------------------------------------ lookups (raise ShoalError)
     def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
         self._enter(request.map_version, refresh=False)
-        out = []
+        out, positions = [], []
         for i, seg in enumerate(request.segments):
             table = self._table(seg.table_uid)
             ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
             self._limit(len(ids))
             with table.lock.read():       # the check and the gather see one map (see _apply)
                 parts = self._check(table, ids, seg.routed, read=True)
+                if request.with_positions:
+                    # Read before the rows: a write stores its rows, then advances the
+                    # partition's seq, so the rows sent are at least as new as this position.
+                    rp = unpack(seg.routed.partitions, "routed.partitions", "int32", 1)
+                    positions.append(pb.PartitionPositions(seqs=pack(table.log.seq[rp]),
+                                                           epochs=pack(table.log.epoch[rp])))
                 weight, idx = self._gather(table, ids, parts)
                 rows = weight.index_select(0, torch.from_numpy(idx))
             table.looked_up += np.bincount(parts, minlength=table.spec.num_partitions)
             out.append(pack(rows))
             self._count(len(ids))
-        return pb.LookupRowsReply(rows=out)
+        return pb.LookupRowsReply(rows=out, positions=positions)
 
     def lookup_pooled(self, request: pb.LookupPooledRequest) -> pb.LookupPooledReply:
         self._enter(request.map_version, refresh=False)

@@ -54,6 +54,8 @@ class RouterConfig:
     max_predict_batch: int = 8_192          # candidates per merged predict batch (and per request)
     default_deadline_s: float = 30.0        # a lookup / predict whose caller set no deadline
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
+    row_cache_rows: int = 0                 # hot-row cache: rows kept per table (0: off);
+                                            # see router/rowcache.py
     map_poll_interval_s: float = 1.0        # how often to poll the coordinator for a new map
     hedge: bool = True                      # send a slow read to a second replica too
     hedge_factor: float = 1.5               # ... after this times the fastest server's p95

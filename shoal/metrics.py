@@ -229,6 +229,28 @@ class MapCollector:
         yield experts
 
 
+class RowCacheCollector:
+    """The router's hot-row cache (``router.rowcache.RowCache``), read when scraped."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        st = self._cache.stats
+        ids = CounterMetricFamily("shoal_router_row_cache_ids", "Unique ids of pooled batches "
+                                  "found in the router's row cache (hit) or fetched (miss)",
+                                  labels=["result"])
+        ids.add_metric(["hit"], st.hits)
+        ids.add_metric(["miss"], st.misses)
+        yield ids
+        yield CounterMetricFamily("shoal_router_row_cache_invalidations", "Partitions whose "
+                                  "cached rows were dropped because their write position "
+                                  "moved (an update)", value=st.invalidated)
+        yield GaugeMetricFamily("shoal_router_row_cache_bytes", "Memory the row cache holds",
+                                value=self._cache.nbytes)
+
+
 STAGE_SECONDS = Histogram("shoal_router_stage_seconds", "Time in each stage of a router "
                           "request (moe: gate, dispatch, servers, expert_compute, combine)",
                           ["path", "stage"], buckets=BUCKETS, registry=REGISTRY)

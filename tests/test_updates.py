@@ -3,7 +3,6 @@ new rows (read from each server directly); updates streamed while clients query 
 row mixed from old and new values; a stream applies each id's rows in order."""
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import torch
@@ -12,6 +11,7 @@ import shoal
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import pack, unpack
+from tests.traffic import WholeRowReaders
 
 ROWS, DIM = 1024, 16
 
@@ -58,40 +58,17 @@ def test_updates_reach_every_replica_and_never_mix(tmp_path):
         # one write, half another), and values per row never go back once a write of them
         # was acknowledged.
         hot = np.arange(600, 856)                      # rows the first update did not touch
-        acked = [0]                                      # the last value fully acknowledged
-        errors, reads, stop = [], [0], threading.Event()
-
-        def reader() -> None:
-            c = cluster.client(timeout=30)
-            try:
-                while not stop.is_set():
-                    floor = acked[0]
-                    got = c.lookup_rows("m", "t", torch.from_numpy(hot)).numpy()
-                    if not (got.min(1) == got.max(1)).all():
-                        bad = int(np.flatnonzero(got.min(1) != got.max(1))[0])
-                        raise AssertionError(f"row {bad} mixes values: {got[bad]}")
-                    if got[:, 0].min() < floor:
-                        raise AssertionError(f"a row reads {got[:, 0].min()} after value "
-                                             f"{floor} was acknowledged for every row")
-                    reads[0] += 1
-            except Exception as e:                       # noqa: BLE001 - reported below
-                errors.append(e)
-            finally:
-                c.close()
-
-        threads = [threading.Thread(target=reader) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for v in range(1, 21):
-            batches = [(hot[i:i + 64], np.full((64, DIM), v, np.float32))
-                       for i in range(0, len(hot), 64)]
-            assert client.update_stream("m", "t", batches, in_flight=4) == len(hot)
-            acked[0] = v
-        stop.set()
-        for t in threads:
-            t.join(60)
-        assert not errors, repr(errors[0])
-        assert reads[0] > 0
+        readers = WholeRowReaders(lambda: cluster.client(timeout=30),
+                                  lambda c: c.lookup_rows("m", "t", torch.from_numpy(hot)).numpy(),
+                                  n=3)
+        with readers:
+            for v in range(1, 21):
+                batches = [(hot[i:i + 64], np.full((64, DIM), v, np.float32))
+                           for i in range(0, len(hot), 64)]
+                assert client.update_stream("m", "t", batches, in_flight=4) == len(hot)
+                readers.acked = v
+        assert not readers.errors, repr(readers.errors[0])
+        assert readers.reads > 0
         for s in ("s0", "s1"):
             np.testing.assert_array_equal(replica_rows(cluster, client, s, hot),
                                           np.full((len(hot), DIM), 20, np.float32))

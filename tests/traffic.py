@@ -26,3 +26,37 @@ class Workers:
         self._stop.set()
         for t in self._threads:
             t.join(self._join_s)
+
+
+class WholeRowReaders(Workers):
+    """Threads that read rows (``read(client) -> [n, dim]``, each client from ``connect()``)
+    while updates write one value into every element of those rows: each row read must be one
+    value throughout (never half one write, half another) and never below ``acked``, the last
+    value acknowledged for every row before the read began. ``errors`` and ``reads`` are for
+    the test to check after the block."""
+
+    def __init__(self, connect, read, n: int = 2):
+        super().__init__(n)
+        self._connect, self._read = connect, read
+        self.acked = 0.0
+        self.errors: list[Exception] = []
+        self.reads = 0
+
+    def _run(self, i: int) -> None:
+        import numpy as np
+        c = self._connect()
+        try:
+            while not self._stop.is_set():
+                floor = self.acked
+                got = np.asarray(self._read(c))
+                if not (got.min(1) == got.max(1)).all():
+                    bad = int(np.flatnonzero(got.min(1) != got.max(1))[0])
+                    raise AssertionError(f"row {bad} mixes values: {got[bad]}")
+                if got[:, 0].min() < floor:
+                    raise AssertionError(f"a row reads {got[:, 0].min()} after value {floor} "
+                                         "was acknowledged for every row")
+                self.reads += 1
+        except Exception as e:                   # noqa: BLE001 - the test reports it
+            self.errors.append(e)
+        finally:
+            c.close()

@@ -689,18 +689,30 @@ class RowsSegment(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ...) -> None: ...
 
 class LookupRowsRequest(_message.Message):
-    __slots__ = ("map_version", "segments")
+    __slots__ = ("map_version", "segments", "with_positions")
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    WITH_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     map_version: int
     segments: _containers.RepeatedCompositeFieldContainer[RowsSegment]
-    def __init__(self, map_version: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[RowsSegment, _Mapping]]] = ...) -> None: ...
+    with_positions: bool
+    def __init__(self, map_version: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[RowsSegment, _Mapping]]] = ..., with_positions: _Optional[bool] = ...) -> None: ...
+
+class PartitionPositions(_message.Message):
+    __slots__ = ("seqs", "epochs")
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    seqs: Tensor
+    epochs: Tensor
+    def __init__(self, seqs: _Optional[_Union[Tensor, _Mapping]] = ..., epochs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LookupRowsReply(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "positions")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, rows: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    positions: _containers.RepeatedCompositeFieldContainer[PartitionPositions]
+    def __init__(self, rows: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., positions: _Optional[_Iterable[_Union[PartitionPositions, _Mapping]]] = ...) -> None: ...
 
 class PooledSegment(_message.Message):
     __slots__ = ("table_uid", "ids", "inverse", "lengths", "weights", "routed")
@@ -1088,7 +1100,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins", "metrics_address")
+    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins", "metrics_address", "cache_hits", "cache_misses", "cache_invalidated", "cache_bytes")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     REDIRECTS_FIELD_NUMBER: _ClassVar[int]
@@ -1100,6 +1112,10 @@ class RouterStats(_message.Message):
     HEDGES_FIELD_NUMBER: _ClassVar[int]
     HEDGE_WINS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INVALIDATED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     requests: int
     batches: int
     redirects: int
@@ -1111,7 +1127,11 @@ class RouterStats(_message.Message):
     hedges: int
     hedge_wins: int
     metrics_address: str
-    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    cache_hits: int
+    cache_misses: int
+    cache_invalidated: int
+    cache_bytes: int
+    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ..., metrics_address: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_invalidated: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("map", "router")
