@@ -14,7 +14,7 @@ import torch
 import shoal
 from embeddings.specs import TableSpec
 from router.rowcache import TableCache
-from tests.traffic import WholeRowReaders
+from tests.traffic import WholeRowReaders, Workers
 
 DIM = 8
 
@@ -221,4 +221,46 @@ def test_predict_through_the_cache_equals_the_local_dlrm(rows, tmp_path):
                                        rtol=1e-5, atol=1e-5)
         st = client.status().router
         assert (st.cache_hits > 0) == bool(rows)
+        client.close()
+
+
+def test_cached_lookups_survive_a_server_killed_under_load(tmp_path):
+    """SIGKILL a shard server while clients query through the cache: no request fails and
+    every answer still equals torchrec's (misses go to the dead server's partners)."""
+    import os
+    import signal
+    ebc = _ebc(8, TABLES)
+    kjts = [_kjt(s) for s in range(8)]
+    with torch.no_grad():
+        wants = [ebc(k) for k in kjts]
+    with shoal.LocalCluster(servers=3, replication=2, config=_config(64),
+                            data_dir=str(tmp_path / "c")) as cluster:
+        client = cluster.client(timeout=60)
+        client.create_model("m", _specs())
+        _fill(client, "m", ebc)
+        errors, done = [], [0]
+
+        class Readers(Workers):
+            def _run(self, i: int) -> None:
+                c = cluster.client(timeout=60)
+                try:
+                    j = i
+                    while not self._stop.is_set():
+                        _same(c.lookup("m", kjts[j % len(kjts)]), wants[j % len(kjts)])
+                        done[0] += 1
+                        j += 1
+                except Exception as e:                   # noqa: BLE001 - reported below
+                    errors.append(e)
+                finally:
+                    c.close()
+
+        with Readers(2):
+            time.sleep(1.0)
+            before = done[0]
+            os.kill(cluster.server("s1").pid, signal.SIGKILL)
+            time.sleep(3.0)
+        assert not errors, repr(errors[0])
+        assert before > 0 and done[0] > before + 10
+        st = client.status().router
+        assert st.cache_hits > 0
         client.close()
