@@ -21,7 +21,7 @@ from shoal.wire import pack
 
 from router.hedging import Hedger
 from router.mapcache import MapCache
-from router.routing import ModelRoute, TableRoute, routed
+from router.routing import KeyPlan, ModelRoute, TableRoute, routed
 from router.rowcache import RowCache, cached_fan_out
 from router.transport import RETRYABLE, ShardTransport  # noqa: F401 (re-exported)
 
@@ -42,6 +42,15 @@ class Query:
     batch_size: int
     arrived: float = 0.0         # perf_counter when the router parsed it
     timings: dict = None         # seconds per stage, once answered (LOOKUP_STAGES)
+    plan: KeyPlan = None         # model.plan(keys), when parsed
+    per_key: np.ndarray = None   # ids per key
+
+    def __post_init__(self):
+        if self.plan is None:
+            self.plan = self.model.plan(tuple(self.keys))
+        if self.per_key is None:
+            self.per_key = self.lengths.reshape(len(self.keys), self.batch_size).sum(axis=1) \
+                if self.keys else np.zeros(0, np.int64)
 
     @property
     def num_ids(self) -> int:
@@ -75,9 +84,12 @@ class Stats:
 
 async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
                         timeout: float, dedup: bool, stats: Stats,
-                        hedger: Hedger, cache: RowCache | None = None) -> list[np.ndarray]:
+                        hedger: Hedger, cache: RowCache | None = None,
+                        whole: bool = False) -> list[np.ndarray]:
     """``cache`` (enabled): rows are fetched (misses) or taken from the router's row cache
-    (hits the servers confirm) and pooled here, instead of pooled on the servers."""
+    (hits the servers confirm) and pooled here, instead of pooled on the servers. ``whole``:
+    the queries' outputs may come as one array of all their rows, in query order (a list of
+    one), when that saves splitting them (predict concatenates them again)."""
     t0 = time.perf_counter()
     model = queries[0].model
     works, slots = merge(queries)
@@ -98,7 +110,14 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
         if model.tables[w.name].spec.pooling == "mean":
             w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
     stats.batches += 1
-    out = [split(q, works, slots[i]) for i, q in enumerate(queries)]
+    plan = queries[0].plan
+    if whole and plan.distinct_tables and plan.output_keys and \
+            all(q.plan is plan for q in queries):
+        # Each table holds one key's bags, every query's in turn: its sums are that key's
+        # columns for the whole batch.
+        out = [np.concatenate([works[plan.tables[i]].sums for i in plan.output_index], axis=1)]
+    else:
+        out = [split(q, works, slots[i]) for i, q in enumerate(queries)]
     t3 = time.perf_counter()
     for q in queries:
         q.timings = {"batching": t0 - q.arrived if q.arrived else 0.0, "merge": t1 - t0,
@@ -114,18 +133,21 @@ def merge(queries: list[Query]):
     parts: dict[str, dict[str, list]] = {}
     slots: list[dict[str, int]] = []
     for q in queries:
-        offsets = np.concatenate([[0], np.cumsum(q.lengths.reshape(len(q.keys), q.batch_size)
-                                                 .sum(axis=1))])
+        offsets = np.zeros(len(q.keys) + 1, dtype=np.int64)
+        np.cumsum(q.per_key, out=offsets[1:])
+        offsets = offsets.tolist()
+        B = q.batch_size
         slot = {}
-        for i, key in enumerate(q.keys):
-            table = q.model.features[key][0]
-            acc = parts.setdefault(table, {"ids": [], "lengths": [], "weights": [], "bags": 0})
+        for i, (key, table) in enumerate(zip(q.keys, q.plan.tables)):
+            acc = parts.get(table)
+            if acc is None:
+                acc = parts[table] = {"ids": [], "lengths": [], "weights": [], "bags": 0}
             slot[key] = acc["bags"]
             lo, hi = offsets[i], offsets[i + 1]
             acc["ids"].append(q.values[lo:hi])
-            acc["lengths"].append(q.lengths[i * q.batch_size:(i + 1) * q.batch_size])
+            acc["lengths"].append(q.lengths[i * B:(i + 1) * B])
             acc["weights"].append(q.weights[lo:hi] if q.weights is not None else None)
-            acc["bags"] += q.batch_size
+            acc["bags"] += B
         slots.append(slot)
     works = {}
     for table, acc in parts.items():
@@ -133,8 +155,10 @@ def merge(queries: list[Query]):
         if any(w is not None for w in acc["weights"]):
             weights = np.concatenate([w if w is not None else np.ones(len(i), np.float32)
                                       for w, i in zip(acc["weights"], acc["ids"])])
-        works[table] = TableWork(table, np.concatenate(acc["ids"]),
-                                 np.concatenate(acc["lengths"]), weights)
+        one = len(acc["ids"]) == 1
+        works[table] = TableWork(table, acc["ids"][0] if one else np.concatenate(acc["ids"]),
+                                 acc["lengths"][0] if one else np.concatenate(acc["lengths"]),
+                                 weights)
     return works, slots
 
 
@@ -166,7 +190,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
         async def send(s: int, items):
             t0 = time.perf_counter()
             req = pb.LookupPooledRequest(map_version=table.version, segments=[
-                segment(model.tables[w.name], w, occ, dedup) for w, occ in items])
+                segment(model.tables[w.name], w, occ, dedup, s) for w, occ in items])
             if clock is not None:
                 clock["fan_out"] += time.perf_counter() - t0
             try:
@@ -264,12 +288,16 @@ def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int],
     per_server: dict[int, list] = {}
     for w, occ in pending:
         tr = model.tables[w.name]
-        ids = w.ids if occ is None else w.ids[occ]
-        parts = partition_of(ids, tr.spec.num_partitions)
         choice = tr.choose(rotation, exclude)
         if avoid:
             fallback = tr.choose(rotation, exclude | avoid)
             choice = np.where(fallback >= 0, fallback, choice)
+        first = int(choice[0])
+        if first >= 0 and (choice == first).all():    # the common case: no per-id work
+            per_server.setdefault(first, []).append((w, occ))
+            continue
+        ids = w.ids if occ is None else w.ids[occ]
+        parts = partition_of(ids, tr.spec.num_partitions)
         servers = choice[parts]
         if not servers.size:
             continue
@@ -286,9 +314,9 @@ def route(pending, model: ModelRoute, rotation: int, exclude: frozenset[int],
     return per_server
 
 
-def segment(tr: TableRoute, w: TableWork, occ: np.ndarray | None,
-            dedup: bool) -> pb.PooledSegment:
-    """The request part for occurrences ``occ`` (None: all) of one table."""
+def segment(tr: TableRoute, w: TableWork, occ: np.ndarray | None, dedup: bool,
+            server: int) -> pb.PooledSegment:
+    """The request part for occurrences ``occ`` (None: all) of one table, to ``server``."""
     if occ is None:
         ids, lengths, weights = w.ids, w.lengths, w.weights
     else:
@@ -296,7 +324,8 @@ def segment(tr: TableRoute, w: TableWork, occ: np.ndarray | None,
         lengths = np.bincount(w.bags()[occ], minlength=len(w.lengths))
         weights = None if w.weights is None else w.weights[occ]
     seg = pb.PooledSegment(table_uid=tr.spec.table_uid, lengths=pack(lengths, "int32"),
-                           routed=routed(tr, partition_of(ids, tr.spec.num_partitions)))
+                           routed=tr.routed_all() if tr.holds_all(server) else
+                           routed(tr, partition_of(ids, tr.spec.num_partitions)))
     if dedup:
         uniq, inverse = np.unique(ids, return_inverse=True)
         seg.ids.CopyFrom(pack(uniq))
@@ -310,16 +339,12 @@ def segment(tr: TableRoute, w: TableWork, occ: np.ndarray | None,
 
 def split(q: Query, works: dict[str, TableWork], slot: dict[str, int]) -> np.ndarray:
     """This query's pooled embeddings, features in the model's order."""
-    keys, dims = output_keys(q)
-    out = np.empty((q.batch_size, sum(dims)), dtype=np.float32)
-    col = 0
-    for key, dim in zip(keys, dims):
-        w = works[q.model.features[key][0]]
-        out[:, col:col + dim] = w.sums[slot[key]:slot[key] + q.batch_size]
-        col += dim
-    return out
+    plan = q.plan
+    if not plan.output_keys:
+        return np.empty((q.batch_size, 0), dtype=np.float32)
+    return np.concatenate([works[plan.tables[i]].sums[slot[k]:slot[k] + q.batch_size]
+                           for i, k in zip(plan.output_index, plan.output_keys)], axis=1)
 
 
 def output_keys(q: Query) -> tuple[list[str], list[int]]:
-    keys = sorted(q.keys, key=lambda k: q.model.features[k][1])
-    return keys, [q.model.feature(k).spec.dim for k in keys]
+    return q.plan.output_keys, q.plan.output_dims

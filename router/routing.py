@@ -13,7 +13,7 @@ import numpy as np
 from embeddings.specs import TableSpec
 from experts.layout import table_for
 from experts.specs import ExpertLayerSpec
-from shoal.errors import NotFound, ShoalError
+from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack
 
@@ -24,20 +24,55 @@ class TableRoute:
     replicas: np.ndarray     # int32 [P, R]: server index per replica slot, -1 = none
     epochs: np.ndarray       # int64 [P]
     writers: np.ndarray      # int32 [P, W]: replicas then learners (they get every write)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def choose(self, rotation: int, exclude: frozenset[int] = frozenset()) -> np.ndarray:
-        """One server index per partition (-1 when every replica is ``exclude``d).
+        """One server index per partition (-1 when every replica is ``exclude``d); read-only.
 
         Each table prefers one of its servers, ``rotation`` (a batch counter) and the table's
         uid picking which, so over many batches and tables every replica serves reads. Every
         partition that server holds reads from it; the rest take their replicas in turn. Fewer
-        servers per table means fewer partial sums to send back and add.
+        servers per table means fewer partial sums to send back and add. The answer depends on
+        the rotation only through which holder is preferred and ``rotation % R``, so each one
+        is worked out once per routing table.
         """
+        holders = self._memo.get(("holders", exclude))
+        if holders is None:
+            valid = self.replicas >= 0
+            if exclude:
+                valid &= ~np.isin(self.replicas, list(exclude))
+            holders = self._memo[("holders", exclude)] = np.unique(self.replicas[valid])
+        R = self.replicas.shape[1]
+        key = ((rotation + self.spec.table_uid) % max(1, len(holders)), rotation % R, exclude)
+        out = self._memo.get(key)
+        if out is None:
+            out = self._memo[key] = self._choose(rotation, exclude, holders)
+            out.flags.writeable = False
+        return out
+
+    def holds_all(self, server: int) -> bool:
+        """Whether ``server`` is a replica of every partition."""
+        key = ("holds_all", server)
+        got = self._memo.get(key)
+        if got is None:
+            got = self._memo[key] = bool((self.replicas == server).any(axis=1).all())
+        return got
+
+    def routed_all(self) -> pb.PartitionEpochs:
+        """The PartitionEpochs of every partition (a request to a server that holds them all
+        routes them all, whatever ids it sends)."""
+        got = self._memo.get("routed_all")
+        if got is None:
+            P = len(self.epochs)
+            got = self._memo["routed_all"] = pb.PartitionEpochs(
+                partitions=pack(np.arange(P, dtype=np.int32)), epochs=pack(self.epochs))
+        return got
+
+    def _choose(self, rotation: int, exclude: frozenset[int], holders: np.ndarray):
         P, R = self.replicas.shape
         valid = self.replicas >= 0
         if exclude:
             valid &= ~np.isin(self.replicas, list(exclude))
-        holders = np.unique(self.replicas[valid])
         out = np.full(P, -1, dtype=np.int32)
         if not holders.size:
             return out
@@ -55,6 +90,20 @@ class TableRoute:
 
 
 @dataclass(frozen=True)
+class KeyPlan:
+    """What a request's feature keys (in its order) come to in one model version, worked out
+    once per distinct key list (``ModelRoute.plan``) instead of per request."""
+    keys: tuple[str, ...]
+    tables: tuple[str, ...]          # the table each key reads
+    limits: np.ndarray               # int64 per key: the table's num_embeddings
+    min_limit: int                   # the smallest of them (ids below it need no per-key check)
+    output_keys: list[str]           # the keys in the model's output order
+    output_dims: list[int]
+    output_index: list[int]          # position in ``keys`` of each output key
+    distinct_tables: bool            # every key reads its own table
+
+
+@dataclass(frozen=True)
 class ModelRoute:
     name: str
     version: int
@@ -62,6 +111,31 @@ class ModelRoute:
     features: dict[str, tuple[str, int]]     # feature -> (table name, position in output order)
     state: str = "ready"                     # "ready" | "loading" (writable, not readable)
     expert_layers: dict[str, ExpertLayerSpec] = field(default_factory=dict)   # by layer name
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def plan(self, keys: tuple[str, ...]) -> KeyPlan:
+        """The ``KeyPlan`` of a pooled request's keys; InvalidArgument for duplicate keys or
+        a feature of an unpooled table, NotFound for an unknown one."""
+        got = self._plans.get(keys)
+        if got is not None:
+            return got
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument(f"keys: feature names must be unique, got {list(keys)}")
+        for k in keys:
+            if self.feature(k).spec.pooling == "none":
+                raise InvalidArgument(f"keys: feature {k!r} reads table "
+                                      f"{self.features[k][0]!r}, which has pooling 'none'; "
+                                      "use lookup_rows for unpooled rows")
+        tables = tuple(self.features[k][0] for k in keys)
+        limits = np.array([self.tables[t].spec.num_embeddings for t in tables], dtype=np.int64)
+        index = sorted(range(len(keys)), key=lambda i: self.features[keys[i]][1])
+        plan = KeyPlan(keys, tables, limits, int(limits.min()) if len(keys) else 0,
+                       [keys[i] for i in index],
+                       [self.tables[tables[i]].spec.dim for i in index], index,
+                       len(set(tables)) == len(tables))
+        if len(self._plans) < 64:                # a handful of key lists per model, normally
+            self._plans[keys] = plan
+        return plan
 
     def readable(self) -> "ModelRoute":
         if self.state == "loading":

@@ -117,7 +117,7 @@ class RouterService(pbg.RouterServicer):
         MODEL_REQUESTS.labels(model, str(version or "current"), rpc,
                               error.code.name if error is not None else "OK").inc()
 
-    async def _execute(self, queries: list[Query]) -> list[np.ndarray]:
+    async def _execute(self, queries: list[Query], whole: bool = False) -> list[np.ndarray]:
         table = self._maps.current()
         if self.row_cache.enabled and table.version != self._cache_map:
             self._cache_map = table.version
@@ -125,7 +125,7 @@ class RouterService(pbg.RouterServicer):
                                   for tr in route.tables.values())
         return await pooled_lookup(queries, self._maps, self._transport,
                                    self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats,
-                                   self.hedger, self.row_cache)
+                                   self.hedger, self.row_cache, whole)
 
     async def _in_time(self, context, work, what: str, t0: float):
         """``await work`` within the caller's deadline (``router.default_deadline_s`` when it
@@ -169,14 +169,8 @@ class RouterService(pbg.RouterServicer):
             self._map_rechecked = time.monotonic()
 
     def _parse(self, r: pb.FeatureBatch, model) -> Query:
-        keys = list(r.keys)
-        if len(set(keys)) != len(keys):
-            raise InvalidArgument(f"keys: feature names must be unique, got {keys}")
-        for k in keys:
-            if model.feature(k).spec.pooling == "none":
-                raise InvalidArgument(f"keys: feature {k!r} reads table "
-                                      f"{model.features[k][0]!r}, which has pooling 'none'; "
-                                      "use lookup_rows for unpooled rows")
+        plan = model.plan(tuple(r.keys))
+        keys = list(plan.keys)
         values = unpack(r.values, "values", ("int64", "int32"), 1)
         lengths = unpack(r.lengths, "lengths", ("int32", "int64"), 1).astype(np.int64)
         B = r.batch_size
@@ -209,12 +203,15 @@ class RouterService(pbg.RouterServicer):
                 raise InvalidArgument(f"weights: feature {mean[0]!r} reads a table with mean "
                                       "pooling, and a weighted mean is not defined (torch and "
                                       "torchrec refuse it too); send weights only for sum tables")
-        ends = np.cumsum(lengths.reshape(len(keys), B).sum(axis=1)) if keys else []
-        start = 0
-        for k, end in zip(keys, ends):
-            check_ids(values[start:end], model.feature(k).spec, f"values of feature {k!r}")
-            start = int(end)
-        return Query(model, keys, values, lengths, weights, B)
+        per_key = lengths.reshape(len(keys), B).sum(axis=1) if keys else np.zeros(0, np.int64)
+        if values.size and (values.min() < 0 or values.max() >= plan.min_limit):
+            bad = np.flatnonzero((values < 0) | (values >= np.repeat(plan.limits, per_key)))
+            if bad.size:
+                ends = np.cumsum(per_key)
+                k = int(np.searchsorted(ends, bad[0], side="right"))
+                check_ids(values[ends[k] - per_key[k]:ends[k]], model.feature(keys[k]).spec,
+                          f"values of feature {keys[k]!r}")
+        return Query(model, keys, values, lengths, weights, B, plan=plan, per_key=per_key)
 
     # ------------------------------------------------------------ rows
     async def WriteRows(self, request, context):
@@ -344,7 +341,8 @@ class RouterService(pbg.RouterServicer):
 
     async def _execute_predict(self, items: list[PredictItem]):
         scorer, perm = await scorer_for(self.dense, items[0].query.model)
-        return await predict_batch(items, self._execute, scorer, perm)
+        return await predict_batch(items, lambda qs: self._execute(qs, whole=True), scorer,
+                                   perm)
 
     # ------------------------------------------------------------ control
     async def CreateModel(self, request, context):

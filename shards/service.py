@@ -67,6 +67,7 @@ class HeldTable:
     loading: bool = False               # of a model version being loaded: takes Ingest
 
     def __post_init__(self):
+        self.all_partitions = np.arange(self.spec.num_partitions, dtype=np.int32)
         if self.looked_up is None:
             self.looked_up = np.zeros(self.spec.num_partitions, np.int64)
 
@@ -299,6 +300,8 @@ class ShardService(WritePath, ExpertPath):
         check_ids(ids, spec, "ids")
         rp = self._check_routing(table, routed, read)
         parts = partition_of(ids, spec.num_partitions)
+        if len(rp) == spec.num_partitions and (rp == table.all_partitions).all():
+            return parts                    # every partition routed: nothing to match
         declared = np.zeros(spec.num_partitions, bool)
         declared[rp] = True
         if ids.size and not declared[parts].all():
@@ -625,11 +628,14 @@ class ShardService(WritePath, ExpertPath):
         self._limit(n_occ)
         if lengths.size and lengths.min() < 0:
             raise InvalidArgument(f"{where}.lengths: must be >= 0, got {int(lengths.min())}")
-        if lengths.size and int(lengths.max()) > n_occ:
-            raise InvalidArgument(f"{where}.lengths: a bag of {int(lengths.max())} ids is "
-                                  f"longer than the {n_occ} ids sent")
-        if int(lengths.sum(dtype=np.int64)) != n_occ:
-            raise InvalidArgument(f"{where}.lengths: sum {int(lengths.sum())} != {n_occ} ids")
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        total = int(offsets[-1]) + int(lengths[-1]) if lengths.size else 0
+        if total != n_occ:                  # (lengths >= 0 and summing to n_occ: none longer)
+            if lengths.size and int(lengths.max()) > n_occ:
+                raise InvalidArgument(f"{where}.lengths: a bag of {int(lengths.max())} ids is "
+                                      f"longer than the {n_occ} ids sent")
+            raise InvalidArgument(f"{where}.lengths: sum {total} != {n_occ} ids")
         if inverse is not None and inverse.size and (inverse.min() < 0
                                                       or inverse.max() >= len(ids)):
             raise InvalidArgument(f"{where}.inverse: must index [0, {len(ids)})")
@@ -639,8 +645,6 @@ class ShardService(WritePath, ExpertPath):
             if len(w) != n_occ:
                 raise InvalidArgument(f"{where}.weights: {len(w)} weights for {n_occ} ids")
             weights = torch.from_numpy(w.copy())
-        offsets = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
         with table.lock.read():           # the check and the gather see one map (see _apply)
             parts = self._check(table, ids, seg.routed, read=True)
             weight, idx = self._gather(table, ids, parts)

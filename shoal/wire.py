@@ -4,6 +4,8 @@ Unpacking is zero-copy: the returned array is a read-only view of the message's 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from shoal.errors import InvalidArgument
@@ -16,8 +18,15 @@ ALLOWED_DTYPES = ("int64", "int32", "float32", "float16", "bfloat16")
 _NP_WIRE = {"bfloat16": "uint16"}
 
 
+_NAMES = {np.dtype(n): n for n in ("int64", "int32", "float32", "float16")}
+_NAMES[np.dtype("uint16")] = "bfloat16"
+# Little-endian numpy dtype of each wire dtype (looked up, not built, per message).
+_DTYPES = {n: np.dtype(_NP_WIRE.get(n, n)).newbyteorder("<") for n in ALLOWED_DTYPES}
+
+
 def _wire_name(a: np.ndarray) -> str:
-    return "bfloat16" if a.dtype == np.uint16 else a.dtype.name
+    name = _NAMES.get(a.dtype)
+    return name if name is not None else a.dtype.name
 
 
 def pack(array, dtype: str | None = None) -> pb.Tensor:
@@ -195,14 +204,14 @@ def _view(t: pb.Tensor, data, field: str, dtype=None, ndim: int | None = None) -
         allowed = (dtype,) if isinstance(dtype, str) else dtype
         if t.dtype not in allowed:
             raise InvalidArgument(f"{field}: dtype is {t.dtype}, expected {' or '.join(allowed)}")
-    shape = tuple(int(s) for s in t.shape)
+    shape = tuple(t.shape)
     if ndim is not None and len(shape) != ndim:
         raise InvalidArgument(f"{field}: shape {list(shape)} has {len(shape)} dimensions, "
                               f"expected {ndim}")
-    if any(s < 0 for s in shape):
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"{field}: shape {list(shape)} has a negative dimension")
-    dt = np.dtype(_NP_WIRE.get(t.dtype, t.dtype)).newbyteorder("<")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    dt = _DTYPES[t.dtype]
+    count = math.prod(shape)
     if count * dt.itemsize != len(data):
         raise InvalidArgument(f"{field}: {len(data)} bytes do not match shape {list(shape)} "
                               f"of {t.dtype} ({count * dt.itemsize} bytes)")
