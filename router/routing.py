@@ -29,12 +29,12 @@ class TableRoute:
     def choose(self, rotation: int, exclude: frozenset[int] = frozenset()) -> np.ndarray:
         """One server index per partition (-1 when every replica is ``exclude``d); read-only.
 
-        Each table prefers one of its servers, ``rotation`` (a batch counter) and the table's
-        uid picking which, so over many batches and tables every replica serves reads. Every
-        partition that server holds reads from it; the rest take their replicas in turn. Fewer
-        servers per table means fewer partial sums to send back and add. The answer depends on
-        the rotation only through which holder is preferred and ``rotation % R``, so each one
-        is worked out once per routing table.
+        Each batch prefers one server, ``rotation`` (a batch counter) picking which, so over
+        many batches every replica serves reads. Every partition that server holds reads from
+        it; the rest take their replicas in turn. Fewer servers per batch means fewer calls
+        (where every server holds every table, one per batch) and fewer partial sums to send
+        back and add. The answer depends on the rotation only through which holder is
+        preferred and ``rotation % R``, so each one is worked out once per routing table.
         """
         holders = self._memo.get(("holders", exclude))
         if holders is None:
@@ -43,7 +43,7 @@ class TableRoute:
                 valid &= ~np.isin(self.replicas, list(exclude))
             holders = self._memo[("holders", exclude)] = np.unique(self.replicas[valid])
         R = self.replicas.shape[1]
-        key = ((rotation + self.spec.table_uid) % max(1, len(holders)), rotation % R, exclude)
+        key = (rotation % max(1, len(holders)), rotation % R, exclude)
         out = self._memo.get(key)
         if out is None:
             out = self._memo[key] = self._choose(rotation, exclude, holders)
@@ -76,7 +76,7 @@ class TableRoute:
         out = np.full(P, -1, dtype=np.int32)
         if not holders.size:
             return out
-        preferred = holders[(rotation + self.spec.table_uid) % len(holders)]
+        preferred = holders[rotation % len(holders)]
         # Fallback: the first valid replica at or after slot (p + rotation) % R.
         slots = (np.arange(P)[:, None] + rotation + np.arange(R)[None, :]) % R
         ordered_valid = np.take_along_axis(valid, slots, axis=1)

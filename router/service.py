@@ -23,7 +23,8 @@ from experts.specs import ExpertLayerWeights
 
 import grpc
 
-from shoal.metrics import MODEL_REQUESTS, STAGE_SECONDS
+from shoal import security
+from shoal.metrics import MODEL_REQUESTS, STAGE_SECONDS, record_rpc
 from router.batcher import Batcher
 from router.dense import DenseCache
 from router.moe import MoeStats, moe_forward
@@ -79,7 +80,8 @@ class RouterService(pbg.RouterServicer):
                 request.model, request.version, True, request.request_key))
             q.arrived = t0
             values = await self._in_time(
-                context, self._batcher.run(q, (q.model.name, q.model.version), q.num_ids),
+                context.time_remaining(),
+                self._batcher.run(q, (q.model.name, q.model.version), q.num_ids),
                 f"lookup of {q.num_ids} ids", t0)
             keys, dims = output_keys(q)
             self._counted("Lookup", q.model.name, q.model.version)
@@ -127,11 +129,11 @@ class RouterService(pbg.RouterServicer):
                                    self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats,
                                    self.hedger, self.row_cache, whole)
 
-    async def _in_time(self, context, work, what: str, t0: float):
-        """``await work`` within the caller's deadline (``router.default_deadline_s`` when it
-        set none): past it, DEADLINE_EXCEEDED, never a partial answer. A merged batch goes
-        on for the other requests in it; an unmerged call is cancelled."""
-        left = context.time_remaining()
+    async def _in_time(self, left: float | None, work, what: str, t0: float):
+        """``await work`` within the caller's deadline, ``left`` seconds from now
+        (``context.time_remaining()``; None: ``router.default_deadline_s``): past it,
+        DEADLINE_EXCEEDED, never a partial answer. A merged batch goes on for the other
+        requests in it; an unmerged call is cancelled."""
         limit = self._cfg.default_deadline_s if left is None else left - DEADLINE_MARGIN_S
         try:
             return await asyncio.wait_for(work, max(limit, 0.0))
@@ -262,7 +264,7 @@ class RouterService(pbg.RouterServicer):
                 raise ResourceExhausted(f"ids: {len(ids)} ids exceed max_ids_per_request "
                                       f"{self._cfg.max_ids_per_request}; split the request")
             check_ids(ids, spec, "ids")
-            rows = await self._in_time(context, lookup_rows(
+            rows = await self._in_time(context.time_remaining(), lookup_rows(
                 request.model, request.table, ids, self._maps, self._transport,
                 self._cfg.rpc_timeout_s, self.stats, model.readable().version),
                 f"lookup_rows of {len(ids)} ids", t0)
@@ -291,7 +293,7 @@ class RouterService(pbg.RouterServicer):
             dense = await self.dense.derived(
                 model.name, model.version, f"moe.{spec.name}",
                 lambda params: ExpertLayerWeights.from_dense(spec, params).check_dense(spec))
-            result = await self._in_time(context, moe_forward(
+            result = await self._in_time(context.time_remaining(), moe_forward(
                 model, spec.name, dense, hidden, ids, weights, self._maps, self._transport,
                 self._cfg.rpc_timeout_s, self.stats),
                 f"moe_forward of {hidden.shape[0]} tokens", t0)
@@ -311,6 +313,63 @@ class RouterService(pbg.RouterServicer):
 
     # ------------------------------------------------------------ predict
     async def Predict(self, request, context):
+        try:
+            return await self._predict(request, context.time_remaining())
+        except ShoalError as e:
+            await abort_async(context, e)
+
+    async def PredictStream(self, request_iterator, context):
+        """Many ``Predict`` calls on one stream, each answered (in any order) under its id;
+        each is admitted and limited like a call of its own (``shoal.security``)."""
+        answers: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def answer(call) -> None:
+            answers.put_nowait(await self._predict_call(call))
+
+        async def read() -> None:
+            try:
+                async for call in request_iterator:
+                    task = asyncio.create_task(answer(call))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            finally:
+                if running:
+                    await asyncio.gather(*running, return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _predict_call(self, call: pb.PredictCall) -> pb.PredictAnswer:
+        t0 = time.perf_counter()
+        entered = False
+        try:
+            if security.installed().config.require_deadline and call.timeout_s <= 0:
+                raise InvalidArgument("timeout_s: none set; this server requires every call "
+                                      "to set a deadline (security.require_deadline)")
+            gate = security.current_gate()
+            if gate is not None:
+                gate.enter()
+                entered = True
+            reply = await self._predict(call.request, call.timeout_s or None)
+            record_rpc("Predict", time.perf_counter() - t0, "OK", call, reply)
+            return pb.PredictAnswer(id=call.id, reply=reply)
+        except ShoalError as e:
+            record_rpc("Predict", time.perf_counter() - t0, e.code.name, call, None)
+            return pb.PredictAnswer(id=call.id, code=e.code.value[0], message=e.message)
+        finally:
+            if entered:
+                gate.leave()
+
+    async def _predict(self, request: pb.PredictRequest, left: float | None) -> pb.PredictReply:
+        """One predict request within ``left`` seconds (None: ``default_deadline_s``)."""
         sparse = request.sparse
         try:
             self._requests += 1
@@ -323,8 +382,8 @@ class RouterService(pbg.RouterServicer):
                           self._cfg.max_predict_batch)
             item = PredictItem(q, dense, int(request.top_k), t0)
             result = await self._in_time(
-                context, self._predict_batcher.run(item, (q.model.name, q.model.version),
-                                                   q.batch_size),
+                left, self._predict_batcher.run(item, (q.model.name, q.model.version),
+                                                q.batch_size),
                 f"predict of {q.batch_size} candidates", t0)
             timings = dict(result.timings, total=time.perf_counter() - t0)
             self._traced("predict", timings, f"predict of {q.batch_size} candidates, model "
@@ -337,7 +396,7 @@ class RouterService(pbg.RouterServicer):
             return reply
         except ShoalError as e:
             self._counted("Predict", sparse.model, sparse.version, e)
-            await abort_async(context, e)
+            raise
 
     async def _execute_predict(self, items: list[PredictItem]):
         scorer, perm = await scorer_for(self.dense, items[0].query.model)

@@ -52,14 +52,22 @@ class Client(RpcClient):
             raise InvalidArgument("address: no router address given")
         super().__init__(addresses[0], pbg.RouterStub, timeout, creds=creds)
         self.addresses = addresses
+        self._extra = []
         if len(addresses) > 1:
             from shoal.serving import channel
             self._extra = [channel(a, creds) for a in addresses[1:]]
             self._stub = RouterPool([self._stub] + [pbg.RouterStub(ch) for ch in self._extra],
                                     addresses)
+        # Predict calls go on one stream per router (see shoal.streams), spread and failed
+        # over like the other calls.
+        self._streams = [_PredictStream(ch) for ch in [self._channel] + self._extra]
+        self._predict_via = self._streams[0] if len(self._streams) == 1 else \
+            RouterPool(self._streams, addresses)
 
     def close(self) -> None:
-        for ch in getattr(self, "_extra", []):
+        for st in self._streams:
+            st.Predict.close()
+        for ch in self._extra:
             ch.close()
         super().close()
 
@@ -270,7 +278,13 @@ class Client(RpcClient):
             sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
         req = pb.PredictRequest(sparse=sparse, dense=pack(torch.as_tensor(dense), "float32"),
                                 top_k=top_k or 0, trace=timings is not None)
-        reply = self._call(self._stub.Predict, req, timeout)
+        try:
+            reply = self._call(self._predict_via.Predict, req, timeout)
+        except ShoalError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self._predict_via = self._stub            # a router without PredictStream
+            reply = self._call(self._stub.Predict, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
         scores = torch.from_numpy(unpack(reply.scores, "scores", "float32", 1).copy())
@@ -348,6 +362,17 @@ def connect(address: str | list[str], timeout: float = 120.0, creds=None) -> Cli
     """A client of the router at ``address`` (or of several routers: a list); ``creds``
     (``shoal.security.Credentials``) where the cluster has TLS or tokens on."""
     return Client(address, timeout, creds)
+
+
+class _PredictStream:
+    """A router's ``Predict`` as calls on its ``PredictStream``."""
+
+    def __init__(self, channel):
+        from shoal.streams import CallStream
+
+        def wrap(i: int, request: pb.PredictRequest, timeout: float | None) -> pb.PredictCall:
+            return pb.PredictCall(id=i, request=request, timeout_s=timeout or 0.0)
+        self.Predict = CallStream(pbg.RouterStub(channel).PredictStream, wrap)
 
 
 class RouterPool:

@@ -76,8 +76,13 @@ def _record(method: str, t0: float, context, failed: bool, request, reply) -> No
     name = code.name if isinstance(code, grpc.StatusCode) else "OK"
     if failed and name == "OK":
         name = "UNKNOWN"
-    RPC_REQUESTS.labels(_role, method, name).inc()
-    RPC_SECONDS.labels(_role, method).observe(time.perf_counter() - t0)
+    record_rpc(method, time.perf_counter() - t0, name, request, reply)
+
+
+def record_rpc(method: str, seconds: float, code: str, request, reply) -> None:
+    """Count one call (an RPC, or a call on a stream such as ``PredictStream``)."""
+    RPC_REQUESTS.labels(_role, method, code).inc()
+    RPC_SECONDS.labels(_role, method).observe(seconds)
     if hasattr(request, "ByteSize"):
         RPC_BYTES.labels(_role, method, "in").inc(request.ByteSize())
     if hasattr(reply, "ByteSize"):

@@ -302,7 +302,8 @@ def process_credentials() -> Credentials | None:
     return Credentials(inst.ca, inst.cert, inst.key, inst.own_token)
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamStreamClientInterceptor):
     def __init__(self, token: str):
         self._md = ("authorization", f"Bearer {token}")
 
@@ -316,6 +317,9 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._details(details), request)
 
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
 
 class _Details(grpc.ClientCallDetails):
     def __init__(self, d, metadata):
@@ -326,7 +330,8 @@ class _Details(grpc.ClientCallDetails):
 
 
 class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor,
-                           grpc.aio.UnaryStreamClientInterceptor):
+                           grpc.aio.UnaryStreamClientInterceptor,
+                           grpc.aio.StreamStreamClientInterceptor):
     def __init__(self, token: str):
         self._md = ("authorization", f"Bearer {token}")
 
@@ -339,6 +344,9 @@ class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor,
 
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
 
 
 def channel(address: str, options, creds: Credentials | None = None) -> grpc.Channel:
@@ -429,9 +437,10 @@ class Gate:
                              "(metadata authorization: Bearer shoal....)")
         return Identity(name, roles, "+".join(via))
 
-    def admit(self, method: str, request, context) -> None:
+    def admit(self, method: str, request, context, stream: bool = False) -> None:
         """Raise ShoalError if the call may not run (the caller, its role, the limits, a
-        request that did not parse)."""
+        request that did not parse). A ``stream`` of calls (``STREAMS``) is admitted as it
+        opens; its handler checks each call's deadline and counts it in flight."""
         rule = RULES.get(method)
         if rule is None:
             raise ShoalError(grpc.StatusCode.PERMISSION_DENIED,
@@ -443,7 +452,7 @@ class Gate:
             raise ShoalError(grpc.StatusCode.PERMISSION_DENIED,
                              f"{method.rsplit('/', 1)[-1]} needs role {need!r}; caller {who}")
         cfg = _installed.config
-        if cfg.require_deadline and context.time_remaining() is None:
+        if cfg.require_deadline and not stream and context.time_remaining() is None:
             raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
                              "deadline: none set; this server requires every call to set one "
                              "(security.require_deadline)")
@@ -555,11 +564,24 @@ class AccessInterceptor(grpc.ServerInterceptor):
         return _deny_streaming(method)
 
 
+# Bidirectional streams of calls that are open to callers (each call on one is limited like
+# an RPC of its own by the stream's handler, through ``current_gate``).
+STREAMS = frozenset({R + "PredictStream"})
+RULES[R + "PredictStream"] = QUERY
+_gate: "Gate | None" = None
+
+
+def current_gate() -> "Gate | None":
+    """The gate of this process's asyncio server (None before one is made)."""
+    return _gate
+
+
 class AsyncAccessInterceptor(grpc.aio.ServerInterceptor):
     """``AccessInterceptor`` for asyncio servers (the router, the shard servers)."""
 
     def __init__(self):
-        self.gate = Gate()
+        global _gate
+        self.gate = _gate = Gate()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -596,6 +618,18 @@ class AsyncAccessInterceptor(grpc.aio.ServerInterceptor):
                     gate.leave()
             return handler._replace(unary_stream=stream,
                                     request_deserializer=_lenient(handler.request_deserializer))
+        if handler.stream_stream is not None and method in STREAMS:
+            inner_ss = handler.stream_stream
+
+            async def calls(request_iterator, context):
+                try:
+                    gate.admit(method, None, context, stream=True)
+                except ShoalError as e:
+                    _refused(e, method, context)
+                    await context.abort(e.code, e.message)
+                async for item in inner_ss(request_iterator, context):
+                    yield item
+            return handler._replace(stream_stream=calls)
         return _deny_streaming(method)
 
 

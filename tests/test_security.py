@@ -304,3 +304,34 @@ def test_calls_beyond_the_concurrency_limit_are_refused(limited):
     for t in waiting:
         t.join(30)
     assert len(results) == 2 and all(torch.allclose(r, want) for r in results)
+
+
+def test_predict_streams_are_admitted_like_calls(secure):
+    """``predict`` travels on a PredictStream: the stream is refused without credentials or
+    with a token from another cluster, as a Predict call would be; a reader gets through."""
+    cluster, certs, other, _ = secure
+    ca = str(certs / "ca.pem")
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.arange(2),
+                                              torch.ones(2, dtype=torch.int64))
+    ask = lambda creds: shoal.connect(cluster.router_address, 10, creds).predict(  # noqa: E731
+        "sec", torch.zeros(2, 1), kjt)
+    c, msg = code_of(lambda: ask(Credentials.from_files(ca)))
+    assert c == UNAUTH and "no credentials" in msg, msg
+    c, msg = code_of(lambda: ask(Credentials.from_files(
+        ca, token=make_token(key_of(other), "mallory", ["admin"]))))
+    assert c == UNAUTH and "issued by another cluster" in msg, msg
+    c, msg = code_of(lambda: ask(Credentials.from_files(
+        ca, token=make_token(key_of(certs), "rita", ["query"]))))
+    assert c not in (UNAUTH, DENIED) and "dense part" in msg, (c, msg)  # model "sec" has none
+
+
+def test_calls_on_a_predict_stream_need_their_own_deadline(limited):
+    c, _, _ = limited
+    ch = security.channel(c.router_address, GRPC_OPTIONS, None)
+    calls = [pb.PredictCall(id=7, request=pb.PredictRequest(sparse=pb.FeatureBatch(model="x"))),
+             pb.PredictCall(id=8, timeout_s=5.0,
+                            request=pb.PredictRequest(sparse=pb.FeatureBatch(model="nope")))]
+    answers = {a.id: a for a in pbg.RouterStub(ch).PredictStream(iter(calls), timeout=30)}
+    ch.close()
+    assert answers[7].code == INVALID.value[0] and "timeout_s" in answers[7].message
+    assert answers[8].code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in answers[8].message

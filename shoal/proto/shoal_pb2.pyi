@@ -1026,6 +1026,28 @@ class PredictReply(_message.Message):
     timings: _containers.ScalarMap[str, float]
     def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class PredictCall(_message.Message):
+    __slots__ = ("id", "request", "timeout_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: PredictRequest
+    timeout_s: float
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[PredictRequest, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class PredictAnswer(_message.Message):
+    __slots__ = ("id", "reply", "code", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    reply: PredictReply
+    code: int
+    message: str
+    def __init__(self, id: _Optional[int] = ..., reply: _Optional[_Union[PredictReply, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class RouterWriteRowsRequest(_message.Message):
     __slots__ = ("model", "version", "table", "ids", "rows", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -1341,6 +1341,11 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.PredictRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.PredictReply.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/shoal.v1.Router/PredictStream',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.PredictCall.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.PredictAnswer.FromString,
+                _registered_method=True)
         self.RebalanceExperts = channel.unary_unary(
                 '/shoal.v1.Router/RebalanceExperts',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.RebalanceExpertsRequest.SerializeToString,
@@ -1410,6 +1415,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RebalanceExperts(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1469,6 +1480,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.PredictRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.PredictReply.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.PredictCall.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.PredictAnswer.SerializeToString,
             ),
             'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.RebalanceExperts,
@@ -1724,6 +1740,33 @@ class Router:
             '/shoal.v1.Router/Predict',
             shoal_dot_proto_dot_shoal__pb2.PredictRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.PredictReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.v1.Router/PredictStream',
+            shoal_dot_proto_dot_shoal__pb2.PredictCall.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.PredictAnswer.FromString,
             options,
             channel_credentials,
             insecure,
