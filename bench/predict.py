@@ -3,7 +3,7 @@ process and (b) the common alternative of keeping embeddings in Redis (redis-ser
 Debian's packages, started here; MGET of the rows, pooling and the dense part in the client),
 in one run, from the same concurrent clients.
 
-    python bench/predict.py [--seconds 15] [--procs 2] [--threads 4]
+    python bench/predict.py [--seconds 15] [--procs 4] [--threads 8] [--row-cache-rows N]
 
 Requests: 64 candidates, each with 13 dense features and one id in each of 26 sparse
 features (Zipf-distributed ids), scored by a torchrec DLRM with random weights. Clients are
@@ -223,6 +223,8 @@ def run_shoal(model, requests, args, work: str) -> dict:
     cfg = shoal.ShoalConfig()
     if args.window_ms is not None:
         cfg = cfg.replace(router__predict_window_ms=args.window_ms)
+    if args.row_cache_rows:
+        cfg = cfg.replace(router__row_cache_rows=args.row_cache_rows)
     with shoal.LocalCluster(servers=2, replication=2, routers=args.routers, config=cfg,
                             data_dir=os.path.join(work, "cluster")) as cluster:
         client = cluster.client()
@@ -238,6 +240,9 @@ def run_shoal(model, requests, args, work: str) -> dict:
         st = client.status().router
         res.update(load_seconds=round(load_s, 1), max_abs_diff=diff,
                    router_requests=st.requests, router_batches=st.batches)
+        if args.row_cache_rows:
+            res["cache_hit_ratio"] = round(st.cache_hits / max(1, st.cache_hits
+                                                               + st.cache_misses), 3)
         client.close()
     return res
 
@@ -248,11 +253,13 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--candidates", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=1.1, help="Zipf exponent of the ids")
-    ap.add_argument("--procs", type=int, default=2, help="client processes")
-    ap.add_argument("--threads", type=int, default=4, help="client threads per process")
+    ap.add_argument("--procs", type=int, default=4, help="client processes")
+    ap.add_argument("--threads", type=int, default=8, help="client threads per process")
     ap.add_argument("--routers", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--window-ms", type=float, default=None)
+    ap.add_argument("--row-cache-rows", type=int, default=0,
+                    help="the router's hot-row cache, rows per table (default 0: off)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)

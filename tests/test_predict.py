@@ -128,6 +128,16 @@ def test_predict_equals_the_local_dlrm(dlrm_ckpt, tmp_path):
         client.close()
 
 
+def test_the_dlrm_interaction_equals_torchrecs():
+    from torchrec.models.dlrm import InteractionArch
+
+    from shoal.dense_part import _Interaction
+    g = torch.Generator().manual_seed(0)
+    for F, D, B in ((26, 16, 300), (3, 8, 5), (1, 4, 1)):
+        d, s = torch.randn(B, D, generator=g), torch.randn(B, F, D, generator=g)
+        assert torch.equal(_Interaction(F)(d, s), InteractionArch(F)(d, s))
+
+
 def test_dense_part_round_trips_and_torchscript_scores():
     """The stored form reads back; TorchScript and torch.export parts take (dense, pooled)
     and score."""

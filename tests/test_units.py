@@ -409,8 +409,9 @@ def test_routing_choose_spreads_and_excludes():
         for p, s in enumerate(chosen):
             assert s in tr.replicas[p]
             seen[p][int(s)] += 1
-        # The table's preferred server takes every partition it holds.
-        preferred = [0, 1, 2, 3][(rotation + 9) % 4]
+        # The batch's preferred server (by rotation, the same for every table) takes every
+        # partition it holds.
+        preferred = [0, 1, 2, 3][rotation % 4]
         for p in range(4):
             if preferred in tr.replicas[p]:
                 assert chosen[p] == preferred
@@ -425,6 +426,7 @@ def test_routing_choose_spreads_and_excludes():
         assert got[0] in (0, 2) and got[1] in (2, 3) and got[2] in (3, 0) and got[3] == 2
     np.testing.assert_array_equal(tr.choose(0, frozenset({0, 1, 2})), [-1, 3, 3, -1])
     np.testing.assert_array_equal(tr.choose(5, frozenset({0, 1, 2, 3})), [-1, -1, -1, -1])
+    assert not any(tr.holds_all(s) for s in range(4))
 
 
 def test_routing_choose_concentrates_a_table_on_one_server():
@@ -441,6 +443,13 @@ def test_routing_choose_concentrates_a_table_on_one_server():
     for chosen in picks:
         assert len(set(chosen.tolist())) == 1
     assert {int(c[0]) for c in picks} == {0, 1}
+    # Each answer is worked out once and shared, so it is read-only; a server that holds every
+    # partition is routed all of them, whatever ids a request sends it.
+    assert tr.choose(6) is tr.choose(2) and not tr.choose(2).flags.writeable
+    assert tr.holds_all(0) and tr.holds_all(1)
+    from shoal.wire import unpack
+    assert unpack(tr.routed_all().partitions, "p").tolist() == list(range(8))
+    assert unpack(tr.routed_all().epochs, "e").tolist() == [1] * 8
 
 
 def test_check_ids():
