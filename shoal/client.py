@@ -271,15 +271,20 @@ class Client(RpcClient):
         values = _np(kjt.values())
         if values.size and 0 <= values.min() and values.max() < 2**31:
             values = values.astype(np.int32)
-        sparse = pb.FeatureBatch(model=model, version=version, keys=kjt.keys(),
-                                 values=pack(values), lengths=pack(kjt.lengths()),
-                                 batch_size=kjt.stride(), request_key=key)
+        call = pb.PredictCall()           # the request is built in place (no copies of it)
+        req = call.request
+        req.top_k, req.trace = top_k or 0, timings is not None
+        req.dense.CopyFrom(pack(torch.as_tensor(dense), "float32"))
+        sparse = req.sparse
+        sparse.model, sparse.version, sparse.batch_size = model, version, kjt.stride()
+        sparse.request_key = key
+        sparse.keys.extend(kjt.keys())
+        sparse.values.CopyFrom(pack(values))
+        sparse.lengths.CopyFrom(pack(kjt.lengths()))
         if kjt.weights_or_none() is not None:
             sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
-        req = pb.PredictRequest(sparse=sparse, dense=pack(torch.as_tensor(dense), "float32"),
-                                top_k=top_k or 0, trace=timings is not None)
         try:
-            reply = self._call(self._predict_via.Predict, req, timeout)
+            reply = self._call(self._predict_via.Predict, call, timeout)
         except ShoalError as e:
             if e.code != grpc.StatusCode.UNIMPLEMENTED:
                 raise
@@ -365,13 +370,15 @@ def connect(address: str | list[str], timeout: float = 120.0, creds=None) -> Cli
 
 
 class _PredictStream:
-    """A router's ``Predict`` as calls on its ``PredictStream``."""
+    """A router's ``Predict`` as calls on its ``PredictStream``: ``Predict(call)`` takes a
+    ``PredictCall`` (its id and deadline set here) and returns the ``PredictReply``."""
 
     def __init__(self, channel):
         from shoal.streams import CallStream
 
-        def wrap(i: int, request: pb.PredictRequest, timeout: float | None) -> pb.PredictCall:
-            return pb.PredictCall(id=i, request=request, timeout_s=timeout or 0.0)
+        def wrap(i: int, call: pb.PredictCall, timeout: float | None) -> pb.PredictCall:
+            call.id, call.timeout_s = i, timeout or 0.0
+            return call
         self.Predict = CallStream(pbg.RouterStub(channel).PredictStream, wrap)
 
 
