@@ -12,12 +12,13 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from embeddings.partition import partition_of
 from shoal.errors import ShoalError, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
-from shoal.wire import pack
+from shoal.wire import WithTensor, pack
 
 from router.hedging import Hedger
 from router.mapcache import MapCache
@@ -189,7 +190,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
 
         async def send(s: int, items):
             t0 = time.perf_counter()
-            req = pb.LookupPooledRequest(map_version=table.version, segments=[
+            req = pb.LookupPooledRequest(map_version=table.version, concat_sums=True, segments=[
                 segment(model.tables[w.name], w, occ, dedup, s) for w, occ in items])
             if clock is not None:
                 clock["fan_out"] += time.perf_counter() - t0
@@ -258,9 +259,7 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                 continue
             if isinstance(reply, ShoalError):
                 raise reply
-            for (w, _), sums in zip(items, reply.sums):
-                np.add(w.sums, np.frombuffer(sums.data, np.float32).reshape(w.sums.shape),
-                       out=w.sums)
+            add_sums(items, reply)
         if clock is not None:
             clock["combine"] += time.perf_counter() - t_combine
         if not pending:
@@ -272,6 +271,24 @@ async def fan_out(model_name: str, works: list[TableWork], maps: MapCache,
                       f"redirects (servers that failed: "
                       f"{sorted(maps.current().server_ids[s] for s in exclude)}; last "
                       f"redirect: {last_redirect or 'none'})")
+
+
+def add_sums(items, reply) -> None:
+    """Add a server's partial sums into the works: one tensor of every segment's
+    (``all_sums``, read in place) or a tensor per segment."""
+    if isinstance(reply, WithTensor) and reply.given:
+        flat = reply.tensor("all_sums", "float32", 1)
+        need = sum(w.sums.size for w, _ in items)
+        if flat.size != need:
+            raise ShoalError(grpc.StatusCode.INTERNAL, f"all_sums: {flat.size} values from a "
+                             f"server for {need} expected")
+        at = 0
+        for w, _ in items:
+            np.add(w.sums, flat[at:at + w.sums.size].reshape(w.sums.shape), out=w.sums)
+            at += w.sums.size
+        return
+    for (w, _), sums in zip(items, reply.sums):
+        np.add(w.sums, np.frombuffer(sums.data, np.float32).reshape(w.sums.shape), out=w.sums)
 
 
 def _retrieve(fut: asyncio.Future) -> None:

@@ -102,5 +102,8 @@ async def predict_batch(items: list[PredictItem], lookup, scorer: Scorer,
             idx = idx.numpy()
         timings = {"batching": t0 - it.arrived, "lookup": t1 - t0, "dense": t2 - t1,
                    "batch_requests": float(len(items))}
+        for k in ("merge", "fan_out", "servers", "combine", "pool_split"):   # the lookup's
+            if it.query.timings and k in it.query.timings:                   # own stages
+                timings[f"lookup_{k}"] = it.query.timings[k]
         out.append(Prediction(s.numpy(), idx, timings))
     return out

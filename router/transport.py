@@ -13,6 +13,7 @@ from shoal.errors import from_rpc_error
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.serving import AioStubs
+from shoal.wire import parse_with_tensor
 
 # A shard call that failed with one of these may succeed on another replica.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -37,11 +38,23 @@ class ShardTransport(abc.ABC):
                              timeout: float) -> pb.ExpertForwardReply: ...
 
 
+class _ShardStub(pbg.ShardServerStub):
+    """The generated stub, but ``LookupPooled`` replies are parsed with their ``all_sums``
+    left in the received bytes (``WithTensor``)."""
+
+    def __init__(self, channel):
+        super().__init__(channel)
+        self.LookupPooled = channel.unary_unary(
+            "/shoal.v1.ShardServer/LookupPooled",
+            request_serializer=pb.LookupPooledRequest.SerializeToString,
+            response_deserializer=parse_with_tensor(pb.LookupPooledReply, 2))
+
+
 class GrpcShardTransport(ShardTransport):
     """One grpc.aio channel per server address, created on first use (inside the loop)."""
 
     def __init__(self):
-        self._stub = AioStubs(pbg.ShardServerStub)
+        self._stub = AioStubs(_ShardStub)
 
     @staticmethod
     async def _call(method, request, timeout):

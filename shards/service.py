@@ -31,7 +31,8 @@ from shoal.errors import (InvalidArgument, ResourceExhausted, ShoalError, StaleM
                           abort_async)
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.wire import WithTensor, is_set, pack, parse_with_tensor, unpack
+from shoal.wire import (WithTensor, is_set, pack, parse_with_tensor, serialize_with_tensor,
+                        unpack)
 
 from shards.experts import ExpertPath
 from shards.memory import RWLock, TableArena
@@ -611,13 +612,17 @@ class ShardService(WritePath, ExpertPath):
             self._count(len(ids))
         return pb.LookupRowsReply(rows=out, positions=positions)
 
-    def lookup_pooled(self, request: pb.LookupPooledRequest) -> pb.LookupPooledReply:
+    def lookup_pooled(self, request: pb.LookupPooledRequest) -> pb.LookupPooledReply | bytes:
+        """The reply; with ``concat_sums``, already serialised (every segment's sums in
+        one tensor, its bytes copied once: ``serialize_with_tensor``)."""
         self._enter(request.map_version, refresh=False)
-        sums = []
-        for i, seg in enumerate(request.segments):
-            table = self._table(seg.table_uid)
-            sums.append(pack(self._pool(table, seg, f"segments[{i}]")))
-        return pb.LookupPooledReply(sums=sums)
+        sums = [self._pool(self._table(seg.table_uid), seg, f"segments[{i}]")
+                for i, seg in enumerate(request.segments)]
+        if not request.concat_sums:
+            return pb.LookupPooledReply(sums=[pack(x) for x in sums])
+        flat = np.concatenate([x.reshape(-1) for x in sums]) if sums else \
+            np.zeros(0, np.float32)
+        return serialize_with_tensor(pb.LookupPooledReply(), 2, flat)
 
     def _pool(self, table: HeldTable, seg: pb.PooledSegment, where: str) -> np.ndarray:
         ids = unpack(seg.ids, f"{where}.ids", ("int64", "int32"), 1).astype(np.int64, copy=False)

@@ -87,6 +87,8 @@ def record_rpc(method: str, seconds: float, code: str, request, reply) -> None:
         RPC_BYTES.labels(_role, method, "in").inc(request.ByteSize())
     if hasattr(reply, "ByteSize"):
         RPC_BYTES.labels(_role, method, "out").inc(reply.ByteSize())
+    elif isinstance(reply, bytes):                      # a reply serialised by its handler
+        RPC_BYTES.labels(_role, method, "out").inc(len(reply))
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

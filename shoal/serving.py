@@ -108,6 +108,22 @@ class RequestParsers(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=parse)
 
 
+class RawReplies(grpc.aio.ServerInterceptor):
+    """Lets a handler return its reply already serialised (``bytes``, e.g. from
+    ``shoal.wire.serialize_with_tensor``): sent as they are instead of through the method's
+    serializer."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.response_serializer is None:
+            return handler
+        serialize = handler.response_serializer
+
+        def either(reply):
+            return reply if isinstance(reply, bytes) else serialize(reply)
+        return handler._replace(response_serializer=either)
+
+
 def _server_options() -> list:
     """Channel options of a serving port: the receive limit is the installed security's."""
     limit = security.installed().config.max_message_bytes
@@ -122,7 +138,7 @@ def make_aio_server(host: str = "127.0.0.1", port: int = 0, parsers: dict | None
     full method name (``RequestParsers``)."""
     from shoal.metrics import AsyncMetricsInterceptor
     tune_malloc()
-    interceptors = [security.AsyncAccessInterceptor(), AsyncMetricsInterceptor()] + \
+    interceptors = [security.AsyncAccessInterceptor(), AsyncMetricsInterceptor(), RawReplies()] + \
         ([RequestParsers(parsers)] if parsers else [])
     server = grpc.aio.server(interceptors=interceptors, options=_server_options())
     bound = security.add_port(server, host, port, role)

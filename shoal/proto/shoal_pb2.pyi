@@ -731,18 +731,22 @@ class PooledSegment(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., inverse: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., routed: _Optional[_Union[PartitionEpochs, _Mapping]] = ...) -> None: ...
 
 class LookupPooledRequest(_message.Message):
-    __slots__ = ("map_version", "segments")
+    __slots__ = ("map_version", "segments", "concat_sums")
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    CONCAT_SUMS_FIELD_NUMBER: _ClassVar[int]
     map_version: int
     segments: _containers.RepeatedCompositeFieldContainer[PooledSegment]
-    def __init__(self, map_version: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[PooledSegment, _Mapping]]] = ...) -> None: ...
+    concat_sums: bool
+    def __init__(self, map_version: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[PooledSegment, _Mapping]]] = ..., concat_sums: _Optional[bool] = ...) -> None: ...
 
 class LookupPooledReply(_message.Message):
-    __slots__ = ("sums",)
+    __slots__ = ("sums", "all_sums")
     SUMS_FIELD_NUMBER: _ClassVar[int]
+    ALL_SUMS_FIELD_NUMBER: _ClassVar[int]
     sums: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, sums: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    all_sums: Tensor
+    def __init__(self, sums: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., all_sums: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
