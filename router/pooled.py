@@ -131,6 +131,10 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
 def merge(queries: list[Query]):
     """Concatenate every query's bags per table. Returns the works and, per query, where each
     of its keys' bags start inside its table's work."""
+    plan = queries[0].plan
+    if plan.distinct_tables and len(queries) > 1 and plan.keys and \
+            all(q.plan is plan and q.weights is None for q in queries):
+        return _merge_alike(queries, plan)
     parts: dict[str, dict[str, list]] = {}
     slots: list[dict[str, int]] = []
     for q in queries:
@@ -160,6 +164,35 @@ def merge(queries: list[Query]):
         works[table] = TableWork(table, acc["ids"][0] if one else np.concatenate(acc["ids"]),
                                  acc["lengths"][0] if one else np.concatenate(acc["lengths"]),
                                  weights)
+    return works, slots
+
+
+def _merge_alike(queries: list[Query], plan: KeyPlan):
+    """``merge`` for queries with the same keys, each reading its own table, unweighted (a
+    predict batch): a few array operations for the whole batch, not a slice per query and
+    key. Table k's ids are key k's ids of every query in turn."""
+    K = len(plan.keys)
+    per_key = np.stack([q.per_key for q in queries])                  # [Q, K]
+    q_start = np.zeros(len(queries), dtype=np.int64)
+    np.cumsum([len(q.values) for q in queries][:-1], out=q_start[1:])
+    key_start = np.zeros_like(per_key)
+    np.cumsum(per_key[:, :-1], axis=1, out=key_start[:, 1:])
+    starts = (q_start[:, None] + key_start).T.reshape(-1)              # key-major
+    counts = per_key.T.reshape(-1)
+    before = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=before[1:])
+    values = np.concatenate([q.values for q in queries])
+    ids = values[np.repeat(starts - before, counts) + np.arange(int(counts.sum()))]
+    lengths = np.concatenate([q.lengths.reshape(K, q.batch_size) for q in queries], axis=1)
+    ends = np.cumsum(per_key.sum(axis=0)).tolist()
+    works, lo = {}, 0
+    for k, table in enumerate(plan.tables):
+        works[table] = TableWork(table, ids[lo:ends[k]], lengths[k], None)
+        lo = ends[k]
+    slots, at = [], 0
+    for q in queries:
+        slots.append(dict.fromkeys(plan.keys, at))
+        at += q.batch_size
     return works, slots
 
 

@@ -1058,3 +1058,35 @@ def test_a_catching_up_copy_reports_its_lag_in_entries():
     req = pb.BuildReplicaRequest(table_uid=77, partition=3, map_version=1)
     assert b._catch_up(Stub(), req, (0, 0)) == 0
     assert seen == [None, 10 - 4, 12 - 9]
+
+
+def test_merge_of_alike_queries_equals_the_general_merge():
+    """A predict batch's queries (same keys, a table each, no weights) are merged with a few
+    array operations; the works and slots equal the general per-query, per-key merge."""
+    import router.pooled as pooled
+    from router.routing import ModelRoute, TableRoute
+    tables, features = {}, {}
+    for i, n in enumerate(["t2", "t0", "t1"]):
+        spec = TableSpec(n, 1000, 4, feature_names=(f"f{n}",), num_partitions=4,
+                         table_uid=i + 1)
+        tables[n] = TableRoute(spec, np.zeros((4, 1), np.int32), np.ones(4, np.int64),
+                               np.zeros((4, 1), np.int32))
+        features[f"f{n}"] = (n, i)
+    model = ModelRoute("m", 1, tables, features)
+    rng = np.random.default_rng(0)
+    queries = []
+    for B, dtype in ((3, np.int32), (5, np.int64), (0, np.int32), (1, np.int32)):
+        lengths = rng.integers(0, 4, size=3 * B).astype(np.int64)
+        values = rng.integers(0, 1000, size=int(lengths.sum())).astype(dtype)
+        queries.append(pooled.Query(model, ["ft1", "ft2", "ft0"], values, lengths, None, B))
+    fast, fast_slots = pooled.merge(queries)
+    plan = queries[0].plan
+    object.__setattr__(plan, "distinct_tables", False)     # the general path
+    try:
+        slow, slow_slots = pooled.merge(queries)
+    finally:
+        object.__setattr__(plan, "distinct_tables", True)
+    assert list(fast) == list(slow) and fast_slots == slow_slots
+    for t in fast:
+        np.testing.assert_array_equal(fast[t].ids, slow[t].ids)
+        np.testing.assert_array_equal(fast[t].lengths, slow[t].lengths)
