@@ -29,7 +29,9 @@ from router.transport import RETRYABLE, ShardTransport  # noqa: F401 (re-exporte
 MAX_ATTEMPTS = 8        # rounds of a request that end with a server failing
 MAX_REDIRECTS = 32      # rounds that end with a redirect to a newer map (each is progress; a
                         # map changes many times in a row while replicas are being rebuilt)
-PROBE_EVERY = 128        # every 128th batch reads slow servers too, to notice when they recover
+PROBE_EVERY = 127        # every 127th batch reads slow servers too, to notice when they recover
+                         # (odd and prime: with a batch's preferred server taken in turn, the
+                         # probe turns fall on each server in turn; 128 probed only one of 2)
 
 
 @dataclass

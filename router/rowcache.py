@@ -206,6 +206,8 @@ async def _settle(model: ModelRoute, needs: list[_Need], cache: RowCache, maps: 
     unsettled id; cached rows of a partition that moved are fetched in the next round."""
     exclude: set[int] = set()
     for _ in range(MAX_ROUNDS):
+        if all((n.state == _SETTLED).all() for n in needs):
+            return                  # (before taking a rotation: each batch takes one, in turn)
         table = maps.current()
         route = table.model(model.name, model.version)
         rotation = next(stats.rotation)

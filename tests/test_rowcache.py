@@ -139,6 +139,10 @@ def test_cached_lookups_equal_torchrec_and_see_updates_made_through_another_rout
         assert value(got, "shoal_router_row_cache_ids_total", result="miss") == st.cache_misses
         assert value(got, "shoal_router_row_cache_invalidations_total") == st.cache_invalidated
         assert value(got, "shoal_router_row_cache_bytes") == st.cache_bytes
+        # Batches take the servers in turn: the two replicas served about as many fetches.
+        served = [value(scrape(srv.metrics_address), "shoal_server_lookups_total")
+                  for srv in b.status().map.servers]
+        assert min(served) > 0.3 * max(served), served
         with torch.no_grad():
             ebc.embedding_bags["hot"].weight[:3] = new
         for kjt in kjts:                                 # and everything else still right
