@@ -50,7 +50,8 @@ class RouterConfig:
     max_ids_per_request: int = 1_000_000    # per client request; more is RESOURCE_EXHAUSTED
     max_moe_tokens: int = 65_536            # tokens per moe_forward request; more is RESOURCE_EXHAUSTED
     predict_window_ms: float = 5.0          # merge concurrent predict requests within this window
-                                            # (bench/predict.py: 1 ms 0.58x Redis, 5 ms 1.01x)
+                                            # (bench/predict.py, 8 clients: 1 ms 0.58x Redis, 5 ms 1.0x;
+                                            # at 32 clients 3, 5 and 8 ms gave the same throughput)
     max_predict_batch: int = 8_192          # candidates per merged predict batch (and per request)
     default_deadline_s: float = 30.0        # a lookup / predict whose caller set no deadline
     dedup_pooled: bool = False              # send unique ids + inverse for pooled lookups
