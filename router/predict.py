@@ -82,15 +82,17 @@ def check_request(scorer: Scorer, keys: list[str], dense: torch.Tensor, batch_si
 
 
 async def predict_batch(items: list[PredictItem], lookup, scorer: Scorer,
-                        perm: np.ndarray | None) -> list[Prediction]:
-    """Score the merged items: one lookup, one dense run; split per item."""
+                        perm: np.ndarray | None, executor=None) -> list[Prediction]:
+    """Score the merged items: one lookup, one dense run (in ``executor``, default: the
+    loop's); split per item."""
     t0 = time.perf_counter()
     pooled = await lookup([it.query for it in items])
     t1 = time.perf_counter()
     emb = np.concatenate(pooled) if len(pooled) > 1 else pooled[0]
     emb = torch.from_numpy(emb if perm is None else emb[:, perm])
     dense = torch.cat([it.dense for it in items]) if len(items) > 1 else items[0].dense
-    scores = await asyncio.to_thread(scorer.scores, dense, emb)
+    scores = await asyncio.get_running_loop().run_in_executor(executor, scorer.scores, dense,
+                                                              emb)
     t2 = time.perf_counter()
     out, at = [], 0
     for it in items:
