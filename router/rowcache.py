@@ -38,6 +38,10 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MAX_ROUNDS = 8                    # fetch rounds of one batch (failures, redirects, moved rows)
 
 
+def _torch_dtype(spec) -> torch.dtype:
+    return getattr(torch, spec.dtype)
+
+
 class TableCache:
     """Up to ``capacity`` rows of one table; LRU within sets of ``ways`` slots."""
 
@@ -47,8 +51,7 @@ class TableCache:
         self.sets = max(1, capacity // self.ways)
         self.keys = np.full((self.sets, self.ways), -1, dtype=np.int64)
         self.used = np.zeros((self.sets, self.ways), dtype=np.int64)    # last use; 0 = empty
-        self.rows = torch.zeros((self.sets * self.ways, spec.dim),
-                                dtype=getattr(torch, spec.dtype))
+        self.rows = torch.zeros((self.sets * self.ways, spec.dim), dtype=_torch_dtype(spec))
         P = spec.num_partitions
         self.seq = np.full(P, -1, dtype=np.int64)     # position the cached rows were read at
         self.epoch = np.full(P, -1, dtype=np.int64)
@@ -160,10 +163,6 @@ class _Need:
     state: np.ndarray             # int8 per unique id: _FETCH, _CACHED or _SETTLED
     rows: torch.Tensor            # [len(uniq), dim]
     seen: np.ndarray              # int64 [len(uniq), 2]: (seq, epoch) a cached row was read at
-
-
-def _torch_dtype(spec) -> torch.dtype:
-    return getattr(torch, spec.dtype)
 
 
 async def cached_fan_out(model: ModelRoute, works, cache: RowCache, maps: MapCache,
