@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from embeddings.partition import partition_of
-from shoal.errors import ShoalError, StaleMap, Unavailable
+from shoal.errors import InvalidArgument, ShoalError, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import WithTensor, pack
 
@@ -88,16 +88,25 @@ class Stats:
 async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTransport,
                         timeout: float, dedup: bool, stats: Stats,
                         hedger: Hedger, cache: RowCache | None = None,
-                        whole: bool = False) -> list[np.ndarray]:
+                        columns: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """``cache`` (enabled): rows are fetched (misses) or taken from the router's row cache
-    (hits the servers confirm) and pooled here, instead of pooled on the servers. ``whole``:
-    the queries' outputs may come as one array of all their rows, in query order (a list of
-    one), when that saves splitting them (predict concatenates them again)."""
+    (hits the servers confirm) and pooled here, instead of pooled on the servers.
+    ``columns`` (every query's keys, in some order): the output is one array of all the
+    queries' rows, in query order, with the keys' embeddings in that order (a list of one;
+    predict's dense part takes it as is). Where each key reads a table of its own, the
+    tables' sums are added straight into their columns of it: no concatenation, no
+    reordering copy."""
     t0 = time.perf_counter()
     model = queries[0].model
     works, slots = merge(queries)
-    for w in works.values():
-        w.sums = np.zeros((len(w.lengths), model.tables[w.name].spec.dim), dtype=np.float32)
+    plan = queries[0].plan
+    whole = None
+    if columns is not None and plan.distinct_tables and all(q.plan is plan for q in queries):
+        whole = _column_views(plan, columns, works, model)
+    else:
+        for w in works.values():
+            w.sums = np.zeros((len(w.lengths), model.tables[w.name].spec.dim),
+                              dtype=np.float32)
     for _ in queries:
         hedger.budget.deposit()
     t1 = time.perf_counter()
@@ -113,14 +122,12 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
         if model.tables[w.name].spec.pooling == "mean":
             w.sums /= np.maximum(w.lengths, 1).astype(np.float32)[:, None]
     stats.batches += 1
-    plan = queries[0].plan
-    if whole and plan.distinct_tables and plan.output_keys and \
-            all(q.plan is plan for q in queries):
-        # Each table holds one key's bags, every query's in turn: its sums are that key's
-        # columns for the whole batch.
-        out = [np.concatenate([works[plan.tables[i]].sums for i in plan.output_index], axis=1)]
+    if whole is not None:
+        out = [whole]
     else:
         out = [split(q, works, slots[i]) for i, q in enumerate(queries)]
+        if columns is not None:
+            out = [_reorder(queries, out, columns)]
     t3 = time.perf_counter()
     for q in queries:
         q.timings = {"batching": t0 - q.arrived if q.arrived else 0.0, "merge": t1 - t0,
@@ -128,6 +135,37 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
                      "servers": max(0.0, t2 - t1 - clock["fan_out"] - clock["combine"]),
                      "pool_split": t3 - t2, "batch_requests": len(queries)}
     return out
+
+
+def _column_views(plan, columns, works: dict[str, TableWork], model) -> np.ndarray:
+    """One zeroed array [rows, sum of dims], its columns in ``columns`` order; each table's
+    work sums into its key's columns of it (a view: each table holds one key's bags, every
+    query's in turn)."""
+    table_of = dict(zip(plan.keys, plan.tables))
+    if sorted(columns) != sorted(plan.keys):
+        raise InvalidArgument(f"keys: {list(plan.keys)} are not the features {list(columns)}")
+    dims = [model.tables[table_of[k]].spec.dim for k in columns]
+    rows = len(works[table_of[columns[0]]].lengths) if columns else 0
+    out = np.zeros((rows, sum(dims)), dtype=np.float32)
+    at = 0
+    for k, d in zip(columns, dims):
+        works[table_of[k]].sums = out[:, at:at + d]
+        at += d
+    return out
+
+
+def _reorder(queries: list[Query], outs: list[np.ndarray], columns) -> np.ndarray:
+    """The queries' outputs (each in its model's output order) as one array, its columns in
+    ``columns`` order."""
+    keys, dims = queries[0].plan.output_keys, queries[0].plan.output_dims
+    if sorted(columns) != sorted(keys):
+        raise InvalidArgument(f"keys: {list(keys)} are not the features {list(columns)}")
+    start = dict(zip(keys, np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int).tolist()))
+    dim = dict(zip(keys, dims))
+    perm = np.concatenate([np.arange(start[k], start[k] + dim[k]) for k in columns]) \
+        if columns else np.zeros(0, np.int64)
+    both = np.concatenate(outs) if len(outs) > 1 else outs[0]
+    return np.ascontiguousarray(both[:, perm])
 
 
 def merge(queries: list[Query]):

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import torch
 
-from router.pooled import Query, output_keys
+from router.pooled import Query
 from shoal.dense_part import DensePart, Scorer
 from shoal.errors import InvalidArgument, ResourceExhausted, ShoalError
 
@@ -36,10 +36,8 @@ class Prediction:
     timings: dict
 
 
-async def scorer_for(dense_cache, model) -> tuple[Scorer, np.ndarray]:
-    """(the version's dense part, ready to run; the column order that takes a lookup's
-    pooled output, ``output_keys`` order, to the part's ``features`` order). Built once per
-    version, on first use."""
+async def scorer_for(dense_cache, model) -> Scorer:
+    """The version's dense part, ready to run; built once per version, on first use."""
     def make(params):
         part = DensePart.from_params(params)
         if part is None:
@@ -48,15 +46,7 @@ async def scorer_for(dense_cache, model) -> tuple[Scorer, np.ndarray]:
                              "predict with (store one with the version: client.put_dense_part "
                              "or load(..., dense_part=...))")
         dims = [model.feature(f).spec.dim for f in part.features]   # NOT_FOUND if unknown
-        scorer = part.build(params, dims)
-        q = Query(model, list(part.features), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                  None, 0)
-        keys, key_dims = output_keys(q)
-        starts = dict(zip(keys, np.concatenate([[0], np.cumsum(key_dims)[:-1]]).tolist()))
-        perm = np.concatenate([np.arange(starts[f], starts[f] + d)
-                               for f, d in zip(part.features, dims)])
-        identity = bool((perm == np.arange(len(perm))).all())
-        return scorer, None if identity else perm       # None: already in order
+        return part.build(params, dims)
     return await dense_cache.derived(model.name, model.version, "dense_part", make)
 
 
@@ -82,14 +72,14 @@ def check_request(scorer: Scorer, keys: list[str], dense: torch.Tensor, batch_si
 
 
 async def predict_batch(items: list[PredictItem], lookup, scorer: Scorer,
-                        perm: np.ndarray | None, executor=None) -> list[Prediction]:
-    """Score the merged items: one lookup, one dense run (in ``executor``, default: the
-    loop's); split per item."""
+                        executor=None) -> list[Prediction]:
+    """Score the merged items: one lookup (``lookup(queries, columns)``: every query's
+    pooled embeddings as one array, in the dense part's feature order), one dense run (in
+    ``executor``, default: the loop's); split per item."""
     t0 = time.perf_counter()
-    pooled = await lookup([it.query for it in items])
+    pooled = await lookup([it.query for it in items], tuple(scorer.part.features))
     t1 = time.perf_counter()
-    emb = np.concatenate(pooled) if len(pooled) > 1 else pooled[0]
-    emb = torch.from_numpy(emb if perm is None else emb[:, perm])
+    emb = torch.from_numpy(pooled[0])
     dense = torch.cat([it.dense for it in items]) if len(items) > 1 else items[0].dense
     scores = await asyncio.get_running_loop().run_in_executor(executor, scorer.scores, dense,
                                                               emb)

@@ -124,7 +124,8 @@ class RouterService(pbg.RouterServicer):
         MODEL_REQUESTS.labels(model, str(version or "current"), rpc,
                               error.code.name if error is not None else "OK").inc()
 
-    async def _execute(self, queries: list[Query], whole: bool = False) -> list[np.ndarray]:
+    async def _execute(self, queries: list[Query], columns: tuple[str, ...] | None = None
+                       ) -> list[np.ndarray]:
         table = self._maps.current()
         if self.row_cache.enabled and table.version != self._cache_map:
             self._cache_map = table.version
@@ -132,7 +133,7 @@ class RouterService(pbg.RouterServicer):
                                   for tr in route.tables.values())
         return await pooled_lookup(queries, self._maps, self._transport,
                                    self._cfg.rpc_timeout_s, self._cfg.dedup_pooled, self.stats,
-                                   self.hedger, self.row_cache, whole)
+                                   self.hedger, self.row_cache, columns)
 
     async def _in_time(self, left: float | None, work, what: str, t0: float):
         """``await work`` within the caller's deadline, ``left`` seconds from now
@@ -381,7 +382,7 @@ class RouterService(pbg.RouterServicer):
             t0 = time.perf_counter()
             q = self._parse(sparse, await self._model(
                 sparse.model, sparse.version, True, sparse.request_key))
-            scorer, _ = await scorer_for(self.dense, q.model)
+            scorer = await scorer_for(self.dense, q.model)
             dense = to_torch(request.dense, "dense", "float32", 2)
             check_request(scorer, q.keys, dense, q.batch_size, request.top_k,
                           self._cfg.max_predict_batch)
@@ -404,9 +405,8 @@ class RouterService(pbg.RouterServicer):
             raise
 
     async def _execute_predict(self, items: list[PredictItem]):
-        scorer, perm = await scorer_for(self.dense, items[0].query.model)
-        return await predict_batch(items, lambda qs: self._execute(qs, whole=True), scorer,
-                                   perm, self._dense_pool)
+        scorer = await scorer_for(self.dense, items[0].query.model)
+        return await predict_batch(items, self._execute, scorer, self._dense_pool)
 
     # ------------------------------------------------------------ control
     async def CreateModel(self, request, context):

@@ -190,3 +190,63 @@ def test_a_predict_past_its_deadline_fails_whole(dlrm_ckpt, tmp_path):
         torch.testing.assert_close(client.predict("dlrm", dense, kjt, timeout=30).scores, want,
                                    rtol=1e-5, atol=1e-5)
         client.close()
+
+
+def test_a_table_shared_by_two_features_predicts_like_the_local_dlrm(tmp_path):
+    """Two features read one table (torchrec ``feature_names=[a, b]``), in another order
+    than the loader's: the batch is pooled per query and its columns reordered to the dense
+    part's features (the path for keys that share a table), and the scores equal the local
+    DLRM's, alone and merged with other requests."""
+    import torch.distributed.checkpoint as dcp
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    torch.manual_seed(4)
+    keys = ["f_z", "f_b", "f_a"]
+    rows = {"f_z": 150, "f_b": 300, "f_a": 300}
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t_z", embedding_dim=DIM, num_embeddings=150,
+                           feature_names=["f_z"]),
+        EmbeddingBagConfig(name="t_shared", embedding_dim=DIM, num_embeddings=300,
+                           feature_names=["f_b", "f_a"])])
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE_IN,
+                 dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1]).eval()
+    path = str(tmp_path / "ckpt")
+    dcp.save(model.state_dict(), checkpoint_id=path, no_dist=True)
+
+    def request(seed: int, size: int):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(0, 4, (len(keys), size), generator=g)
+        values = torch.cat([torch.randint(0, rows[k], (int(lengths[i].sum()),), generator=g)
+                            for i, k in enumerate(keys)])
+        return torch.randn(size, DENSE_IN, generator=g), \
+            KeyedJaggedTensor.from_lengths_sync(keys, values, lengths.reshape(-1))
+
+    cfg = shoal.ShoalConfig().replace(router__predict_window_ms=20.0)
+    with shoal.LocalCluster(servers=2, replication=1, data_dir=str(tmp_path / "c"),
+                            config=cfg) as cluster:
+        client = cluster.client(timeout=60)
+        # The checkpoint names tables, not features: the model is made with ebc's configs.
+        client.create_model("shared", ebc._embedding_bag_configs, loading=True)
+        client.load(path, model="shared", version=1, dense_part=DensePart.dlrm(keys))
+        reqs = [request(s, 5 + s) for s in range(6)]
+        got: dict[int, torch.Tensor] = {}
+        merged: list[float] = []
+
+        def one(i: int) -> None:
+            t: dict = {}
+            got[i] = client.predict("shared", *reqs[i], timings=t).scores
+            merged.append(t["batch_requests"])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(got) == list(range(len(reqs)))
+        with torch.no_grad():
+            for i, (d, kjt) in enumerate(reqs):
+                torch.testing.assert_close(got[i], model(d, kjt)[:, 0], rtol=1e-5, atol=1e-5)
+        assert max(merged) >= 2                                   # some were merged
+        client.close()
