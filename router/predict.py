@@ -53,9 +53,9 @@ async def scorer_for(dense_cache, model) -> Scorer:
 def check_request(scorer: Scorer, keys: list[str], dense: torch.Tensor, batch_size: int,
                   top_k: int, max_batch: int) -> None:
     part = scorer.part
-    missing = [f for f in part.features if f not in keys]
-    extra = [k for k in keys if k not in part.features]
-    if missing or extra:
+    if len(keys) != len(part.features) or set(keys) != set(part.features):
+        missing = [f for f in part.features if f not in keys]
+        extra = [k for k in keys if k not in part.features]
         raise InvalidArgument(f"sparse.keys: the dense part takes features "
                               f"{list(part.features)}; "
                               + (f"missing {missing}" if missing else f"not taken {extra}"))
