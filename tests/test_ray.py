@@ -33,11 +33,12 @@ def ray_nodes():
     for attempt in range(2):
         # Ray's own start-up can time out on a loaded 2-core machine ("The current node timed
         # out during startup": its GCS did not answer a node lookup in 30 s although the
-        # raylet had registered); a second, fresh cluster is tried before giving up.
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                          "resources": {"shoal_server": 1}})
+        # raylet had registered), for the head node as for the others; a second, fresh
+        # cluster is tried before giving up. (The first node added is the head.)
+        cluster = Cluster()
         try:
+            cluster.add_node(num_cpus=1, include_dashboard=False,
+                             resources={"shoal_server": 1})
             workers = [cluster.add_node(num_cpus=1, resources={"shoal_server": 1})
                        for _ in range(2)]
             break
