@@ -95,7 +95,7 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
     queries' rows, in query order, with the keys' embeddings in that order (a list of one;
     predict's dense part takes it as is). Where each key reads a table of its own, the
     tables' sums are added straight into their columns of it: no concatenation, no
-    reordering copy."""
+    reordering copy; else each query's are taken in that order and joined."""
     t0 = time.perf_counter()
     model = queries[0].model
     works, slots = merge(queries)
@@ -125,9 +125,11 @@ async def pooled_lookup(queries: list[Query], maps: MapCache, transport: ShardTr
     if whole is not None:
         out = [whole]
     else:
-        out = [split(q, works, slots[i]) for i, q in enumerate(queries)]
         if columns is not None:
-            out = [_reorder(queries, out, columns)]
+            _check_columns(plan, columns)
+        out = [split(q, works, slots[i], columns) for i, q in enumerate(queries)]
+        if columns is not None:
+            out = [np.concatenate(out) if len(out) > 1 else out[0]]
     t3 = time.perf_counter()
     for q in queries:
         q.timings = {"batching": t0 - q.arrived if q.arrived else 0.0, "merge": t1 - t0,
@@ -141,9 +143,8 @@ def _column_views(plan, columns, works: dict[str, TableWork], model) -> np.ndarr
     """One zeroed array [rows, sum of dims], its columns in ``columns`` order; each table's
     work sums into its key's columns of it (a view: each table holds one key's bags, every
     query's in turn)."""
+    _check_columns(plan, columns)
     table_of = dict(zip(plan.keys, plan.tables))
-    if sorted(columns) != sorted(plan.keys):
-        raise InvalidArgument(f"keys: {list(plan.keys)} are not the features {list(columns)}")
     dims = [model.tables[table_of[k]].spec.dim for k in columns]
     rows = len(works[table_of[columns[0]]].lengths) if columns else 0
     out = np.zeros((rows, sum(dims)), dtype=np.float32)
@@ -154,18 +155,9 @@ def _column_views(plan, columns, works: dict[str, TableWork], model) -> np.ndarr
     return out
 
 
-def _reorder(queries: list[Query], outs: list[np.ndarray], columns) -> np.ndarray:
-    """The queries' outputs (each in its model's output order) as one array, its columns in
-    ``columns`` order."""
-    keys, dims = queries[0].plan.output_keys, queries[0].plan.output_dims
-    if sorted(columns) != sorted(keys):
-        raise InvalidArgument(f"keys: {list(keys)} are not the features {list(columns)}")
-    start = dict(zip(keys, np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int).tolist()))
-    dim = dict(zip(keys, dims))
-    perm = np.concatenate([np.arange(start[k], start[k] + dim[k]) for k in columns]) \
-        if columns else np.zeros(0, np.int64)
-    both = np.concatenate(outs) if len(outs) > 1 else outs[0]
-    return np.ascontiguousarray(both[:, perm])
+def _check_columns(plan: KeyPlan, columns) -> None:
+    if sorted(columns) != sorted(plan.keys):
+        raise InvalidArgument(f"keys: {list(plan.keys)} are not the features {list(columns)}")
 
 
 def merge(queries: list[Query]):
@@ -427,13 +419,19 @@ def segment(tr: TableRoute, w: TableWork, occ: np.ndarray | None, dedup: bool,
     return seg
 
 
-def split(q: Query, works: dict[str, TableWork], slot: dict[str, int]) -> np.ndarray:
-    """This query's pooled embeddings, features in the model's order."""
+def split(q: Query, works: dict[str, TableWork], slot: dict[str, int],
+          keys: tuple[str, ...] | None = None) -> np.ndarray:
+    """This query's pooled embeddings, features in the model's order (or in ``keys``'s)."""
     plan = q.plan
-    if not plan.output_keys:
+    if keys is None:
+        keys, tables = plan.output_keys, [plan.tables[i] for i in plan.output_index]
+    else:
+        table_of = dict(zip(plan.keys, plan.tables))
+        tables = [table_of[k] for k in keys]
+    if not keys:
         return np.empty((q.batch_size, 0), dtype=np.float32)
-    return np.concatenate([works[plan.tables[i]].sums[slot[k]:slot[k] + q.batch_size]
-                           for i, k in zip(plan.output_index, plan.output_keys)], axis=1)
+    return np.concatenate([works[t].sums[slot[k]:slot[k] + q.batch_size]
+                           for t, k in zip(tables, keys)], axis=1)
 
 
 def output_keys(q: Query) -> tuple[list[str], list[int]]:
