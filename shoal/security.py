@@ -9,7 +9,10 @@ Every gRPC port of every Shoal process goes through one interceptor (``AccessInt
    / or a bearer token (``authorization: Bearer shoal.<payload>.<hmac>``, signed with the
    cluster's token key); with neither, UNAUTHENTICATED;
 3. checks the role (query < write < admin; ``cluster`` is Shoal's own processes and may do
-   everything): PERMISSION_DENIED otherwise, logged (at most a few lines a second);
+   everything): PERMISSION_DENIED otherwise, logged (at most a few lines a second). The
+   method's least role is checked before the request is parsed, so a caller below it is
+   refused whatever bytes it sent; a rule that depends on the request (``ByRequest``) is
+   checked again on the parsed request;
 4. applies the limits: a deadline if required (INVALID_ARGUMENT without one), and at most
    ``max_concurrent_requests`` calls in flight (RESOURCE_EXHAUSTED beyond). Message sizes are
    gRPC's own limit (``max_message_bytes``: RESOURCE_EXHAUSTED).
@@ -47,13 +50,25 @@ GRANTS = {QUERY: {QUERY}, WRITE: {QUERY, WRITE}, ADMIN: {QUERY, WRITE, ADMIN},
           CLUSTER: {QUERY, WRITE, ADMIN, CLUSTER}}
 
 
-def _update_model_role(request) -> str:
-    return ADMIN if getattr(request, "drop", False) else WRITE
+@dataclass(frozen=True)
+class ByRequest:
+    """A rule whose role depends on the request: at least ``least`` (checked before the
+    request is parsed, so a caller below it is refused whatever the bytes), then
+    ``of(request)`` on the parsed request."""
+    least: str
+    of: Callable
+
+    def __call__(self, request) -> str:
+        return self.of(request)
+
+
+# Dropping a model version is an admin's act; the other updates a writer's.
+_update_model_role = ByRequest(WRITE, lambda r: ADMIN if getattr(r, "drop", False) else WRITE)
 
 
 C, S, R = "/shoal.v1.Coordinator/", "/shoal.v1.ShardServer/", "/shoal.v1.Router/"
 # Method -> the role it needs (or a function of the request that says). Deny by default.
-RULES: dict[str, str | Callable] = {
+RULES: dict[str, str | ByRequest] = {
     # Coordinator: servers' membership and replication reports; clients' models and admin.
     C + "Register": CLUSTER, C + "Heartbeat": CLUSTER, C + "ReportFailure": CLUSTER,
     C + "ReplicaReady": CLUSTER,
@@ -446,8 +461,12 @@ class Gate:
             raise ShoalError(grpc.StatusCode.PERMISSION_DENIED,
                              f"method {method} is not open to any role (deny by default)")
         who = self.identity(context)
+        least = rule.least if isinstance(rule, ByRequest) else rule
+        if not who.may(least):                  # before parsing: whatever the bytes
+            raise ShoalError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"{method.rsplit('/', 1)[-1]} needs role {least!r}; caller {who}")
         _check_parsed(method, request)
-        need = rule(request) if callable(rule) else rule
+        need = rule(request) if isinstance(rule, ByRequest) else rule
         if not who.may(need):
             raise ShoalError(grpc.StatusCode.PERMISSION_DENIED,
                              f"{method.rsplit('/', 1)[-1]} needs role {need!r}; caller {who}")

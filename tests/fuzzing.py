@@ -27,6 +27,11 @@ RANGES = {F.TYPE_INT32: (-(2**31), 2**31 - 1), F.TYPE_SINT32: (-(2**31), 2**31 -
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint16", "uint8", "bool",
           "complex64", "", "float32\x00")
 ODD_TEXT = ("", " ", "..", "../../etc/passwd", "\x00", "é" * 3, "a" * 300, "'; DROP TABLE")
+# Fields a server may connect to: only loopback addresses (a closed port, a bad port, none) and
+# strings that name no host, so a fuzzed address never sends traffic off this machine.
+ADDRESS_FIELDS = ("address", "source_address", "metrics_address", "coordinator_metrics_address")
+ADDRESSES = ("127.0.0.1:1", "127.0.0.1:0", "127.0.0.1:99999", "127.0.0.1:", "[::1]:1", "",
+             "127.0.0.1:-5", ":::::")
 
 
 @dataclass
@@ -35,10 +40,13 @@ class Names:
     tables: tuple = ()
     table_uids: tuple = ()
     servers: tuple = ()
+    addresses: tuple = ()          # the cluster's own (loopback) addresses
     avoid_uids: frozenset = field(default_factory=frozenset)
 
 
 def _text(names: Names, fname: str):
+    if fname in ADDRESS_FIELDS:
+        return st.sampled_from(ADDRESSES + names.addresses)
     pool = {"model": names.models, "table": names.tables, "layer": ("l0",),
             "server_id": names.servers, "source": names.servers, "target": names.servers,
             "reporter": names.servers, "learner": names.servers, "leader": names.servers,

@@ -1,18 +1,23 @@
 """Fuzzing: random and mutated protobuf messages (``tests.fuzzing``) against every RPC of a
-live cluster, for a bounded time: no process crashes or hangs, no call ends in an unhandled
-error (UNKNOWN, INTERNAL) or a timeout, and the data of a model the fuzzer never names is
-unchanged, checksum for checksum, on both replicas.
+live cluster, for a bounded number of calls: no process crashes or hangs, no call ends in an
+unhandled error (UNKNOWN, INTERNAL) or a timeout, and the data of a model the fuzzer never
+names is unchanged, checksum for checksum, on both replicas.
 
-Two callers. A query-role token sends to every method of every service: whatever is above
-its role must be PERMISSION_DENIED. A cluster-role token (Shoal's own processes' role: it may
-do everything) sends to every method except the coordinator's membership and placement
-commands (a random Register or SetReplicas is not hostile input but an order, which the role
-checks keep from anyone else), with names and table_uids steered to a sacrificial model.
+Three callers. A query-role token sends to every method of every service: every method above
+its role must answer PERMISSION_DENIED whatever the bytes (the role is checked before the
+request is parsed), and no method of its role may. A cluster-role token (Shoal's own
+processes' role: it may do everything) sends to every method except the coordinator's
+membership and placement commands (a random Register or SetReplicas is not hostile input but an
+order, which the role checks keep from anyone else), with names and table_uids steered to a
+sacrificial model. And a cluster-role token sends only those orders, to a cluster of their own:
+whatever they order, they are handled (no unhandled error, no hang, no dead process), the map
+stays well formed, and a restarted coordinator reads back the same map.
 """
 from __future__ import annotations
 
 import collections
 import os
+import signal
 import time
 
 import grpc
@@ -34,7 +39,7 @@ from tests.fuzzing import Names, message, mutate
 # Calls per caller (a count, not a time: hypothesis needs every example to draw the same
 # way each time). About a minute on 2 cores; SHOAL_FUZZ_SCALE multiplies them.
 SCALE = float(os.environ.get("SHOAL_FUZZ_SCALE", "1"))
-QUERY_CALLS, CLUSTER_CALLS = int(800 * SCALE), int(2200 * SCALE)
+QUERY_CALLS, CLUSTER_CALLS, ORDER_CALLS = int(800 * SCALE), int(2200 * SCALE), int(1000 * SCALE)
 UNHANDLED = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.DEADLINE_EXCEEDED}
 ORDERS = {f"/shoal.v1.Coordinator/{m}" for m in (
@@ -65,9 +70,15 @@ def target(tmp_path_factory):
         uids = {md.name: [t.table_uid for t in md.tables] for md in m.models}
         names = Names(models=("fuzz", "nope"), tables=("t", "s"),
                       table_uids=tuple(uids["fuzz"]), servers=tuple(s.server_id for s in m.servers),
+                      addresses=tuple(s.address for s in m.servers),
                       avoid_uids=frozenset(uids["keep"]))
         yield cluster, op, rows, names, key.read_bytes().decode().strip()
         op.close()
+
+
+def least_role(method: str) -> str:
+    rule = security.RULES[method]
+    return rule.least if isinstance(rule, security.ByRequest) else rule
 
 
 def keep_state(cluster, op):
@@ -146,9 +157,8 @@ def test_fuzz_every_rpc_changes_nothing_it_may_not(target):
     assert before[1][0] == before[1][1]
 
     def as_query(method, msg, mutated, code) -> bool:
-        rule = security.RULES[method]
-        need = rule(msg) if callable(rule) else rule
-        return need == "query" or mutated or code == grpc.StatusCode.PERMISSION_DENIED
+        """Above the query role: PERMISSION_DENIED, mutated bytes or not; at it: never."""
+        return (code == grpc.StatusCode.PERMISSION_DENIED) != (least_role(method) == "query")
 
     t0 = time.monotonic()
     q = run_fuzz(cluster, security.make_token(key, "fuzz-q", ["query"]), names, METHODS,
@@ -160,6 +170,9 @@ def test_fuzz_every_rpc_changes_nothing_it_may_not(target):
           f"{time.monotonic() - t0:.0f} s; codes: "
           f"{collections.Counter(k[1] for k in (q + c).elements())}")
     assert sum(q.values()) > 100 and sum(c.values()) > 100
+    denied = {k[0] for k in q if k[1] == "PERMISSION_DENIED"}
+    above = {m for _, m, _ in METHODS if least_role(m) != "query"}
+    assert len(denied) >= len(above) * 0.9 and denied <= above   # and each was refused
     assert len({k[0] for k in c}) >= len(full) * 0.9        # nearly every method was reached
 
     assert all(p.poll() is None for p in cluster._procs.values()), "a process died"
@@ -186,3 +199,103 @@ def test_atheris_fuzzes_the_parsers_of_untrusted_bytes():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Done 50000 " in out.stderr, \
         out.stderr[-1000:]
+
+
+# ------------------------------------------------------------------ the orders, on their own
+def map_is_well_formed(m: pb.ShardMap) -> None:
+    servers = [s.server_id for s in m.servers]
+    assert len(set(servers)) == len(servers), servers
+    known = set(servers)
+    tables = {(t.table_uid, t.num_partitions) for md in m.models for t in md.tables}
+    uids = {uid for uid, _ in tables}
+    for rs in m.partitions:
+        where = f"partition {rs.partition} of table {rs.table_uid}: {rs}"
+        assert rs.table_uid in uids, where
+        assert len(set(rs.replicas)) == len(rs.replicas), where
+        assert not set(rs.learners) & set(rs.replicas), where
+        assert set(rs.replicas) | set(rs.learners) <= known, where
+        assert rs.epoch >= 1, where
+    for uid, parts in tables:
+        held = sorted(rs.partition for rs in m.partitions if rs.table_uid == uid)
+        assert held == list(range(parts)), f"table {uid}: partitions {held} of {parts}"
+    for mv in m.moves:
+        assert mv.source in known and mv.target in known, mv
+
+
+@pytest.fixture(scope="module")
+def orders_target(tmp_path_factory):
+    from experts.specs import ExpertLayerSpec, ExpertLayerWeights
+    root = tmp_path_factory.mktemp("orders")
+    key = os.urandom(32)
+    (root / "token.key").write_text(key.hex())
+    cfg = shoal.ShoalConfig().replace(security__token_key_file=str(root / "token.key"))
+    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(root / "c"),
+                            config=cfg) as cluster:
+        op = cluster.client(timeout=30)
+        op.create_model("m", [TableSpec("t", 512, 8, feature_names=("f",)),
+                              TableSpec("s", 128, 4, feature_names=("g",))])
+        op.write_rows("m", "t", torch.arange(512), torch.randn(512, 8))
+        spec = ExpertLayerSpec(name="l0", num_experts=4, d_model=8, d_ff=16, top_k=2)
+        g = torch.Generator().manual_seed(3)
+        op.put_expert_layers("x", [(spec, ExpertLayerWeights(
+            gate=torch.randn(4, 8, generator=g), w1=torch.randn(4, 16, 8, generator=g),
+            w2=torch.randn(4, 8, 16, generator=g), w3=torch.randn(4, 16, 8, generator=g)))])
+        m = op.status().map
+        names = Names(models=("m", "x", "nope"), tables=("t", "s"),
+                      table_uids=tuple(t.table_uid for md in m.models for t in md.tables),
+                      servers=tuple(s.server_id for s in m.servers) + ("s9",),
+                      addresses=tuple(s.address for s in m.servers))
+        yield cluster, op, names, key
+        op.close()
+
+
+def test_fuzz_membership_and_placement_orders(orders_target):
+    """Register, Heartbeat, SetReplicas, Drain, RemoveServer, SplitTable, Rebalance, ... with
+    random and mutated arguments from the cluster role, the one role allowed to give them."""
+    cluster, op, names, key = orders_target
+    before = op.status().map
+    orders = [m for m in METHODS if m[1] in ORDERS]
+    assert len(orders) == len(ORDERS)
+    seen = run_fuzz(cluster, security.make_token(key, "fuzz-o", ["cluster"]), names, orders,
+                    lambda *a: True, ORDER_CALLS)
+    print(f"\nfuzzed {sum(seen.values())} orders; codes: "
+          f"{collections.Counter(k[1] for k in seen.elements())}")
+    assert {k[0] for k in seen} == ORDERS                    # every order was given
+    assert sum(n for k, n in seen.items() if k[1] == "OK") > 20  # and many were carried out
+    assert all(p.poll() is None for p in cluster._procs.values()), "a process died"
+    m = op.status().map
+    assert m.version > before.version
+    map_is_well_formed(m)
+    # The coordinator's durable state reads back as the map it served, once nothing is in
+    # flight (no moves, splits or autoscaling left to change it meanwhile).
+    with cluster.admin() as admin:
+        admin.set_autoscale(pb.AutoscalePolicy())
+        pre = settled(admin)
+    os.kill(cluster.coordinator.pid, signal.SIGKILL)
+    cluster.restart_coordinator()
+    with cluster.admin() as admin:
+        again = admin.shard_map()
+    map_is_well_formed(again)
+    assert again.version == pre.version
+    assert again.partitions == pre.partitions and again.models == pre.models
+    assert [(s.server_id, s.address, s.draining) for s in again.servers] == \
+        [(s.server_id, s.address, s.draining) for s in pre.servers]
+
+
+def settled(admin, quiet_s: float = 2.0, timeout: float = 60.0) -> pb.ShardMap:
+    """Cancel moves and splits, then the map once its version has held still for
+    ``quiet_s``."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while True:
+        m = admin.shard_map()
+        if m.moves:
+            admin.cancel()
+        for sp in m.splits:
+            admin.cancel_split(sp.model, sp.table)
+        if last is None or m.version != last.version:
+            last, since = m, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return m
+        assert time.monotonic() < deadline, f"the map never settled: {m.moves} {m.splits}"
+        time.sleep(0.2)

@@ -39,32 +39,59 @@ def test_versions_write_switch_and_drop(tmp_path):
         with pytest.raises(shoal.ShoalError) as e:
             client.update_version("vm", 2, make_current=True)
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        # Readers of the default version under a switch: every answer is v1's or v2's, whole.
-        answers, stop = [], threading.Event()
+        # Readers of the default version under a switch: every answer is v1's or v2's, whole;
+        # every reader answers before the switch and after it (then v2's), and none fails.
+        phase = {"now": "before"}           # which side of the switch a read began on
+        answers = [[] for _ in range(2)]
+        errors: list[str] = []
+        stop = threading.Event()
 
-        def reader():
+        def reader(mine):
             c = cluster.client(timeout=30)
-            while not stop.is_set():
-                answers.append(c.lookup_rows("vm", "t", ids[:64]).numpy())
-            c.close()
+            try:
+                while not stop.is_set():
+                    began = phase["now"]
+                    try:
+                        mine.append((began, c.lookup_rows("vm", "t", ids[:64]).numpy()))
+                    except Exception as e:      # noqa: BLE001 - counted and reported
+                        errors.append(f"{began}: {e!r}")
+            finally:
+                c.close()
 
-        threads = [threading.Thread(target=reader) for _ in range(2)]
+        def read_on(side, n=3, timeout=30):
+            deadline = time.monotonic() + timeout
+            while not all(sum(b == side for b, _ in a) >= n for a in answers):
+                assert time.monotonic() < deadline and not errors, \
+                    (f"readers' answers begun {side} the switch: "
+                     f"{[sum(b == side for b, _ in a) for a in answers]}; errors {errors[:3]}")
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=reader, args=(a,)) for a in answers]
         for t in threads:
             t.start()
-        client.write_rows("vm", "t", ids, v2, version=2)
-        np.testing.assert_array_equal(client.lookup_rows("vm", "t", ids).numpy(), v1)
-        client.update_version("vm", 2, ready=True)
-        np.testing.assert_array_equal(client.lookup_rows("vm", "t", ids, version=2).numpy(), v2)
-        client.update_version("vm", 2, make_current=True)
-        np.testing.assert_array_equal(client.lookup_rows("vm", "t", ids).numpy(), v2)
-        time.sleep(0.3)
-        stop.set()
-        for t in threads:
-            t.join(30)
-        assert answers
-        for a in answers:
-            assert np.array_equal(a, v1[:64]) or np.array_equal(a, v2[:64])
-        assert np.array_equal(answers[-1], v2[:64])
+        try:
+            client.write_rows("vm", "t", ids, v2, version=2)
+            np.testing.assert_array_equal(client.lookup_rows("vm", "t", ids).numpy(), v1)
+            client.update_version("vm", 2, ready=True)
+            np.testing.assert_array_equal(client.lookup_rows("vm", "t", ids, version=2).numpy(),
+                                          v2)
+            read_on("before")
+            phase["now"] = "during"
+            client.update_version("vm", 2, make_current=True)
+            phase["now"] = "after"
+            np.testing.assert_array_equal(client.lookup_rows("vm", "t", ids).numpy(), v2)
+            read_on("after")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == [], f"{len(errors)} reads failed; first: {errors[:3]}"
+        for mine in answers:
+            for began, a in mine:
+                want = {"before": [v1], "during": [v1, v2], "after": [v2]}[began]
+                assert any(np.array_equal(a, w[:64]) for w in want), \
+                    f"a read begun {began} the switch answered neither {began!r} version"
         # The current version cannot be dropped; the old one can, and its rows go.
         with pytest.raises(shoal.ShoalError) as e:
             client.update_version("vm", 2, drop=True)
