@@ -26,6 +26,7 @@ from shoal.serving import (
     call_until_up, channel, keep_heap, make_aio_server, process_args, trim_heap, until_signalled,
     watch_loop_lag, write_ready)
 
+from shards.failpoints import Failpoints
 from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
 from shards.service import ShardService, ShardServicer
@@ -52,7 +53,8 @@ async def serve(args) -> None:
 
     spool_dir = cfg.spool_dir or default_spool_dir(data)
     os.makedirs(spool_dir, exist_ok=True)
-    service = ShardService(args.server_id, store, cfg, fetch_map, spool_dir=spool_dir)
+    service = ShardService(args.server_id, store, cfg, fetch_map, spool_dir=spool_dir,
+                           failpoints=Failpoints(data if cfg.failpoints else None))
     keep_heap()              # bulk writes reuse their buffers' pages; trimmed when idle
     server, address = make_aio_server(args.host, args.port, parsers=ShardServicer.PARSERS)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),

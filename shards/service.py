@@ -35,6 +35,7 @@ from shoal.wire import (WithTensor, is_set, pack, parse_with_tensor, serialize_w
                         unpack)
 
 from shards.experts import ExpertPath
+from shards.failpoints import Failpoints
 from shards.memory import RWLock, TableArena
 from shards.replog import ReplicationLog
 from shards import spool
@@ -89,11 +90,13 @@ class HeldTable:
 
 class ShardService(WritePath, ExpertPath):
     def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
-                 fetch_map: Callable[[int], pb.ShardMap | None], spool_dir: str = ""):
+                 fetch_map: Callable[[int], pb.ShardMap | None], spool_dir: str = "",
+                 failpoints: Failpoints | None = None):
         """``fetch_map(known_version)`` returns the coordinator's map, or None if unchanged.
         ``spool_dir``: where a loader on this host may leave SST files (``shards.spool``);
-        "": none taken."""
+        "": none taken. ``failpoints``: where a test may hold this server (off by default)."""
         self.server_id = server_id
+        self.failpoints = failpoints or Failpoints(None)
         self._spool_dir = spool_dir
         self._host_id = spool.host_id()
         self._store = store
@@ -153,6 +156,7 @@ class ShardService(WritePath, ExpertPath):
         with self._map_lock:
             if at_least and self._map_version >= at_least:
                 return
+            self.failpoints.hit("map.apply")
             m = self._fetch_map(self._map_version)
             if m is not None:
                 t0 = time.perf_counter()

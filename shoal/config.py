@@ -41,6 +41,9 @@ class ShardServerConfig:
     # Where a loader on this host leaves SST files for the servers to link in (shards.spool):
     # "": "spool" beside the server's data directory, shared by a local cluster's servers.
     spool_dir: str = ""
+    # Tests only: named points where a test holds this server (shards.failpoints), read from
+    # failpoints.json in its data directory. Off: the points cost nothing.
+    failpoints: bool = False
 
 
 @dataclass(frozen=True)

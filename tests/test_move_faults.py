@@ -348,19 +348,21 @@ def test_killing_a_move_end_after_the_copy_loses_nothing(tmp_path, phase, victim
 @pytest.mark.timeout(120)
 def test_a_deposed_source_cannot_fork_the_promoted_target(tmp_path):
     """The race behind the fork bug (it showed up unforced in the drop case above, where it
-    stranded a partition), made likely: servers heartbeat, and so learn new maps, only every
-    second here. A move whose source S leads partition K; the moment the target T's build ends
-    (ReplicaReady answered: T promoted, S dropped, the other replica F leads), F is made to
-    apply the new map (a read routed at the new epoch), and a write routed at the map S still
-    has is sent to S on an open connection. S takes it (it still thinks it leads), F refuses it
-    (so it is never acknowledged), T has not applied the new map yet (its heartbeat is up to a
-    second away). T must never hold (nor serve) that write, and K must keep both replicas
-    through the next write. (If S or T applied the map first, nothing is exercised and the
-    test passes.)"""
+    stranded a partition), forced with failpoints (``shards.failpoints``): a move whose source
+    S leads partition K. While T copies K, S and T are held from applying any newer map
+    (``map.apply`` paused). T's build ends: the coordinator promotes T, drops S, and the other
+    replica F leads (epoch + 1); F is made to apply that map (a read routed at it). Then a write
+    routed at the map S still has is sent to S, which still thinks it leads: S takes it and
+    sends it to F, which refuses it, and to T, which has reported its copy ready but not yet
+    applied the map that promoted it. Half a second later the failpoints are lifted. The write
+    must be refused (never acknowledged), T must never hold nor serve it, and K must keep both
+    replicas through the next write. Checked as well: the race was set up (S and T were behind
+    the promoting map when the write was sent)."""
+    from shards.failpoints import arm
     read_cfg, write_cfg, oracle = fo_tables(seed=43)
     with torch.no_grad():
         weight = oracle.embedding_bags["tq"].weight.detach().numpy().copy()
-    conf = move_fault_config().replace(server__heartbeat_interval_s=1.0)
+    conf = move_fault_config().replace(server__failpoints=True)
     with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
                             config=conf) as cluster:
         client = cluster.client()
@@ -376,46 +378,55 @@ def test_a_deposed_source_cannot_fork_the_promoted_target(tmp_path):
                         if t.table_uid == mv.table_uid)
             source, target = cluster.server(mv.source), cluster.server(mv.target)
             other = next(s for s in replica_set(before, key).replicas if s != mv.source)
+            held = [tmp_path / source.server_id, tmp_path / target.server_id]
             P = spec.num_partitions
             mine = np.arange(ROWS)[(np.arange(ROWS) & (P - 1)) == key[1]]
             stale_ids, later_ids = mine[:3], mine[3:6]
             probe = StatsProbe(target.address)
             to_source = channel(source.address)             # connected ahead of time
             stub = pbg.ShardServerStub(to_source)
-            stub.Stats(pb.StatsRequest(), timeout=10)
+            release = threading.Timer(0.5, lambda: [arm(d, {}) for d in held])
             try:
                 poll(lambda: probe.build(key) is not None, 60, f"the build of {key}")
+                for d in held:
+                    arm(d, {"map.apply": "pause"})
                 learning = admin.shard_map()                    # S leads, T learns
                 assert target.server_id in replica_set(learning, key).learners
-                s_version = stub.Stats(pb.StatsRequest(), timeout=10).map_version
-                poll(lambda: probe.build(key) is None, 30, f"the end of the build of {key}")
-                after = admin.shard_map()
+                after = poll(lambda: (m := admin.shard_map()) and target.server_id in
+                             replica_set(m, key).replicas and m, 60, f"T's promotion in {key}")
                 assert list(replica_set(after, key).replicas) == [other, target.server_id]
                 read_direct(after, other, spec, stale_ids)      # F takes the new map
+                s_version = stub.Stats(pb.StatsRequest(), timeout=10).map_version
+                t_version = probe().map_version
+                assert s_version < after.version and t_version < after.version, \
+                    (s_version, t_version, after.version)       # the race is set up
                 parts = np.array([key[1]], np.int32)
                 epochs = np.array([replica_set(learning, key).epoch], np.int64)
-                try:                                # at S's own map version: S fetches none
+                release.start()
+                with pytest.raises(grpc.RpcError) as refused:   # at S's own map version
                     stub.WriteRows(pb.WriteRowsRequest(
                         map_version=min(learning.version, s_version), table_uid=key[0],
                         ids=pack(stale_ids),
                         rows=pack(weight[stale_ids] - 7),
                         routed=pb.PartitionEpochs(partitions=pack(parts), epochs=pack(epochs))),
                         timeout=15)
-                    acked = True
-                except grpc.RpcError as e:
-                    acked = False
-                    print(f"stale write to {mv.source}: {e.code()} {e.details()}")
             finally:
+                release.cancel()
+                for d in held:
+                    arm(d, {})
                 probe.close()
                 to_source.close()
-            want = weight[stale_ids] - 7 if acked else weight[stale_ids]
+            print(f"stale write to {mv.source}: {refused.value.code()} "
+                  f"{refused.value.details()}")
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             m = poll(lambda: (m := admin.shard_map()) and all(
                 s.stats.map_version >= after.version for s in m.servers
                 if s.server_id in (other, target.server_id)) and m, 10, "the new map applied")
             rs = replica_set(m, key)
             assert target.server_id in rs.replicas, f"target dropped: {describe(m)}"
             for server in rs.replicas:                      # never an unacknowledged row
-                np.testing.assert_array_equal(read_direct(m, server, spec, stale_ids), want)
+                np.testing.assert_array_equal(read_direct(m, server, spec, stale_ids),
+                                              weight[stale_ids])
             client.write_rows("fo", "tq", torch.from_numpy(later_ids),
                               torch.from_numpy(weight[later_ids]))
             time.sleep(1.0)                                 # a diverged peer is reported by now

@@ -1090,3 +1090,28 @@ def test_merge_of_alike_queries_equals_the_general_merge():
     for t in fast:
         np.testing.assert_array_equal(fast[t].ids, slow[t].ids)
         np.testing.assert_array_equal(fast[t].lengths, slow[t].lengths)
+
+
+def test_failpoints_pause_until_lifted_sleep_and_cost_nothing_when_off(tmp_path):
+    import threading
+    import time
+
+    from shards.failpoints import Failpoints, arm
+
+    off = Failpoints(None)
+    arm(tmp_path, {"map.apply": "pause"})
+    t0 = time.monotonic()
+    off.hit("map.apply")                              # off: never reads the file
+    assert time.monotonic() - t0 < 0.05
+    on = Failpoints(tmp_path)
+    on.hit("other.point")                             # not named: passes
+    threading.Timer(0.3, lambda: arm(tmp_path, {})).start()
+    t0 = time.monotonic()
+    on.hit("map.apply")                               # held until the test lifts it
+    assert 0.25 < time.monotonic() - t0 < 5
+    arm(tmp_path, {"map.apply": "sleep:0.2"})
+    t0 = time.monotonic()
+    on.hit("map.apply")
+    assert 0.15 < time.monotonic() - t0 < 5
+    (tmp_path / "failpoints.json").write_text("{half")  # a torn file reads as off
+    on.hit("map.apply")
