@@ -19,9 +19,11 @@ from experts/; only the tests call the library and compare:
 Precision (bf16): gate logits are hidden @ gate.T in the hidden dtype, then float32 for
 softmax/sigmoid; routing weights are cast to the hidden dtype before they scale expert outputs;
 the weighted outputs are summed in the hidden dtype (index_add_ into a hidden-dtype buffer).
-bf16 outputs are compared with a bf16 reference on tokens whose routing is not a near tie (in
-bf16 a 1-ulp difference in a logit can legitimately flip the k-th choice), and also checked to be
-no further from a float32 reference than the bf16 reference itself is.
+bf16 outputs are compared with a bf16 reference on every token of inputs built to route clearly
+(``firm_hidden``: in bf16 a 1-ulp difference in a logit can legitimately flip the k-th choice of
+a near tie, so the inputs have none), and also checked to be no further from a float32 reference
+than the bf16 reference itself is; drawn inputs' near ties have a test of their own (the output
+is the block under the library's own routing).
 """
 from __future__ import annotations
 
@@ -359,6 +361,34 @@ def make_hidden(T: int, seed: int) -> torch.Tensor:
     return torch.randn(T, D_MODEL, generator=torch.Generator().manual_seed(seed))
 
 
+FIRM_PUSH = 0.5        # logit units a firm input's chosen experts stand above the others
+
+
+def firm_hidden(ref: nn.Module, T: int, seed: int, prep=None) -> torch.Tensor:
+    """``make_hidden(T, seed)`` (after ``prep(x)``, if given) made into T tokens whose routing
+    under ``ref`` (a bf16 reference) is clear for every token, by construction rather than by
+    leaving near ties out: each token is moved within the gate's row space (the rest of it stays
+    as drawn), so that the logits of the experts ``ref`` chooses for it rise by FIRM_PUSH and
+    every other expert's fall by FIRM_PUSH (W @ dx = d, dx = pinv(W) d). Group-limited choices
+    may move when pushed, so the push is repeated (at most 4 times) until every token's margin
+    is over twice FIRM_MARGIN. bf16 tests compare every token of such inputs."""
+    x = make_hidden(T, seed)
+    if prep is not None:
+        prep(x)
+    dtype = ref.gate_weight.dtype
+    w = ref.gate_weight.detach().float()
+    lift = torch.linalg.pinv(w).T                       # [E, d_model]: logit offsets -> dx
+    with torch.no_grad():
+        for _ in range(4):
+            ids, _, margin = ref.route(x.to(dtype))
+            if (margin > 2 * FIRM_MARGIN).all():
+                return x
+            d = torch.full((T, w.shape[0]), -FIRM_PUSH).scatter_(1, ids, FIRM_PUSH)
+            x = x + d @ lift
+    raise AssertionError(f"{int((margin <= 2 * FIRM_MARGIN).sum())} of {T} tokens still near "
+                         "a tie after 4 pushes")
+
+
 def sorted_routing(ids: torch.Tensor, w: torch.Tensor):
     """Sort each token's k choices by expert id (the order of the k is not part of the contract)."""
     s, perm = ids.sort(dim=-1)
@@ -373,18 +403,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).norm().item() / max(b.float().norm().item(), 1e-30)
 
 
-def assert_bf16_close(lib: torch.Tensor, ref: torch.Tensor, what: str):
-    if ref.numel() == 0:
-        return
+def assert_bf16_close(lib: torch.Tensor, ref: torch.Tensor, what: str, min_rows: int = 1):
+    """Close to a bf16 reference, on at least ``min_rows`` rows (a comparison of nothing is
+    a failure, not a pass)."""
+    assert ref.shape[0] >= min_rows and lib.shape == ref.shape, \
+        f"{what}: {ref.shape[0]} rows compared, at least {min_rows} wanted"
     scale = max(rms(ref), 1e-6)
     torch.testing.assert_close(lib.float(), ref.float(), rtol=BF16_TOL, atol=BF16_TOL * scale,
                                msg=lambda m: f"{what}: {m}")
 
 
 def assert_not_worse(lib16, ref16, ref32, what: str):
-    """The bf16 library is no further from the fp32 reference than a plain bf16 implementation."""
-    if lib16.numel() == 0:
-        return
+    """The bf16 library is no further from the fp32 reference than a plain bf16 implementation
+    (on at least one row)."""
+    assert lib16.shape[0] > 0 and lib16.shape == ref16.shape == ref32.shape, \
+        f"{what}: nothing compared"
     e_lib, e_ref = rel_err(lib16, ref32), rel_err(ref16, ref32)
     assert e_lib <= BF16_NOT_WORSE * e_ref + 1e-4, (
         f"{what}: bf16 library rel. error vs fp32 reference {e_lib:.3e} > "
@@ -453,7 +486,8 @@ def test_route_matches_reference(variant, dtype, T):
     spec = make_spec(variant, dtype)
     ref32, ref16, _ = make_refs(variant)
     ref = ref32 if dtype == "float32" else ref16
-    x = make_hidden(T, seed=T).to(TORCH_DTYPE[dtype])
+    x = (make_hidden(T, seed=T) if dtype == "float32" else firm_hidden(ref16, T, seed=T)) \
+        .to(TORCH_DTYPE[dtype])
     bias = getattr(ref, "e_score_correction_bias", None)
     with torch.no_grad():
         ids_r, w_r, margin = ref.route(x)
@@ -466,15 +500,13 @@ def test_route_matches_reference(variant, dtype, T):
         assert torch.equal(ids, ids_r), (
             f"{variant}: expert sets differ on {(ids != ids_r).any(-1).sum().item()} of {T} tokens")
         torch.testing.assert_close(w, w_r, rtol=1e-5, atol=1e-6)
-    else:
-        firm = margin > FIRM_MARGIN
-        assert torch.equal(ids[firm], ids_r[firm]), (
-            f"{variant} bf16: expert sets differ on "
-            f"{(ids[firm] != ids_r[firm]).any(-1).sum().item()} of {int(firm.sum())} firm tokens")
-        torch.testing.assert_close(w[firm], w_r[firm], rtol=BF16_TOL,
+    else:                                    # every token: the input has no near tie
+        assert (margin > FIRM_MARGIN).all()
+        assert torch.equal(ids, ids_r), (
+            f"{variant} bf16: expert sets differ on {(ids != ids_r).any(-1).sum().item()} of "
+            f"{T} tokens")
+        torch.testing.assert_close(w, w_r, rtol=BF16_TOL,
                                    atol=BF16_TOL * spec.routed_scaling_factor)
-        if T >= 64:
-            assert firm.float().mean() > 0.7   # the threshold leaves most tokens firm
 
 
 # ======================================================================== moe_forward_local
@@ -493,22 +525,32 @@ def test_forward_matches_reference(variant, dtype, T):
         assert got.dtype == torch.float32 and got.shape == (T, D_MODEL)
         torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=FP32_ATOL)
         return
-    x16 = x.to(torch.bfloat16)
+    x16 = firm_hidden(ref16, T, seed=10_000 + T).to(torch.bfloat16)
     with torch.no_grad():
         got = moe_forward_local(spec, lib_weights(ref16), x16)
         want16 = ref16(x16)
         want32 = ref32r(x16.float())
-        _, _, m16 = ref16.route(x16)
+        assert (ref16.route(x16)[2] > FIRM_MARGIN).all()
     assert got.dtype == torch.bfloat16 and got.shape == (T, D_MODEL)
-    firm = m16 > FIRM_MARGIN
-    assert_bf16_close(got[firm], want16[firm], f"{variant} bf16 T={T}")
-    assert_not_worse(got[firm], want16[firm], want32[firm], f"{variant} bf16 T={T}")
-    if (~firm).any():   # near ties: the output must be the block under the library's own routing
-        bias = getattr(ref16, "e_score_correction_bias", None)
-        with torch.no_grad():
-            ids, w = route(spec, ref16.gate_weight.detach(), x16, bias=bias)
-            alt = ref16(x16, ids, w)
-        assert_bf16_close(got[~firm], alt[~firm], f"{variant} bf16 T={T} near-tie tokens")
+    assert_bf16_close(got, want16, f"{variant} bf16 T={T}", min_rows=T)
+    assert_not_worse(got, want16, want32, f"{variant} bf16 T={T}")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bf16_near_ties_follow_the_librarys_own_routing(variant):
+    """Drawn inputs have near ties (a 1-ulp logit error could flip the k-th choice): there the
+    output must be the bf16 block under the library's own routing."""
+    T = 4096
+    spec = make_spec(variant, "bfloat16")
+    _, ref16, _ = make_refs(variant)
+    x16 = make_hidden(T, seed=10_000 + T).to(torch.bfloat16)
+    bias = getattr(ref16, "e_score_correction_bias", None)
+    with torch.no_grad():
+        near = ref16.route(x16)[2] <= FIRM_MARGIN
+        got = moe_forward_local(spec, lib_weights(ref16), x16)
+        ids, w = route(spec, ref16.gate_weight.detach(), x16, bias=bias)
+        alt = ref16(x16, ids, w)
+    assert_bf16_close(got[near], alt[near], f"{variant} bf16 near-tie tokens", min_rows=10)
 
 
 def _starve_low_experts(ref: nn.Module) -> nn.Module:
@@ -528,8 +570,15 @@ def test_forward_with_idle_experts(variant, dtype, T):
     ref32, ref16, ref32r = make_refs(variant)
     tdt = TORCH_DTYPE[dtype]
     ref = _starve_low_experts(ref32 if dtype == "float32" else ref16)
-    x = make_hidden(T, seed=20_000 + T)
-    x[:, 0] = 3.0
+
+    def prep(x):
+        x[:, 0] = 3.0
+
+    if dtype == "float32":
+        x = make_hidden(T, seed=20_000 + T)
+        prep(x)
+    else:
+        x = firm_hidden(ref, T, seed=20_000 + T, prep=prep)
     x = x.to(tdt)
     bias = getattr(ref, "e_score_correction_bias", None)
     with torch.no_grad():
@@ -544,9 +593,9 @@ def test_forward_with_idle_experts(variant, dtype, T):
     if dtype == "float32":
         torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=FP32_ATOL)
     else:
-        _, _, margin = ref.route(x)
-        firm = margin > FIRM_MARGIN
-        assert_bf16_close(got[firm], want[firm], f"{variant} bf16 idle experts T={T}")
+        with torch.no_grad():
+            assert (ref.route(x)[2] > FIRM_MARGIN).all()
+        assert_bf16_close(got, want, f"{variant} bf16 idle experts T={T}", min_rows=T)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
