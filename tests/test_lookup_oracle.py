@@ -390,8 +390,9 @@ def test_lookup_rows_of_a_pooled_table_and_errors(client):
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "mixed_weights"])
 def test_concurrent_clients_get_their_own_answers(cluster, client, weighted):
-    """4 client threads x 20 batches at once: the router merges concurrent requests of one model
-    into shared batches and must split every answer back to its own caller. With
+    """4 client threads x 20 batches, the 4 threads' i-th requests sent together (a barrier
+    before each): the router merges concurrent requests of one model into shared batches (half
+    as many batches as requests at most) and must split every answer back to its own caller. With
     ``mixed_weights`` half of the batches carry per-sample weights and half do not (a merged
     batch then mixes both; unweighted bags must weigh 1)."""
     configs = [bag_config("cc_a", 2000, 16, features=["ca"]),
@@ -417,15 +418,17 @@ def test_concurrent_clients_get_their_own_answers(cluster, client, weighted):
                 f_or = f
             batches.append((f, ks, oracle(ebc, f_or, keys)))
         work.append(batches)
-    before = client.status().router
     errors: list = []
-    barrier = threading.Barrier(threads)
+    ready, barrier = threading.Barrier(threads + 1), threading.Barrier(threads)
 
     def run(batches):
         try:
             with cluster.client() as c:
-                barrier.wait(timeout=30)
+                c.lookup(model, batches[0][0])          # connected before the first round
+                ready.wait(timeout=60)
+                ready.wait(timeout=60)                  # the main thread took its "before"
                 for f, ks, expected in batches:
+                    barrier.wait(timeout=30)
                     assert_matches(c.lookup(model, f), expected, ks, FP32_TOL)
         except BaseException as e:       # reported in the main thread
             errors.append(e)
@@ -433,11 +436,16 @@ def test_concurrent_clients_get_their_own_answers(cluster, client, weighted):
     pool = [threading.Thread(target=run, args=(b,)) for b in work]
     for th in pool:
         th.start()
+    ready.wait(timeout=60)                         # every client connected and warmed up
+    before = client.status().router
+    ready.wait(timeout=60)
     for th in pool:
         th.join(timeout=60)
     assert not any(th.is_alive() for th in pool), "a client thread did not finish in 60 s"
     if errors:
         raise errors[0]
     after = client.status().router
-    assert after.requests - before.requests >= threads * per_thread
-    assert 0 < after.batches - before.batches <= after.requests - before.requests
+    requests, batches = after.requests - before.requests, after.batches - before.batches
+    print(f"{requests} requests in {batches} batches")
+    assert requests == threads * per_thread
+    assert 0 < batches <= requests // 2, f"{requests} concurrent requests in {batches} batches"
