@@ -3,7 +3,8 @@ NOT_FOUND), never crashes a process and never changes stored rows (ARCHITECTURE 
 
 Runs against the shared 3-server cluster, through the Python client, through hand-built router
 requests (what a KeyedJaggedTensor would refuse to build) and directly against a shard server.
-The last tests check that every process is still alive and every stored row is unchanged.
+The last two tests each send a round of bad calls (``bad_calls``) and then check that every
+process is still alive and every stored row is unchanged on every replica.
 """
 from __future__ import annotations
 
@@ -574,7 +575,60 @@ def test_lengths_overflow_int64(small):
 
 # ================================================================ afterwards: nothing broke
 
-def test_every_process_alive(cluster, client, model):
+def bad_calls(cluster, client, router_stub, shard):
+    """A round of bad calls that would change rows or kill a process if they were taken: every
+    one must be refused with the code it gets in the tests above."""
+    spec, stub = shard["spec"], shard["stub"]
+    ids, routed = _held_ids(shard)
+    new_rows = np.full((3, 8), 7.0, np.float32)
+    with expect(INVALID, "ids", f"id {N}"):          # good rows, one id out of range
+        client.write_rows(MODEL, "t32", [1, 2, N], new_rows)
+    with expect(INVALID, "rows", "shape [2, 9] must be [2, 8]"):
+        client.write_rows(MODEL, "t32", [1, 2], np.ones((2, 9), np.float32))
+    with expect(INVALID, "rows", "dtype float32", "'t16'"):
+        client.write_rows(MODEL, "t16", [1, 2], np.ones((2, 4), np.float32))
+    with expect(INVALID, "rows", "shape [2, 8] must be [3, 8]"):
+        call(router_stub.WriteRows, pb.RouterWriteRowsRequest(
+            model=MODEL, table="t32", ids=pack(np.array([1, 2, 3], np.int64)),
+            rows=pack(new_rows[:2])))
+    with expect(INVALID, "rows", "31 bytes do not match shape [1, 8] of float32"):
+        call(router_stub.WriteRows, pb.RouterWriteRowsRequest(
+            model=MODEL, table="t32", ids=pack(np.array([1], np.int64)),
+            rows=pb.Tensor(dtype="float32", shape=[1, 8], data=bytes(31))))
+    with expect(INVALID, "ids", "must be unique"):    # straight to a replica
+        call(stub.WriteRows, pb.WriteRowsRequest(
+            table_uid=spec.table_uid, ids=pack(np.array([ids[0], ids[1], ids[0]])),
+            rows=pack(new_rows), routed=routed))
+    with expect(INVALID, "ids", f"id {N + int(ids[0])}"):
+        call(stub.WriteRows, pb.WriteRowsRequest(
+            table_uid=spec.table_uid, ids=pack(np.append(ids[:2], N + ids[0])),
+            rows=pack(new_rows), routed=routed))
+    with expect(INVALID, "values", "20 bytes do not match shape [3] of int64"):
+        call(router_stub.Lookup, batch(["f32a"], pb.Tensor(dtype="int64", shape=[3],
+                                                           data=bytes(20)), [3], 1))
+    with expect(INVALID, "lengths"):
+        call(router_stub.Lookup, batch(["f32a"], [1, 2], [4, -2], 2))
+    with expect(INVALID, "lengths"):
+        call(router_stub.Lookup, pb.FeatureBatch(
+            model=MODEL, keys=["f32a"], batch_size=4, values=pack(np.zeros(0, np.int64)),
+            lengths=pack(np.full(4, 2**62, np.int64))))
+    with expect(INVALID, "segments[0].inverse", "must index [0, 3)"):
+        call(stub.LookupPooled, pb.LookupPooledRequest(segments=[pb.PooledSegment(
+            table_uid=spec.table_uid, ids=pack(ids), lengths=pack(np.array([2, 1], np.int32)),
+            inverse=pack(np.array([0, 3, 1], np.int32)), routed=routed)]))
+    for address, method in ((cluster.router_address, "/shoal.v1.Router/Lookup"),
+                            (cluster.router_address, "/shoal.v1.Router/WriteRows"),
+                            (shard["server"].address, "/shoal.v1.ShardServer/WriteRows")):
+        ch = grpc.insecure_channel(address)
+        try:                                          # bytes that are no message at all
+            with expect(INVALID, "not a valid"):
+                call(ch.unary_unary(method), b"\xff\xff\xff\xff\x0f")
+        finally:
+            ch.close()
+
+
+def test_every_process_alive(cluster, client, model, router_stub, shard):
+    bad_calls(cluster, client, router_stub, shard)
     for pid in all_pids(cluster):
         assert alive(pid), f"process {pid} is gone"
     stats = client.status()
@@ -589,8 +643,28 @@ def test_every_process_alive(cluster, client, model):
                                 "f16": [[11], [12]]}), rtol=1e-3, atol=1e-3)
 
 
-def test_stored_rows_unchanged(client, model):
+def test_stored_rows_unchanged(cluster, client, model, router_stub, shard):
+    bad_calls(cluster, client, router_stub, shard)
     for name, want in model["rows"].items():
         got = client.lookup_rows(MODEL, name, np.arange(N))
         assert got.dtype == torch.from_numpy(want).dtype
         np.testing.assert_array_equal(got.numpy(), want)
+    # ... on every replica, not only the ones the router reads.
+    m = client.status().map
+    spec = model["specs"]["t32"]
+    addr = {s.server_id: s.address for s in m.servers}
+    for rs in (r for r in m.partitions if r.table_uid == spec.table_uid):
+        mine = np.arange(rs.partition, N, spec.num_partitions, dtype=np.int64)
+        for server in rs.replicas:
+            ch = grpc.insecure_channel(addr[server])
+            try:
+                reply = pbg.ShardServerStub(ch).LookupRows(pb.LookupRowsRequest(
+                    map_version=m.version, segments=[pb.RowsSegment(
+                        table_uid=spec.table_uid, ids=pack(mine),
+                        routed=_routed([rs.partition], [rs.epoch]))]), timeout=30)
+            finally:
+                ch.close()
+            t = reply.rows[0]
+            np.testing.assert_array_equal(
+                np.frombuffer(t.data, t.dtype).reshape(tuple(t.shape)),
+                model["rows"]["t32"][mine], err_msg=f"{server}, partition {rs.partition}")

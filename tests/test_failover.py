@@ -77,15 +77,19 @@ def fo_tables(seed: int):
     return read_cfg, write_cfg, EmbeddingBagCollection(tables=[read_cfg])
 
 
+WRITE_SPAN, WRITE_BATCH = 2000, 100   # the writer cycles over ids [0, 2000) of table tw
+
+
 class Load(Workers):
-    """4 query clients checking every answer against the oracle, and 1 writer writing each id
-    of table ``tw`` once (rows ``id * 10 + column``) and remembering what was acknowledged."""
+    """4 query clients checking every answer against the oracle, and 1 writer overwriting
+    table ``tw``: batches of 100 ids cycling over the first WRITE_SPAN ids, so each id is
+    written again every 20 batches, generation by generation (``expected_rows(ids, gen)``),
+    until the block ends. ``acked`` lists what was acknowledged, in order, as (ids, gen)."""
 
     def __init__(self, cluster, oracle):
         self.cluster, self.oracle = cluster, oracle
         self.failures, self.acked, self.answered = [], [], 0
         self._lock = threading.Lock()
-        self._next_id = 0
         super().__init__(5, join_s=60)
         self.stop = self._stop
 
@@ -110,22 +114,47 @@ class Load(Workers):
 
     def _write(self):
         c = self.cluster.client(timeout=30)
-        while not self.stop.is_set() and self._next_id + 100 <= ROWS:
-            ids = np.arange(self._next_id, self._next_id + 100)      # each id written once
-            self._next_id += 100
+        per_pass = WRITE_SPAN // WRITE_BATCH
+        k = 0
+        while not self.stop.is_set():
+            lo, gen = (k % per_pass) * WRITE_BATCH, k // per_pass + 1
+            ids = np.arange(lo, lo + WRITE_BATCH)
+            k += 1
             try:
-                c.write_rows("fo", "tw", ids, expected_rows(ids))
+                c.write_rows("fo", "tw", ids, expected_rows(ids, gen))
                 with self._lock:
-                    self.acked.append(ids)
+                    self.acked.append((ids, gen))
             except shoal.ShoalError as e:
                 with self._lock:
                     self.failures.append(f"write: {e}")
             time.sleep(0.05)
         c.close()
 
+    def passes(self) -> int:
+        """How many times every written id has been overwritten and acknowledged."""
+        with self._lock:
+            return len(self.acked) // (WRITE_SPAN // WRITE_BATCH)
 
-def expected_rows(ids):
-    return (ids[:, None] * 10 + np.arange(DIM)).astype(np.float32)
+
+def expected_rows(ids, gen=0):
+    """Row ``id * 10 + column``, plus ``gen / 4`` for the ``gen``-th overwrite (exact in
+    float32 for every id and gen < 2**16); ``gen`` a number or one per id."""
+    gen = np.broadcast_to(np.asarray(gen, np.float32), np.shape(ids))
+    return (ids[:, None] * 10 + np.arange(DIM) + gen[:, None] / 4).astype(np.float32)
+
+
+def wait_dead(cluster, server_id: str, timeout: float = 30,
+              dropped: bool = False) -> pb.ShardMap:
+    """The coordinator's map once it has declared ``server_id`` dead (and, with ``dropped``,
+    taken it out of every replica set)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = coordinator_map(cluster)
+        if {s.server_id: s.state for s in m.servers}[server_id] == "dead" and not (
+                dropped and any(server_id in rs.replicas for rs in m.partitions)):
+            return m
+        assert time.monotonic() < deadline, f"{server_id} never declared dead"
+        time.sleep(0.1)
 
 
 def wait_replicated(cluster, without: str, timeout: float = 60) -> pb.ShardMap:
@@ -139,9 +168,13 @@ def wait_replicated(cluster, without: str, timeout: float = 60) -> pb.ShardMap:
         time.sleep(0.2)
 
 
-def check_replicas(m: pb.ShardMap, acked: list[np.ndarray]) -> None:
-    """Every replica of every partition holds the same rows, and every acknowledged write is
-    on every replica of its partition."""
+def check_replicas(m: pb.ShardMap, acked: list[tuple[np.ndarray, int]]) -> None:
+    """Every replica of every partition holds the same rows, and every id of ``tw`` written
+    holds, on every replica of its partition, the last value acknowledged for it (``acked``
+    in the order acknowledged: an overwrite reverted to an older value fails here)."""
+    last = np.full(ROWS, -1, np.int64)
+    for ids, gen in acked:
+        last[ids] = gen
     for table in ("tq", "tw"):
         spec = next(t for md in m.models for t in md.tables if t.name == table)
         all_ids = np.arange(ROWS)
@@ -151,10 +184,9 @@ def check_replicas(m: pb.ShardMap, acked: list[np.ndarray]) -> None:
             for other in copies[1:]:
                 np.testing.assert_array_equal(copies[0], other)
             if table == "tw" and acked:
-                ids = np.concatenate(acked)
-                ok = ids[(ids & (spec.num_partitions - 1)) == rs.partition]
+                ok = mine[last[mine] >= 0]
                 got = copies[0][np.searchsorted(mine, ok)]
-                np.testing.assert_array_equal(got, expected_rows(ok))
+                np.testing.assert_array_equal(got, expected_rows(ok, last[ok]))
 
 
 @pytest.mark.parametrize("rounds", [5])
@@ -174,11 +206,7 @@ def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
                 time.sleep(0.5)
                 victim = cluster.servers[int(rng.integers(0, len(cluster.servers)))]
                 os.kill(victim.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 30
-                while {s.server_id: s.state for s in coordinator_map(cluster).servers}[
-                        victim.server_id] != "dead":
-                    assert time.monotonic() < deadline, "the killed server never seen dead"
-                    time.sleep(0.2)
+                wait_dead(cluster, victim.server_id)
                 wait_replicated(cluster, without=victim.server_id)
                 cluster.restart(victim.server_id)
                 deadline = time.monotonic() + 30
@@ -186,8 +214,14 @@ def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
                         victim.server_id] != "alive":
                     assert time.monotonic() < deadline
                     time.sleep(0.2)
+            # The last fault is over: the writer goes on until every id has been written again.
+            after_faults = len(load.acked)
+            deadline = time.monotonic() + 30
+            while len(load.acked) < after_faults + WRITE_SPAN // WRITE_BATCH:
+                assert time.monotonic() < deadline and not load.failures, load.failures[:3]
+                time.sleep(0.1)
         assert load.failures == []
-        assert load.answered > 50 and len(load.acked) > 10
+        assert load.answered > 50 and load.passes() >= 3      # every id overwritten 3+ times
         assert client.status().router.replica_retries > 0      # dead replicas were hit
         check_replicas(coordinator_map(cluster), load.acked)
         client.close()
@@ -209,7 +243,7 @@ def test_only_replica_lost_fails_unavailable_naming_the_partition(tmp_path):
         live_parts = sorted(p for p, s in owner.items() if s != victim.server_id)
         assert dead_parts and live_parts
         os.kill(victim.pid, signal.SIGKILL)
-        time.sleep(3.0)                                      # past the lease
+        wait_dead(cluster, victim.server_id)
         dead_ids = np.array([p + P for p in dead_parts])
         live_ids = np.array([p + P for p in live_parts])
         for _ in range(3):
@@ -223,6 +257,7 @@ def test_only_replica_lost_fails_unavailable_naming_the_partition(tmp_path):
         m = coordinator_map(cluster)
         assert {rs.partition: list(rs.replicas) for rs in m.partitions} == \
             {p: [s] for p, s in owner.items()}
+        assert {s.server_id: s.state for s in m.servers}[victim.server_id] == "dead"
         client.close()
 
 
@@ -311,8 +346,12 @@ def test_coordinator_crash_during_failover_resumes(tmp_path, when):
         os.kill(cluster.coordinator.pid, signal.SIGKILL)
         cluster.restart_coordinator()
         after = coordinator_map(cluster)
-        assert after.version >= before.version
-        if when == "during_rebuild":                  # learners survived the crash
+        # The restarted coordinator serves the map it had committed, unchanged.
+        assert after.version == before.version and after.partitions == before.partitions
+        if when == "before_detection":
+            assert {s.server_id: s.state for s in before.servers}[victim.server_id] == "alive"
+            assert any(victim.server_id in rs.replicas for rs in after.partitions)
+        else:                                         # learners survived the crash
             assert any(rs.learners for rs in after.partitions)
         # The new coordinator gives servers one lease of grace, then drops the dead one and
         # (re)builds; queries keep working throughout.
@@ -320,8 +359,18 @@ def test_coordinator_crash_during_failover_resumes(tmp_path, when):
         with torch.no_grad():
             assert_close(client.lookup("fo", kjt).values(), oracle(kjt).values(),
                          rtol=1e-5, atol=1e-5)
+        dead = wait_dead(cluster, victim.server_id, dropped=True)
+        assert dead.version > after.version
+        held = {(rs.table_uid, rs.partition): rs for rs in before.partitions}
+        for rs in dead.partitions:                    # dropped from every set; its leads moved
+            was = held[(rs.table_uid, rs.partition)]
+            assert victim.server_id not in rs.replicas
+            if victim.server_id in was.replicas:          # a rebuilt replica comes last
+                survivors = [s for s in was.replicas if s != victim.server_id]
+                assert list(rs.replicas)[:len(survivors)] == survivors and \
+                    rs.epoch > was.epoch, (was, rs)
         m = wait_replicated(cluster, without=victim.server_id, timeout=120)
-        check_replicas(m, [ids])
+        check_replicas(m, [(ids, 0)])
         client.close()
 
 

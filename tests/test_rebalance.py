@@ -131,8 +131,10 @@ def _finish_copies(svc):
 
 
 def test_moves_run_learner_then_promote_then_drop_with_a_cap_per_server():
+    import grpc
+
     from shoal.proto import shoal_pb2 as pb
-    from tests.test_units import FakeContext
+    from tests.test_units import Aborted, FakeContext
 
     svc, clock = _coordinator(["s0", "s1", "s2"])
     svc.Register(pb.RegisterRequest(server_id="s3", address="h:s3"), FakeContext())
@@ -143,8 +145,11 @@ def test_moves_run_learner_then_promote_then_drop_with_a_cap_per_server():
     assert [(m.partition, m.target) for m in reply.moves] == \
         [(m.partition, m.target) for m in dry.moves]
     assert all(m.target == "s3" for m in reply.moves) and len(reply.moves) == 4   # 16 / 4
-    with pytest.raises(Exception):                              # one rebalance at a time
-        svc.Rebalance(pb.RebalanceRequest(), FakeContext())
+    ctx = FakeContext()
+    with pytest.raises(Aborted):                                # one rebalance at a time
+        svc.Rebalance(pb.RebalanceRequest(), ctx)
+    assert ctx.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "4 moves of an earlier rebalance are in flight" in ctx.details, ctx.details
     for _ in range(10):
         clock.t += 1.0
         for s in ("s0", "s1", "s2", "s3"):

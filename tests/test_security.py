@@ -166,7 +166,11 @@ def test_roles_by_certificate_and_token(secure):
     c, msg = code_of(lambda: coord.Rebalance(pb.RebalanceRequest(dry_run=True), timeout=5))
     assert c == DENIED and "Rebalance needs role 'admin'" in msg, msg
     admin = stub(pbg.CoordinatorStub, cluster.coordinator_address, cert(certs, "admin"))
-    assert admin.Rebalance(pb.RebalanceRequest(dry_run=True), timeout=5) is not None
+    plan = admin.Rebalance(pb.RebalanceRequest(dry_run=True), timeout=5)
+    now = coord.GetShardMap(pb.GetShardMapRequest(), timeout=5).map
+    assert plan.map_version == now.version and not now.moves       # planned, not started
+    assert set(plan.bytes_before) == {s.server_id for s in now.servers}
+    assert sum(plan.bytes_before.values()) == sum(plan.bytes_after.values()) > 0
     # Shard servers' replication RPCs are for Shoal's own processes only, admin or not.
     c, msg = code_of(lambda: stub(pbg.ShardServerStub, cluster.servers[0].address,
                                   cert(certs, "admin")).Replicate(pb.ReplicateRequest(),
