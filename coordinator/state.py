@@ -278,6 +278,8 @@ class ClusterState:
                              f"{learners} copies; drain it first (shoal drain {server_id})")
         new = self.copy()
         del new.servers[server_id]
+        for key in [k for k, mv in new.moves.items() if server_id in (mv.source, mv.target)]:
+            del new.moves[key]                # queued moves onto it: no copy was begun yet
         new.version += 1
         return new
 

@@ -283,16 +283,24 @@ def test_fuzz_membership_and_placement_orders(orders_target):
 
 
 def settled(admin, quiet_s: float = 2.0, timeout: float = 60.0) -> pb.ShardMap:
-    """Cancel moves and splits, then the map once its version has held still for
-    ``quiet_s``."""
+    """Cancel splits and moves and undrain every server (what the orders left the coordinator
+    doing; an order refused while another is in flight is given again), then the map once its
+    version has held still for ``quiet_s``."""
     deadline = time.monotonic() + timeout
     last, since = None, time.monotonic()
     while True:
         m = admin.shard_map()
-        if m.moves:
-            admin.cancel()
-        for sp in m.splits:
-            admin.cancel_split(sp.model, sp.table)
+        try:
+            for sp in m.splits:
+                admin.cancel_split(sp.model, sp.table)
+            if m.moves:
+                admin.cancel()
+            for s in m.servers:
+                if s.draining:
+                    admin.drain(s.server_id, undrain=True)
+        except shoal.ShoalError as e:
+            assert e.code == grpc.StatusCode.FAILED_PRECONDITION, e
+            since = time.monotonic()
         if last is None or m.version != last.version:
             last, since = m, time.monotonic()
         elif time.monotonic() - since >= quiet_s:

@@ -336,3 +336,23 @@ def test_rebalance_uses_the_lookup_load_servers_report():
     assert out and all(p in hot for p in out)            # hot partitions leave the hot server
     assert not any(p in hot for p in back)               # cold ones come back (swaps)
     assert plan.bytes_after[hot_server] == plan.bytes_before[hot_server]
+
+
+def test_removing_a_server_drops_the_moves_queued_onto_it():
+    """Found by fuzzing the orders: a server removed while a rebalance's moves onto it were
+    still queued (no copy begun, so it held nothing) left moves naming a server the map no
+    longer had until the next reconcile pass."""
+    from shoal.proto import shoal_pb2 as pb
+    from tests.test_units import FakeContext
+
+    svc, _ = _coordinator(["s0", "s1", "s2"])
+    svc.Register(pb.RegisterRequest(server_id="s3", address="h:s3"), FakeContext())
+    planned = svc.Rebalance(pb.RebalanceRequest(), FakeContext()).moves
+    assert planned and all(m.target == "s3" for m in planned)
+    before = svc.shard_map()
+    assert len(before.moves) == len(planned) and not any(rs.learners for rs in before.partitions)
+    svc.RemoveServer(pb.RemoveServerRequest(server_id="s3"), FakeContext())
+    m = svc.shard_map()
+    assert [s.server_id for s in m.servers] == ["s0", "s1", "s2"]
+    assert list(m.moves) == [] and m.version == before.version + 1
+    assert m.partitions == before.partitions
