@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from embeddings.partition import partition_of
+from embeddings.setassoc import ranked_in_sets, set_of
 from shoal.errors import ShoalError, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.wire import pack, unpack
@@ -34,7 +35,6 @@ from router.mapcache import MapCache
 from router.routing import ModelRoute
 from router.transport import RETRYABLE, ShardTransport
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MAX_ROUNDS = 8                    # fetch rounds of one batch (failures, redirects, moved rows)
 
 
@@ -62,8 +62,7 @@ class TableCache:
         return self.rows.numel() * self.rows.element_size() + self.keys.nbytes * 2
 
     def _set_of(self, ids: np.ndarray) -> np.ndarray:
-        h = ids.astype(np.uint64) * _GOLDEN
-        return ((h >> np.uint64(29)) % np.uint64(self.sets)).astype(np.int64)
+        return set_of(ids, self.sets)
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each (unique) id, -1 where it is not cached; a hit counts as a use."""
@@ -82,13 +81,7 @@ class TableCache:
         used slot; ids past ``ways`` new ones in one set are left out."""
         if not ids.size:
             return
-        s = self._set_of(ids)
-        order = np.argsort(s, kind="stable")
-        ss = s[order]
-        starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-        rank = np.arange(len(ss)) - np.repeat(starts, np.diff(np.r_[starts, len(ss)]))
-        keep = rank < self.ways
-        order, ss, rank = order[keep], ss[keep], rank[keep]
+        order, ss, rank = ranked_in_sets(self._set_of(ids), self.ways)
         way = np.argsort(self.used[ss], axis=1, kind="stable")[np.arange(len(ss)), rank]
         self.keys[ss, way] = ids[order]
         self.used[ss, way] = next(self._clock)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from embeddings.partition import partition_of
+from embeddings.setassoc import GOLDEN, ranked_in_sets, set_of
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SKETCH_SEED = np.uint64(0xC2B2AE3D27D4EB4F)
 POLICIES = ("lfu", "lru")
 MAX_SCORE = np.iinfo(np.int32).max
@@ -90,11 +90,10 @@ class RowCache:
 
     # ------------------------------------------------------------ reads
     def _set_of(self, ids: np.ndarray) -> np.ndarray:
-        h = ids.astype(np.uint64) * _GOLDEN
-        return ((h >> np.uint64(29)) % np.uint64(max(1, self.sets))).astype(np.int64)
+        return set_of(ids, self.sets)
 
     def _sketch_index(self, ids: np.ndarray) -> np.ndarray:
-        h = (ids.astype(np.uint64) ^ _SKETCH_SEED) * _GOLDEN
+        h = (ids.astype(np.uint64) ^ _SKETCH_SEED) * GOLDEN
         return ((h >> np.uint64(31)) % np.uint64(len(self._sketch))).astype(np.int64)
 
     def find(self, ids: np.ndarray) -> np.ndarray:
@@ -149,13 +148,7 @@ class RowCache:
                 ids, rows = ids[fresh], rows[torch.from_numpy(np.flatnonzero(fresh))]
                 if not ids.size:
                     return 0
-        s = self._set_of(ids)
-        order = np.argsort(s, kind="stable")
-        ss = s[order]
-        starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-        rank = np.arange(len(ss)) - np.repeat(starts, np.diff(np.r_[starts, len(ss)]))
-        keep = rank < self.ways
-        order, ss, rank = order[keep], ss[keep], rank[keep]
+        order, ss, rank = ranked_in_sets(self._set_of(ids), self.ways)
         # Each set's slots from the lowest score up (empty slots first), ties by way.
         held = self.keys[ss] >= 0
         key = np.where(held, self.score[ss].astype(np.int64), -1)
