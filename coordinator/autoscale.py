@@ -1,6 +1,7 @@
 """The autoscaling policy: a pure decision from (the cluster's use, the time) to a server count.
 
-Use is measured against the policy's targets: memory (bytes held / memory budget, per server)
+Use is measured against the policy's targets: capacity (bytes held / disk capacity, per server;
+the policy field keeps its old name, ``memory_target``)
 and lookup load (ids looked up per second, per server); the *utilisation* is the larger of
 use / target over the targets set. The policy scales out when utilisation stays above
 ``1 + band`` for ``window_s``, to as many servers as would bring it back to 1; it scales in,
@@ -32,7 +33,7 @@ DEFAULT_COOLDOWN_S = 120.0
 class Usage:
     servers: int          # serving servers (alive, not draining)
     bytes: float          # bytes they hold, every replica counted
-    budget: float         # their memory budgets together
+    budget: float         # their capacities (disk) together
     load: float           # ids they look up per second together
 
 
@@ -57,7 +58,7 @@ def checked(policy: pb.AutoscalePolicy) -> pb.AutoscalePolicy:
     if p.memory_target <= 0 and p.load_target <= 0:
         raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
                          "memory_target and load_target: set at least one (a share of each "
-                         "server's memory budget, e.g. 0.7, or ids/s per server)")
+                         "server's capacity in use, e.g. 0.7, or ids/s per server)")
     if not 0 <= p.memory_target <= 1:
         raise InvalidArgument(f"memory_target: {p.memory_target} must be in [0, 1] (0: "
                               "no memory target)")
@@ -87,7 +88,7 @@ class Autoscaler:
         if p.memory_target > 0 and u.budget > 0:
             use = u.bytes / u.budget
             worst = max(worst, use / p.memory_target)
-            parts.append(f"memory {use:.0%} of budget (target {p.memory_target:.0%})")
+            parts.append(f"stored {use:.0%} of capacity (target {p.memory_target:.0%})")
         if p.load_target > 0 and u.servers:
             per = u.load / u.servers
             worst = max(worst, per / p.load_target)
@@ -197,7 +198,7 @@ class AutoscaleRPCs:
                 log.warning("autoscale: cannot rebalance onto new servers: %s", e.message)
         rates = self._load.server_load()
         usage = Usage(len(serving), sum(held.values()),
-                      sum(state.servers[s].memory_budget_bytes for s in serving),
+                      sum(state.servers[s].disk_capacity_bytes for s in serving),
                       sum(rates.get(s, 0.0) for s in serving))
         d = self._autoscaler.evaluate(self._clock(), usage, busy)
         if d is None:

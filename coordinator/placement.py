@@ -25,6 +25,7 @@ class ServerLoad:
     bytes: int = 0
     leaders: int = 0
     domain: str = ""            # its failure domain (a host, a Ray node); "": itself alone
+    capacity: int = 0           # bytes it may hold on disk (0: unlimited)
 
 
 def distinct_domains(order: list[str], n: int, domain_of: dict[str, str],
@@ -52,7 +53,8 @@ def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
     bytes, then the fewest bytes overall, so every model is spread over all servers (one
     model's hot traffic does not land on one of them) even when some servers are fuller than
     others; the leader is the replica with the fewest leaderships so reads and writes spread.
-    ``server_quota``: bytes of this model one server may hold (0: no limit). Deterministic.
+    ``server_quota``: bytes of this model one server may hold (0: no limit). No server is
+    given more than its capacity (disk). Deterministic.
     """
     if replication < 1:
         raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -63,14 +65,26 @@ def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
                          f"{len(servers)} are alive ({', '.join(s.server_id for s in servers)}). "
                          "Start more servers or lower the replication factor.")
     load = {s.server_id: s.bytes for s in servers}
+    capacity = {s.server_id: s.capacity or float("inf") for s in servers}
+    free = sum(max(0, capacity[s] - load[s]) for s in load)
     domain_of = {s.server_id: s.domain for s in servers}
     mine = {s.server_id: 0 for s in servers}
     leaders = {s.server_id: s.leaders for s in servers}
     out: dict[tuple[int, int], tuple[str, ...]] = {}
     for part in sorted(partitions, key=lambda p: (-p.bytes, p.table_uid, p.partition)):
-        order = sorted((s for s in load if not server_quota or
-                        mine[s] + part.bytes <= server_quota),
+        order = sorted((s for s in load if (not server_quota or
+                        mine[s] + part.bytes <= server_quota) and
+                        load[s] + part.bytes <= capacity[s]),
                        key=lambda s: (mine[s], load[s], leaders[s], s))
+        if len(order) < replication and not server_quota:
+            total = sum(p.bytes for p in partitions) * replication
+            raise ShoalError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the model's {total / 2**20:,.1f} MiB of replicas do not fit the "
+                             f"{len(servers)} servers' disk capacity ({free / 2**20:,.1f} MiB "
+                             f"free together): partition {part.partition} of table_uid "
+                             f"{part.table_uid} ({part.bytes / 2**20:,.1f} MiB) has room on "
+                             f"{len(order)} servers, needs {replication}; add servers or give "
+                             "them more disk (server.disk_capacity_bytes)")
         if len(order) < replication:
             total = sum(p.bytes for p in partitions) * replication
             raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,

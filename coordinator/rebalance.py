@@ -11,7 +11,8 @@ when no single move does); then the same for each model's bytes (so every model 
 the servers and one model's hot traffic does not land on one of them); then, when lookup load
 per partition is known, for load; those last two only by moves and swaps that keep bytes
 within the tolerance. Replicas of a partition stay on
-distinct servers, no server is planned past its memory budget, no model past its quota.
+distinct servers, no server is planned past its capacity (the bytes it may hold on disk:
+memory is only a cache of the hottest rows), no model past its quota.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ Key = tuple[int, int]            # (table_uid, partition)
 @dataclass(frozen=True)
 class ServerSpec:
     server_id: str
-    memory_budget_bytes: int = 0     # 0: unlimited
+    capacity_bytes: int = 0          # bytes it may hold on disk; 0: unlimited
     draining: bool = False           # must end up holding nothing
     domain: str = ""                 # failure domain; "": the server alone
 
@@ -77,7 +78,7 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
     if not active:
         raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
                          "no server would be left to hold data: every server is draining")
-    budget = {s.server_id: s.memory_budget_bytes or float("inf") for s in servers}
+    budget = {s.server_id: s.capacity_bytes or float("inf") for s in servers}
     held: dict[str, set[Key]] = {s.server_id: set() for s in servers}
     bytes_on = {s.server_id: 0 for s in servers}
     for key, reps in replicas.items():
@@ -90,8 +91,9 @@ def plan_moves(replicas: dict[Key, tuple[str, ...]], sizes: dict[Key, int],
     if total > room:
         raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
                          f"the cluster holds {_mib(total)} of replicas but the "
-                         f"{len(active)} servers that would remain have a memory budget of "
-                         f"{_mib(room)} together; add servers or raise their budgets")
+                         f"{len(active)} servers that would remain have a disk capacity of "
+                         f"{_mib(room)} together; add servers or give them more disk "
+                         "(server.disk_capacity_bytes)")
     load = load or {}
     load_on = {s: sum(load.get(k, 0.0) for k in held[s]) for s in held}
     model_bytes: dict[tuple[str, str], int] = {}

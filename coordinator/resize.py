@@ -28,7 +28,7 @@ def plan_for(state: ClusterState, alive: set[str], tolerance: float = 0.0,
     """The rebalance plan for ``state``: live servers only (a dead server's partitions are the
     failure detector's business), each model's server quota kept, ``load`` (lookups per
     partition) evened out after bytes."""
-    specs = [ServerSpec(s, info.memory_budget_bytes, info.draining, info.domain)
+    specs = [ServerSpec(s, info.disk_capacity_bytes, info.draining, info.domain)
              for s, info in sorted(state.servers.items()) if s in alive]
     model_of = {t.table_uid: m.name for m in state.models.values() for t in m.tables}
     return plan_moves({k: r.replicas for k, r in state.partitions.items()},

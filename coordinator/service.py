@@ -268,7 +268,8 @@ class CoordinatorService(ResizeRPCs, SplitRPCs, AutoscaleRPCs, VersionRPCs, Expe
             if request.server_id not in self._state.servers:
                 self.events.add("info", f"{request.server_id} joined at {request.address}")
             self._commit(self._state.with_server(request.server_id, request.address,
-                                                 request.memory_budget_bytes, request.domain))
+                                                 request.memory_budget_bytes, request.domain,
+                                                 request.disk_capacity_bytes))
             # Soft, like stats: a restarted server's metrics port may change, and that is no
             # change of the map.
             self._metrics[request.server_id] = request.metrics_address

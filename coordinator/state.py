@@ -47,6 +47,7 @@ class ClusterState:
             models=[md for _, md in sorted(self.models.items())],
             servers=[pb.ServerInfo(server_id=s.server_id, address=s.address,
                                    memory_budget_bytes=s.memory_budget_bytes,
+                                   disk_capacity_bytes=s.disk_capacity_bytes,
                                    draining=s.draining, domain=s.domain)
                      for s in self.servers.values()],
             partitions=[pb.ReplicaSet(table_uid=uid, partition=p, replicas=list(r.replicas),
@@ -73,14 +74,16 @@ class ClusterState:
 
     # ------------------------------------------------------------ steps (each returns a new state)
     def with_server(self, server_id: str, address: str, memory_budget: int,
-                    domain: str = "") -> "ClusterState":
+                    domain: str = "", disk_capacity: int = 0) -> "ClusterState":
         old = self.servers.get(server_id)
         if old is not None and old.address == address and \
-                old.memory_budget_bytes == memory_budget and old.domain == domain:
+                old.memory_budget_bytes == memory_budget and old.domain == domain and \
+                old.disk_capacity_bytes == disk_capacity:
             return self
         new = self.copy()
         new.servers[server_id] = pb.ServerInfo(server_id=server_id, address=address,
                                                memory_budget_bytes=memory_budget,
+                                               disk_capacity_bytes=disk_capacity,
                                                draining=bool(old and old.draining),
                                                domain=domain)
         new.version += 1
@@ -360,7 +363,9 @@ class ClusterState:
                 if s in load:
                     load[s] += sizes[key]
                     leaders[s] += i == 0
-        return [ServerLoad(s, load[s], leaders[s], self.domain_of(s)) for s in alive]
+        return [ServerLoad(s, load[s], leaders[s], self.domain_of(s),
+                           self.servers[s].disk_capacity_bytes if s in self.servers else 0)
+                for s in alive]
 
     def domain_of(self, server_id: str) -> str:
         """A server's failure domain (itself, unless it registered one)."""

@@ -33,6 +33,7 @@ from shards.service import ShardService, ShardServicer
 from shards.split import SplitBuilder
 from shards.spool import default_spool_dir
 from shards.storage import RocksRowStore
+from shards.tiers import store_memory
 
 log = logging.getLogger("shard")
 
@@ -43,7 +44,9 @@ async def serve(args) -> None:
     cfg = whole.server
     sys.setswitchinterval(cfg.gil_switch_interval_s)   # a copy adds little to lookup latency
     data = pathlib.Path(args.data_dir)
-    store = RocksRowStore(data, cfg.block_cache_bytes, cfg.sst_threshold_rows)
+    mem = store_memory(cfg.memory_budget_bytes, cfg.block_cache_bytes)
+    store = RocksRowStore(data, mem.block_cache, cfg.sst_threshold_rows,
+                          memtable_bytes=mem.memtable)
     coord = pbg.CoordinatorStub(channel(args.coordinator))
 
     def fetch_map(known: int):
@@ -75,6 +78,7 @@ async def serve(args) -> None:
     REGISTRY.register(ServerCollector(service.stats))
     register = pb.RegisterRequest(server_id=args.server_id, address=address,
                                   memory_budget_bytes=cfg.memory_budget_bytes,
+                                  disk_capacity_bytes=service.disk_capacity(),
                                   domain=cfg.domain, metrics_address=metrics)
     await asyncio.to_thread(call_until_up, lambda: coord.Register(register, timeout=5))
     await asyncio.to_thread(service.refresh_map)

@@ -133,6 +133,14 @@ class RWLock:
     def read(self):
         return _Guard(self._acquire_read, self._release_read)
 
+    def acquire_read(self) -> None:
+        """A read lock not tied to a block or a thread: a lookup takes it on the event loop and
+        a worker thread reading its misses from RocksDB releases it."""
+        self._acquire_read()
+
+    def release_read(self) -> None:
+        self._release_read()
+
     def write(self):
         return _Guard(self._acquire_write, self._release_write)
 

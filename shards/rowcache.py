@@ -96,16 +96,20 @@ class RowCache:
         h = (ids.astype(np.uint64) ^ _SKETCH_SEED) * GOLDEN
         return ((h >> np.uint64(31)) % np.uint64(len(self._sketch))).astype(np.int64)
 
+    def _match(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(set, way, cached) of each id; ``way`` is meaningful where ``cached``."""
+        s = self._set_of(ids)
+        match = self.keys[s] == ids[:, None]
+        way = match.argmax(axis=1)
+        return s, way, match[np.arange(len(ids)), way]
+
     def find(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each id (unique ids), -1 where it is not cached. Counts the read: a hit's
         score rises (policy), and every id's count in the sketch."""
         if not ids.size or not self.sets:
             self.counters.misses += int(ids.size)
             return np.full(ids.size, -1, dtype=np.int64)
-        s = self._set_of(ids)
-        match = self.keys[s] == ids[:, None]
-        way = match.argmax(axis=1)
-        hit = match[np.arange(len(ids)), way]
+        s, way, hit = self._match(ids)
         slot = np.where(hit, s * self.ways + way, -1)
         hs, hw = s[hit], way[hit]
         if self.policy == "lru":
@@ -135,19 +139,21 @@ class RowCache:
     # ------------------------------------------------------------ admission and writes
     def insert(self, ids: np.ndarray, rows: torch.Tensor, parts: np.ndarray | None = None,
                since: np.ndarray | None = None) -> int:
-        """Offer unique, uncached ``ids`` with their ``rows``; returns how many were cached.
-        ``since``: each id's partition generation when its row was read (``parts`` the
-        partitions): rows of partitions changed since are not admitted (a write or a drop
-        came after the read)."""
+        """Offer unique ``ids`` with their ``rows``; returns how many were cached. Ids cached
+        meanwhile (another request's admission) are skipped. ``since``: each id's partition
+        generation when its row was read (``parts`` the partitions): rows of partitions changed
+        since are not admitted (a write or a drop came after the read)."""
         if not ids.size or not self.sets:
             return 0
+        fresh = ~self._match(ids)[2]
         if since is not None:
-            fresh = self.generation[parts] == since
-            self.counters.stale += int((~fresh).sum())
-            if not fresh.all():
-                ids, rows = ids[fresh], rows[torch.from_numpy(np.flatnonzero(fresh))]
-                if not ids.size:
-                    return 0
+            current = self.generation[parts] == since
+            self.counters.stale += int((fresh & ~current).sum())
+            fresh &= current
+        if not fresh.all():
+            ids, rows = ids[fresh], rows[torch.from_numpy(np.flatnonzero(fresh))]
+            if not ids.size:
+                return 0
         order, ss, rank = ranked_in_sets(self._set_of(ids), self.ways)
         # Each set's slots from the lowest score up (empty slots first), ties by way.
         held = self.keys[ss] >= 0
@@ -178,10 +184,8 @@ class RowCache:
             self.generation[np.unique(parts)] += 1
         if not ids.size or not self.sets:
             return 0
-        s = self._set_of(ids)
-        match = self.keys[s] == ids[:, None]
-        way = match.argmax(axis=1)
-        hit = np.flatnonzero(match[np.arange(len(ids)), way])
+        s, way, cached = self._match(ids)
+        hit = np.flatnonzero(cached)
         if hit.size:
             slots = s[hit] * self.ways + way[hit]
             self.rows[torch.from_numpy(slots)] = rows[torch.from_numpy(hit)]

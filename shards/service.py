@@ -21,7 +21,6 @@ from typing import Callable
 import grpc
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from embeddings.checksum import row_checksums
 from embeddings.partition import partition_of, rows_in_partition
@@ -31,14 +30,15 @@ from shoal.errors import (InvalidArgument, ResourceExhausted, ShoalError, StaleM
                           abort_async)
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.wire import (WithTensor, is_set, pack, parse_with_tensor, serialize_with_tensor,
-                        unpack)
+from shoal.wire import WithTensor, pack, parse_with_tensor, unpack
 
 from shards.experts import ExpertPath
 from shards.failpoints import Failpoints
 from shards.memory import RWLock, TableArena
+from shards.reads import Reader
 from shards.replog import ReplicationLog
-from shards import spool
+from shards.rowcache import POLICIES, RowCache
+from shards import spool, tiers
 from shards.storage import Positions, RowStore, StorageError, key_array
 from shards.writes import WritePath
 
@@ -53,6 +53,10 @@ class HeldTable:
     arena: TableArena
     log: ReplicationLog
     lock: RWLock = field(default_factory=RWLock)          # arena readers vs. arena writers
+    # The hottest rows, when the rows held here do not all fit in memory (shards.tiers); its
+    # lock is taken inside ``lock`` and ``write_mutex``, never around them.
+    cache: RowCache | None = None
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
     write_mutex: threading.Lock = field(default_factory=threading.Lock)   # one writer of rows
     # From the map (replaced whole under write_mutex): the partitions this server leads, the
     # leader of each partition held, and per other server the partitions it follows or learns
@@ -120,9 +124,20 @@ class ShardService(WritePath, ExpertPath):
         self.split_progress: dict[tuple[int, int], pb.SplitProgress] = {}
         self.last_bulk_write = 0.0     # time.monotonic() of the last Ingest (heap trimming)
         self._counters = {"lookups": 0, "ids_looked_up": 0, "cold_ids": 0, "rocksdb_reads": 0,
-                          "redirects": 0,
+                          "redirects": 0, "admissions_dropped": 0,
                           "dropped_partitions": 0, "builds_from_snapshot": 0,
                           "builds_caught_up": 0}
+        if config.cache_policy not in POLICIES:
+            raise ValueError(f"server.cache_policy: {config.cache_policy!r} is not one of "
+                             f"{', '.join(POLICIES)}")
+        if config.cache_ways < 1:
+            raise ValueError(f"server.cache_ways: {config.cache_ways} must be >= 1")
+        budget = config.memory_budget_bytes
+        self.store_memory = tiers.store_memory(budget, config.block_cache_bytes)
+        self._rows_budget = tiers.rows_budget(budget, self.store_memory)
+        self.reader = Reader(self, store, self._counters)
+        self.lookup_rows = self.reader.lookup_rows
+        self.lookup_pooled = self.reader.lookup_pooled
 
     # ------------------------------------------------------------ promotion
     @contextlib.contextmanager
@@ -174,14 +189,19 @@ class ShardService(WritePath, ExpertPath):
             if self.server_id in rs.replicas or self.server_id in rs.learners:
                 held.setdefault(rs.table_uid, {})[rs.partition] = rs
         self._addresses = {s.server_id: s.address for s in m.servers}
-        budget = self._cfg.memory_budget_bytes
         log_bytes = self._cfg.replication_log_bytes // max(1, len(held))
         splits = {sp.table_uid: sp for sp in m.splits}
         loading = {t.table_uid for md in m.models if md.state == "loading" for t in md.tables}
         shadows = self._shadows(splits, held)
+        experts = {t.table_uid for md in m.models for t in md.tables
+                   if t.name in {el.table for el in md.expert_layers}}
+        layout = {}
         for uid in sorted(held) + sorted(shadows):
             spec = specs[uid] if uid in held else TableSpec.from_proto(shadows[uid][0])
             parts = held[uid] if uid in held else {q: None for q in shadows[uid][1]}
+            layout[uid] = (spec, parts)
+        plans = tiers.plan(self._rows_budget, self._needs(layout, experts))
+        for uid, (spec, parts) in layout.items():
             table = self._tables.get(uid)
             if table is None:
                 arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
@@ -189,13 +209,11 @@ class ShardService(WritePath, ExpertPath):
                 seq, epoch = self._store.read_positions(uid, spec.num_partitions)
                 table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena,
                                   ReplicationLog(seq, epoch, log_bytes))
-            resident = []
-            for p in sorted(parts):
-                size = table.arena.rows_per_partition * spec.row_bytes
-                if size <= budget:
-                    resident.append(p)
-                    budget -= size
+            plan = plans[uid]
+            resident = sorted(parts) if plan.resident_all else plan.resident
+            cache = self._sized_cache(table, plan.cache_rows)
             roles = self._roles(spec.num_partitions, held.get(uid, {}))
+            left = np.flatnonzero((table.epochs > 0) & (roles[0] == 0))
             # A map's epochs and the arena's slots change together under the write lock, and
             # lookups check epochs and gather under the read lock: a lookup never passes the
             # check against one map and then reads a slot the next map released.
@@ -205,6 +223,10 @@ class ShardService(WritePath, ExpertPath):
                     rows = torch.frombuffer(bytearray(raw), dtype=table.arena.dtype) if raw else None
                     if rows is not None:
                         table.arena.fill(p, ids, rows.view(-1, spec.dim))
+                with table.cache_lock:
+                    if cache is not None and left.size:
+                        cache.drop_partitions(left)   # their copies may change before they return
+                    table.cache = cache
                 (table.epochs, table.leads, table.serves, table.leader_of, table.peers,
                  table.learners) = roles
                 table.attached = {s: a & table.learner_mask(s)
@@ -225,6 +247,36 @@ class ShardService(WritePath, ExpertPath):
                 gone.leads = np.zeros_like(gone.epochs, dtype=bool)
         self._collect_garbage(specs, replication, sets, held)
         self._map_version = m.version
+
+    def _needs(self, layout, experts: set[int]) -> dict[int, tiers.TableNeed]:
+        """What each table holds here, for ``tiers.plan``: an expert layer's partitions most
+        used first."""
+        needs = {}
+        for uid, (spec, parts) in layout.items():
+            ps = sorted(parts)
+            sizes = [rows_in_partition(spec.num_embeddings, spec.num_partitions, p) *
+                     spec.row_bytes for p in ps]
+            if uid in experts:
+                old = self._tables.get(uid)
+                used = old.looked_up if old is not None else np.zeros(spec.num_partitions)
+                order = sorted(range(len(ps)), key=lambda i: (-int(used[ps[i]]), ps[i]))
+                by_use = [(ps[i], sizes[i]) for i in order]
+            else:
+                by_use = []
+            needs[uid] = tiers.TableNeed(sum(sizes), spec.row_bytes, uid in experts, by_use)
+        return needs
+
+    def _sized_cache(self, table: HeldTable, rows: int) -> RowCache | None:
+        """The table's row cache for ``rows`` slots: the one it has if within 25% of that
+        (a cache is not rebuilt, and emptied, for a small change of share), else a new one."""
+        if rows < self._cfg.cache_ways:
+            return None
+        old = table.cache
+        if old is not None and abs(old.capacity - rows) <= rows // 4:
+            return old
+        spec = table.spec
+        return RowCache(spec.num_partitions, spec.dim, TORCH_DTYPES[spec.dtype], rows,
+                        ways=self._cfg.cache_ways, policy=self._cfg.cache_policy)
 
     def _shadows(self, splits: dict[int, pb.Split], held) -> dict[int, tuple[pb.TableSpec,
                                                                            list[int]]]:
@@ -341,26 +393,9 @@ class ShardService(WritePath, ExpertPath):
         return rp
 
     def _gather(self, table: HeldTable, ids: np.ndarray, parts: np.ndarray):
-        """(weight, idx): rows ``weight[idx]`` are the rows of ``ids``. Hot rows index the arena
-        in place; if any row is cold, the rows are copied into a buffer."""
-        idx = table.arena.rows_index(ids, parts)
-        cold = idx < 0
-        n_cold = int(cold.sum())
-        if not n_cold:
-            return table.arena.weight, idx
-        self._counters["cold_ids"] += n_cold
-        self._counters["rocksdb_reads"] += 1
-        spec = table.spec
-        buf = torch.empty((len(ids), spec.dim), dtype=table.arena.dtype)
-        hot = np.flatnonzero(~cold)
-        if hot.size:
-            buf[torch.from_numpy(hot)] = table.arena.weight.index_select(
-                0, torch.from_numpy(idx[hot]))
-        cold_i = np.flatnonzero(cold)
-        raw = self._store.read_rows(spec.table_uid, parts[cold_i], ids[cold_i], spec.row_bytes)
-        buf[torch.from_numpy(cold_i)] = torch.frombuffer(
-            bytearray(raw), dtype=table.arena.dtype).view(-1, spec.dim)
-        return buf, np.arange(len(ids), dtype=np.int64)
+        """(weight, idx): rows ``weight[idx]`` are the rows of ``ids``, misses read from RocksDB
+        inline (callers off the event loop). Caller holds ``table.lock`` for reading."""
+        return self.reader.read_now(table, ids, parts)
 
     def _put(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
              positions: Positions | None = None, background: bool = False) -> None:
@@ -369,11 +404,18 @@ class ShardService(WritePath, ExpertPath):
         self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, background)
         if positions is not None:
             self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
-        self._to_arena(table, parts, ids, rows)
+        self._to_memory(table, parts, ids, rows)
 
-    def _to_arena(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray,
-                  rows: np.ndarray) -> None:
-        """Copy stored rows into the memory tier where their partitions are resident."""
+    def _to_memory(self, table: HeldTable, parts: np.ndarray, ids: np.ndarray,
+                   rows: np.ndarray) -> None:
+        """Copy stored (unique) rows into memory: the arena where their partitions are
+        resident, the row cache where they are cached (write-through)."""
+        if table.cache is not None:
+            t = torch.from_numpy(np.require(rows, requirements=["C", "W"])).view(
+                table.arena.dtype)
+            with table.cache_lock:
+                if table.cache is not None:
+                    table.cache.update(ids, t, parts)
         idx = table.arena.rows_index(ids, parts)
         hot = np.flatnonzero(idx >= 0)
         if hot.size:
@@ -548,7 +590,7 @@ class ShardService(WritePath, ExpertPath):
                 raise ShoalError(grpc.StatusCode.DATA_LOSS, f"ingest into table {spec.name!r} "
                                  f"on {self.server_id}: {e}") from None
             self._on_disk.update((spec.table_uid, int(p)) for p in new)
-            self._to_arena(table, parts, ids, rows)
+            self._to_memory(table, parts, ids, rows)
 
     def checksums(self, request: pb.ChecksumsRequest) -> pb.ChecksumsReply:
         """Checksums of stored partitions (``embeddings.checksum``): from a partition's ingest
@@ -593,80 +635,7 @@ class ShardService(WritePath, ExpertPath):
         with np.errstate(over="ignore"):
             return int(rec["checksum"].sum(dtype=np.uint64)), int(rec["rows"].sum())
 
-    # ------------------------------------------------------------ lookups (raise ShoalError)
-    def lookup_rows(self, request: pb.LookupRowsRequest) -> pb.LookupRowsReply:
-        self._enter(request.map_version, refresh=False)
-        out, positions = [], []
-        for i, seg in enumerate(request.segments):
-            table = self._table(seg.table_uid)
-            ids = unpack(seg.ids, f"segments[{i}].ids", "int64", 1)
-            self._limit(len(ids))
-            with table.lock.read():       # the check and the gather see one map (see _apply)
-                parts = self._check(table, ids, seg.routed, read=True)
-                if request.with_positions:
-                    # Read before the rows: a write stores its rows, then advances the
-                    # partition's seq, so the rows sent are at least as new as this position.
-                    rp = unpack(seg.routed.partitions, "routed.partitions", "int32", 1)
-                    positions.append(pb.PartitionPositions(seqs=pack(table.log.seq[rp]),
-                                                           epochs=pack(table.log.epoch[rp])))
-                weight, idx = self._gather(table, ids, parts)
-                rows = weight.index_select(0, torch.from_numpy(idx))
-            table.looked_up += np.bincount(parts, minlength=table.spec.num_partitions)
-            out.append(pack(rows))
-            self._count(len(ids))
-        return pb.LookupRowsReply(rows=out, positions=positions)
-
-    def lookup_pooled(self, request: pb.LookupPooledRequest) -> pb.LookupPooledReply | bytes:
-        """The reply; with ``concat_sums``, already serialised (every segment's sums in
-        one tensor, its bytes copied once: ``serialize_with_tensor``)."""
-        self._enter(request.map_version, refresh=False)
-        sums = [self._pool(self._table(seg.table_uid), seg, f"segments[{i}]")
-                for i, seg in enumerate(request.segments)]
-        if not request.concat_sums:
-            return pb.LookupPooledReply(sums=[pack(x) for x in sums])
-        flat = np.concatenate([x.reshape(-1) for x in sums]) if sums else \
-            np.zeros(0, np.float32)
-        return serialize_with_tensor(pb.LookupPooledReply(), 2, flat)
-
-    def _pool(self, table: HeldTable, seg: pb.PooledSegment, where: str) -> np.ndarray:
-        ids = unpack(seg.ids, f"{where}.ids", ("int64", "int32"), 1).astype(np.int64, copy=False)
-        lengths = unpack(seg.lengths, f"{where}.lengths", "int32", 1)
-        inverse = unpack(seg.inverse, f"{where}.inverse", "int32", 1) if is_set(seg.inverse) \
-            else None
-        n_occ = len(inverse) if inverse is not None else len(ids)
-        self._limit(n_occ)
-        if lengths.size and lengths.min() < 0:
-            raise InvalidArgument(f"{where}.lengths: must be >= 0, got {int(lengths.min())}")
-        offsets = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
-        total = int(offsets[-1]) + int(lengths[-1]) if lengths.size else 0
-        if total != n_occ:                  # (lengths >= 0 and summing to n_occ: none longer)
-            if lengths.size and int(lengths.max()) > n_occ:
-                raise InvalidArgument(f"{where}.lengths: a bag of {int(lengths.max())} ids is "
-                                      f"longer than the {n_occ} ids sent")
-            raise InvalidArgument(f"{where}.lengths: sum {total} != {n_occ} ids")
-        if inverse is not None and inverse.size and (inverse.min() < 0
-                                                      or inverse.max() >= len(ids)):
-            raise InvalidArgument(f"{where}.inverse: must index [0, {len(ids)})")
-        weights = None
-        if is_set(seg.weights):
-            w = unpack(seg.weights, f"{where}.weights", "float32", 1)
-            if len(w) != n_occ:
-                raise InvalidArgument(f"{where}.weights: {len(w)} weights for {n_occ} ids")
-            weights = torch.from_numpy(w.copy())
-        with table.lock.read():           # the check and the gather see one map (see _apply)
-            parts = self._check(table, ids, seg.routed, read=True)
-            weight, idx = self._gather(table, ids, parts)
-            if inverse is not None:
-                idx = idx[inverse]
-            if weights is not None and weight.dtype != torch.float32:
-                weights = weights.to(weight.dtype)
-            out = F.embedding_bag(torch.from_numpy(idx), weight, torch.from_numpy(offsets),
-                                  mode="sum", per_sample_weights=weights)
-        table.looked_up += np.bincount(parts, minlength=table.spec.num_partitions)
-        self._count(n_occ)
-        return out.float().numpy()
-
+    # ------------------------------------------------------------ lookups: shards.reads
     def _limit(self, n: int) -> None:
         if n > self._cfg.max_ids_per_request:
             raise ResourceExhausted(f"ids: {n} ids exceed max_ids_per_request "
@@ -689,6 +658,8 @@ class ShardService(WritePath, ExpertPath):
 
     def stats(self) -> pb.ServerStats:
         rows = raw = resident = parts = resident_parts = 0
+        evictions = rejected = 0
+        loads = []
         tables = list(self._tables.values())
         for t in tables:
             held = np.flatnonzero(t.epochs)
@@ -698,7 +669,20 @@ class ShardService(WritePath, ExpertPath):
                     for p in held)
             rows += n
             raw += n * t.spec.row_bytes
-            resident += t.arena.nbytes
+            cache = t.cache
+            memory = t.arena.nbytes + (cache.nbytes if cache is not None else 0)
+            resident += memory
+            c = cache.counters if cache is not None else None
+            if c is not None:
+                evictions += c.evicted
+                rejected += c.rejected
+            r = self.reader.tables.get(t.spec.table_uid)
+            loads.append(pb.TableLoad(
+                table_uid=t.spec.table_uid, ids_looked_up=pack(t.looked_up),
+                ids=r.ids if r else 0, misses=r.misses if r else 0,
+                miss_reads=r.miss_reads if r else 0, miss_seconds=r.miss_seconds if r else 0.0,
+                cache_bytes=memory, cache_rows=cache.capacity if cache is not None else 0,
+                held_bytes=n * t.spec.row_bytes, evictions=c.evicted if c else 0))
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return pb.ServerStats(rows=rows, raw_bytes=raw, resident_bytes=resident,
                               rss_bytes=_rss_bytes(), partitions=parts,
@@ -711,10 +695,24 @@ class ShardService(WritePath, ExpertPath):
                                                        bytes_done=v[0], bytes_total=v[1])
                                       for k, v in list(self.building.items())],
                               splits=list(self.split_progress.values()),
-                              table_loads=[pb.TableLoad(table_uid=t.spec.table_uid,
-                                                        ids_looked_up=pack(t.looked_up))
-                                           for t in tables],
+                              table_loads=loads,
+                              disk_bytes=self._store.disk_bytes(),
+                              disk_capacity_bytes=self.disk_capacity(),
+                              cache_bytes=sum(t.cache.nbytes for t in tables
+                                              if t.cache is not None),
+                              store_memory_bytes=self.store_memory.total,
+                              memory_budget_bytes=self._cfg.memory_budget_bytes,
+                              cache_evictions=evictions, cache_rejected=rejected,
+                              miss_read_seconds=sum(r.miss_seconds
+                                                    for r in self.reader.tables.values()),
                               **self._counters)
+
+    def disk_capacity(self) -> int:
+        """Bytes this server may hold on disk: ``disk_capacity_bytes`` if configured, else
+        what its file system has free now plus what the store already uses."""
+        if self._cfg.disk_capacity_bytes:
+            return self._cfg.disk_capacity_bytes
+        return self._store.disk_bytes() + self._store.disk_free()
 
 
 def _rss_bytes() -> int:

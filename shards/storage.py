@@ -22,6 +22,7 @@ returns. rocksdict takes keys one Python ``bytes`` object at a time; building th
 from __future__ import annotations
 
 import abc
+import contextlib
 import itertools
 import os
 import pathlib
@@ -210,6 +211,14 @@ class RowStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def disk_bytes(self) -> int:
+        """Bytes of the store's files on disk."""
+        return 0
+
+    def disk_free(self) -> int:
+        """Bytes free on the store's file system."""
+        return 0
+
 
 class PartitionSnapshot:
     """One partition's rows as of the moment this was made (a RocksDB iterator is a consistent
@@ -282,12 +291,14 @@ class PreparedIngest:
 
 class RocksRowStore(RowStore):
     def __init__(self, path: str | os.PathLike, block_cache_bytes: int = 64 << 20,
-                 sst_threshold_rows: int = 50_000, read_only_db: str | None = None):
-        """``read_only_db``: open that RocksDB directory read-only instead (a checkpoint)."""
+                 sst_threshold_rows: int = 50_000, read_only_db: str | None = None,
+                 memtable_bytes: int = MEMTABLE_BYTES):
+        """``read_only_db``: open that RocksDB directory read-only instead (a checkpoint).
+        ``memtable_bytes``: one write buffer (three are kept; see ``shards.tiers``)."""
         self._path = pathlib.Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
         self._sst_threshold = sst_threshold_rows
-        self._options = self._make_options(block_cache_bytes)
+        self._options = self._make_options(block_cache_bytes, memtable_bytes)
         self._read_only = read_only_db
         # Reopening with Rdict(path, options) drops table options; pass them per column family.
         if read_only_db:
@@ -308,9 +319,11 @@ class RocksRowStore(RowStore):
         self._ingest_opts.set_move_files(True)   # hard-link the file in, do not copy it
         self._tmp = self._path / "sst-tmp"
         self._tmp.mkdir(exist_ok=True)
+        self._disk_bytes = (-1e9, 0)      # (when measured, bytes)
 
     @staticmethod
-    def _make_options(block_cache_bytes: int) -> rocksdict.Options:
+    def _make_options(block_cache_bytes: int,
+                      memtable_bytes: int = MEMTABLE_BYTES) -> rocksdict.Options:
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
         table = rocksdict.BlockBasedOptions()
@@ -322,7 +335,7 @@ class RocksRowStore(RowStore):
         # rocksdict holds the GIL while a write waits for RocksDB (a full memtable, too many L0
         # files): room for three memtables keeps such write stalls, which pause the whole
         # server, rare.
-        opts.set_write_buffer_size(MEMTABLE_BYTES)
+        opts.set_write_buffer_size(memtable_bytes)
         opts.set_max_write_buffer_number(3)
         return opts
 
@@ -548,6 +561,25 @@ class RocksRowStore(RowStore):
 
     def scan_partition(self, table_uid, partition):
         return PartitionSnapshot(self._db, table_uid, partition).read(None)
+
+    def disk_bytes(self):
+        now = time.monotonic()
+        if now - self._disk_bytes[0] > 1.0:         # asked at every heartbeat: a listing a second
+            total = 0
+            for root in (self._path / "rocksdb", self._tmp):
+                with contextlib.suppress(OSError), os.scandir(root) as it:
+                    for e in it:
+                        with contextlib.suppress(OSError):
+                            if e.is_file(follow_symlinks=False):
+                                total += e.stat(follow_symlinks=False).st_size
+            self._disk_bytes = (now, total)
+        return self._disk_bytes[1]
+
+    def disk_free(self):
+        try:
+            return shutil.disk_usage(self._path).free
+        except OSError:
+            return 0
 
     def close(self):
         self._db.close()

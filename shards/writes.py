@@ -272,6 +272,9 @@ class WritePath:
         table.log.reset(partition, -1, 0)
         if table.arena.resident(partition):
             table.arena.clear(partition)
+        if table.cache is not None:
+            with table.cache_lock:
+                table.cache.drop_partitions([partition])
 
     def install_rows(self, table_uid: int, partition: int, ids: np.ndarray,
                      rows: np.ndarray) -> None:

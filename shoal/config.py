@@ -13,8 +13,16 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ShardServerConfig:
-    memory_budget_bytes: int = 8 << 30      # dense memory tier; partitions past it stay cold
-    block_cache_bytes: int = 64 << 20       # RocksDB block cache for cold reads
+    # Memory for rows and RocksDB together (shards.tiers): RocksDB's block cache and write
+    # buffers first, the rest holds rows; if the rows held here do not fit, the hottest are
+    # cached and the others read from RocksDB.
+    memory_budget_bytes: int = 8 << 30
+    block_cache_bytes: int = 64 << 20       # RocksDB block cache, at most 1/8 of the budget
+    cache_policy: str = "lfu"               # row cache eviction: "lfu" (TinyLFU) or "lru"
+    cache_ways: int = 8                     # row cache associativity (slots per set)
+    # Disk is the capacity (what placement counts): 0 = the file system's free space plus
+    # what the store holds, measured at start.
+    disk_capacity_bytes: int = 0
     arena_huge_pages: bool = False          # memory tier on transparent huge pages (see
                                             # shards.memory.allocate)
     heartbeat_interval_s: float = 0.5

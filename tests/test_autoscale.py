@@ -101,7 +101,7 @@ def test_memory_target_and_busy():
     assert s.evaluate(14, full) is None
     d = s.evaluate(24, full)
     assert d is not None and (d.from_servers, d.to_servers) == (2, 4)   # ceil(2 * 1.6)
-    assert "memory 80% of budget (target 50%)" in d.reason
+    assert "stored 80% of capacity (target 50%)" in d.reason
 
 
 @pytest.mark.parametrize("field,kw,text", [
@@ -177,8 +177,8 @@ def test_coordinator_turns_decisions_into_resizes():
 
 @pytest.mark.timeout(300)
 def test_local_cluster_follows_the_autoscaler_under_load(tmp_path):
-    """Memory use per server drives it (deterministic): 2 servers at ~60% of a 4 MiB budget
-    against a 40% target scale out (to the maximum, 3); raising the target to 90% scales back
+    """Capacity use per server drives it (deterministic): 2 servers at ~60% of a 4 MiB disk
+    capacity against a 40% target scale out (to the maximum, 3); raising the target to 90% scales back
     in to 2. 4 clients query and 1 writes throughout: no failure, every answer right."""
     import time
 
@@ -188,7 +188,7 @@ def test_local_cluster_follows_the_autoscaler_under_load(tmp_path):
 
     read_cfg, write_cfg, oracle = fo_tables(seed=41)
     conf = shoal.ShoalConfig().replace(server__heartbeat_interval_s=0.25,
-                                       server__memory_budget_bytes=4 << 20,
+                                       server__disk_capacity_bytes=4 << 20,
                                        server__rebuild_mib_per_s=32.0,
                                        coordinator__lease_s=2.0)
     with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path),
@@ -211,7 +211,7 @@ def test_local_cluster_follows_the_autoscaler_under_load(tmp_path):
                          all(any(s.server_id in rs.replicas for rs in m.partitions)
                              for s in m.servers), "no scale-out to 3 servers")
             d = m.autoscale.decisions[0]
-            assert (d.from_servers, d.to_servers) == (2, 3) and "memory" in d.reason
+            assert (d.from_servers, d.to_servers) == (2, 3) and "capacity" in d.reason
             assert sorted(cluster.server_ids()) == ["s0", "s1", "s2"]
             cluster.autoscale(2, 3, memory_target=0.9, window_s=1, cooldown_s=2)
             m = wait_for(lambda m: len(m.servers) == 2 and not m.moves,

@@ -182,13 +182,13 @@ def test_a_request_gets_its_trace_and_slow_ones_are_logged(tmp_path):
 def test_cost_per_model_and_occupancy_under_a_known_workload(tmp_path):
     """Two models, queries to one: its queries/s, CPU and bytes per 1,000 queries (every query
     reads 32 rows of 64 bytes), the other's none; memory held per model is every replica of
-    its rows; each server's memory tier is its share of the (1 MiB) budget."""
+    its rows; each server's memory tier is its share of the (16 MiB) budget."""
     import subprocess
     import sys
     import threading
 
     from shoal.cost import measure
-    cfg = shoal.ShoalConfig().replace(router__hedge=False, server__memory_budget_bytes=1 << 20)
+    cfg = shoal.ShoalConfig().replace(router__hedge=False, server__memory_budget_bytes=16 << 20)
     with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c"),
                             config=cfg) as cluster:
         client = cluster.client()
@@ -216,7 +216,7 @@ def test_cost_per_model_and_occupancy_under_a_known_workload(tmp_path):
         assert abs(a.bytes_per_1k - 32 * 64 * 1000) <= 0.1 * 32 * 64 * 1000, a.bytes_per_1k
         assert b.queries_per_s == 0 and b.cpu_s_per_1k is None
         assert a.memory_bytes == 2048 * 64 * 2 and b.memory_bytes == 1024 * 32 * 2
-        held = (2048 * 64 + 1024 * 32) / (1 << 20)           # each server holds both, whole
+        held = (2048 * 64 + 1024 * 32) / (16 << 20)          # each server holds both, whole
         for u in uses:
             assert abs(u.memory_share - held) <= 0.1 * held, u
             assert 0 < u.cpu_share < 2.5

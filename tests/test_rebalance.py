@@ -356,3 +356,32 @@ def test_removing_a_server_drops_the_moves_queued_onto_it():
     assert [s.server_id for s in m.servers] == ["s0", "s1", "s2"]
     assert list(m.moves) == [] and m.version == before.version + 1
     assert m.partitions == before.partitions
+
+
+def test_disk_capacity_bounds_placement_and_a_full_cluster_is_resource_exhausted():
+    """Capacity is disk (tiers): a server is given partitions only while its disk holds them,
+    whatever its memory; a model that fits no more is RESOURCE_EXHAUSTED with the numbers."""
+    servers = [ServerLoad("s00", 0, capacity=120 * MIB), ServerLoad("s01", 0, capacity=120 * MIB),
+               ServerLoad("s02", 50 * MIB, capacity=60 * MIB)]
+    parts = [PartitionLoad(1, p, 10 * MIB) for p in range(12)]        # 240 MiB of replicas
+    placed = place(parts, servers, 2)
+    on = {s.server_id: sum(10 * MIB for r in placed.values() if s.server_id in r)
+          for s in servers}
+    assert on["s02"] == 10 * MIB and sorted([on["s00"], on["s01"]]) == [110 * MIB, 120 * MIB]
+    with pytest.raises(ShoalError) as e:
+        place([PartitionLoad(1, p, 10 * MIB) for p in range(16)], servers, 2)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "320.0 MiB of replicas" in e.value.message
+    assert "disk capacity (250.0 MiB free together)" in e.value.message
+
+
+def test_rebalance_counts_disk_capacity_not_memory():
+    """A cluster holding ten times its memory rebalances and drains within its disk."""
+    replicas, sizes, _ = cluster(3, 12, size=10 * MIB)             # 24 replicas, 240 MiB
+    disks = [ServerSpec(f"s0{i}", 200 * MIB) for i in range(3)] + [ServerSpec("s03", 200 * MIB)]
+    plan = plan_moves(replicas, sizes, disks)
+    assert plan.moves and plan.spread("after") <= 0.5
+    with pytest.raises(ShoalError) as e:
+        plan_moves(replicas, sizes, [ServerSpec("s00", 100 * MIB), ServerSpec("s01", 100 * MIB),
+                                     ServerSpec("s02", 100 * MIB, draining=True)])
+    assert "disk capacity of 200.0 MiB" in e.value.message

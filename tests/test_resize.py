@@ -9,7 +9,7 @@ import pytest
 
 import shoal
 from tests.oracle import fill_from_oracle
-from tests.test_failover import Load, check_replicas, coordinator_map, fo_tables
+from tests.test_failover import DIM, ROWS, Load, check_replicas, coordinator_map, fo_tables
 
 
 def bytes_per_server(m) -> dict[str, int]:
@@ -23,10 +23,17 @@ def bytes_per_server(m) -> dict[str, int]:
 
 
 @pytest.mark.timeout(600)
-def test_resize_2_4_3_2_under_load(tmp_path):
+@pytest.mark.parametrize("memory", ["all", "eighth"])
+def test_resize_2_4_3_2_under_load(tmp_path, memory):
+    """``eighth``: the servers' memory holds an eighth of the rows each holds at 2 servers
+    (tiers: disk is the capacity, memory a row cache), so queries read RocksDB throughout."""
+    from shards import tiers
     read_cfg, write_cfg, oracle = fo_tables(seed=21)
     conf = shoal.ShoalConfig().replace(server__heartbeat_interval_s=0.25,
                                        server__rebuild_mib_per_s=32.0)
+    if memory == "eighth":
+        held = 2 * ROWS * DIM * 4                 # both tables, every row, on each of 2
+        conf = conf.replace(server__memory_budget_bytes=tiers.budget_for_rows(held // 8))
     with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path),
                             config=conf) as cluster:
         client = cluster.client()
@@ -46,6 +53,13 @@ def test_resize_2_4_3_2_under_load(tmp_path):
             removed.append("s2")
             time.sleep(0.5)
         assert load.failures == []
+        if memory == "eighth":
+            time.sleep(0.6)                                  # the servers' last counters
+            for s in client.status().map.servers:
+                tq = [tl for tl in s.stats.table_loads if tl.ids]
+                assert tq and all(tl.cache_rows > 0 and tl.misses > 0 for tl in tq), s.stats
+                assert s.stats.resident_bytes + s.stats.store_memory_bytes <= \
+                    conf.server.memory_budget_bytes
         assert load.answered > 20 and len(load.acked) > 5
         m = coordinator_map(cluster)
         assert sorted(s.server_id for s in m.servers) == ["s0", "s1"]

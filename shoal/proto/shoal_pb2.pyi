@@ -141,7 +141,7 @@ class ReplicaSet(_message.Message):
     def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., learners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats", "draining", "domain", "metrics_address")
+    __slots__ = ("server_id", "address", "state", "last_heartbeat_age_s", "memory_budget_bytes", "stats", "draining", "domain", "metrics_address", "disk_capacity_bytes")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class ServerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     address: str
     state: str
@@ -160,10 +161,11 @@ class ServerInfo(_message.Message):
     draining: bool
     domain: str
     metrics_address: str
-    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    disk_capacity_bytes: int
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., draining: _Optional[bool] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ..., disk_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits", "rocksdb_reads", "host_id", "spool_dir")
+    __slots__ = ("rows", "raw_bytes", "resident_bytes", "rss_bytes", "partitions", "resident_partitions", "map_version", "lookups", "ids_looked_up", "cold_ids", "redirects", "cpu_seconds", "pid", "dropped_partitions", "replication_log_bytes", "builds_from_snapshot", "builds_caught_up", "builds", "stored_partitions", "table_loads", "splits", "rocksdb_reads", "host_id", "spool_dir", "disk_bytes", "disk_capacity_bytes", "cache_bytes", "store_memory_bytes", "memory_budget_bytes", "cache_evictions", "cache_rejected", "admissions_dropped", "miss_read_seconds")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,15 @@ class ServerStats(_message.Message):
     ROCKSDB_READS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DIR_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    ADMISSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MISS_READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     raw_bytes: int
     resident_bytes: int
@@ -212,15 +223,40 @@ class ServerStats(_message.Message):
     rocksdb_reads: int
     host_id: str
     spool_dir: str
-    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ..., rocksdb_reads: _Optional[int] = ..., host_id: _Optional[str] = ..., spool_dir: _Optional[str] = ...) -> None: ...
+    disk_bytes: int
+    disk_capacity_bytes: int
+    cache_bytes: int
+    store_memory_bytes: int
+    memory_budget_bytes: int
+    cache_evictions: int
+    cache_rejected: int
+    admissions_dropped: int
+    miss_read_seconds: float
+    def __init__(self, rows: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., partitions: _Optional[int] = ..., resident_partitions: _Optional[int] = ..., map_version: _Optional[int] = ..., lookups: _Optional[int] = ..., ids_looked_up: _Optional[int] = ..., cold_ids: _Optional[int] = ..., redirects: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., dropped_partitions: _Optional[int] = ..., replication_log_bytes: _Optional[int] = ..., builds_from_snapshot: _Optional[int] = ..., builds_caught_up: _Optional[int] = ..., builds: _Optional[_Iterable[_Union[BuildProgress, _Mapping]]] = ..., stored_partitions: _Optional[int] = ..., table_loads: _Optional[_Iterable[_Union[TableLoad, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitProgress, _Mapping]]] = ..., rocksdb_reads: _Optional[int] = ..., host_id: _Optional[str] = ..., spool_dir: _Optional[str] = ..., disk_bytes: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., store_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., cache_rejected: _Optional[int] = ..., admissions_dropped: _Optional[int] = ..., miss_read_seconds: _Optional[float] = ...) -> None: ...
 
 class TableLoad(_message.Message):
-    __slots__ = ("table_uid", "ids_looked_up")
+    __slots__ = ("table_uid", "ids_looked_up", "ids", "misses", "miss_reads", "miss_seconds", "cache_bytes", "cache_rows", "held_bytes", "evictions")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]
     IDS_LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    MISS_READS_FIELD_NUMBER: _ClassVar[int]
+    MISS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     table_uid: int
     ids_looked_up: Tensor
-    def __init__(self, table_uid: _Optional[int] = ..., ids_looked_up: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ids: int
+    misses: int
+    miss_reads: int
+    miss_seconds: float
+    cache_bytes: int
+    cache_rows: int
+    held_bytes: int
+    evictions: int
+    def __init__(self, table_uid: _Optional[int] = ..., ids_looked_up: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[int] = ..., misses: _Optional[int] = ..., miss_reads: _Optional[int] = ..., miss_seconds: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., cache_rows: _Optional[int] = ..., held_bytes: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class SplitProgress(_message.Message):
     __slots__ = ("table_uid", "partition", "built_seq", "seq", "map_version")
@@ -355,18 +391,20 @@ class AutoscaleStatus(_message.Message):
     def __init__(self, policy: _Optional[_Union[AutoscalePolicy, _Mapping]] = ..., desired_servers: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[AutoscaleDecision, _Mapping]]] = ..., utilisation: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("server_id", "address", "memory_budget_bytes", "domain", "metrics_address")
+    __slots__ = ("server_id", "address", "memory_budget_bytes", "domain", "metrics_address", "disk_capacity_bytes")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     address: str
     memory_budget_bytes: int
     domain: str
     metrics_address: str
-    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    disk_capacity_bytes: int
+    def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., domain: _Optional[str] = ..., metrics_address: _Optional[str] = ..., disk_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("map_version",)

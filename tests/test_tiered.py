@@ -1,0 +1,189 @@
+"""Tables larger than memory (issue 22): the servers' memory budget is an eighth of the rows
+they hold, so most rows live only in RocksDB and the hottest in each server's row cache. Every
+answer is checked against an independent oracle (a local torchrec EmbeddingBagCollection, or
+the rows written), and the servers' own counters show the cache and RocksDB both served."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import shoal
+from shards import tiers
+from tests.oracle import fill_from_oracle
+from tests.test_lookup_oracle import FP16_TOL, assert_matches, bag_config, kjt, \
+    model_feature_order, oracle
+
+from torchrec.modules.embedding_configs import DataType, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+BUDGET = 8 << 20          # per server: RocksDB's share (~4 MiB) and ~4 MiB for rows
+CONFIGS = [bag_config("big", 100_000, 64, features=["f_big", "f_big2"]),
+           bag_config("mid", 30_000, 32, pooling=PoolingType.MEAN),
+           bag_config("small16", 40_000, 32, dtype=DataType.FP16)]
+HELD = sum(c.num_embeddings * c.embedding_dim * (2 if c.data_type == DataType.FP16 else 4)
+           for c in CONFIGS)
+
+
+def zipf_ids(rng, n: int, size: int, a: float = 1.1) -> np.ndarray:
+    """Zipf-distributed ids in [0, n), the hottest scattered over the table (a fixed
+    permutation), so hot rows fall in every partition."""
+    ranks = np.minimum(rng.zipf(a, size) - 1, n - 1)
+    return np.random.default_rng(n).permutation(n)[ranks]
+
+
+def zipf_kjt(rng, batch: int, bag: int):
+    keys = [f for c in CONFIGS for f in c.feature_names]
+    rows = [c.num_embeddings for c in CONFIGS for _ in c.feature_names]
+    lengths = [rng.integers(0, bag + 1, batch) for _ in keys]
+    values = [zipf_ids(rng, n, int(ls.sum())) for n, ls in zip(rows, lengths)]
+    return kjt(keys, np.concatenate(lengths), np.concatenate(values))
+
+
+def table_stats(client, name: str):
+    """Per server, the heartbeat-reported counters of table ``name``'s current version."""
+    m = client.status().map
+    uids = {t.table_uid for md in m.models for t in md.tables if t.name == name}
+    return {s.server_id: [tl for tl in s.stats.table_loads if tl.table_uid in uids]
+            for s in m.servers}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cfg = shoal.ShoalConfig().replace(server__memory_budget_bytes=BUDGET,
+                                      server__heartbeat_interval_s=0.25, router__hedge=False)
+    with shoal.LocalCluster(servers=2, replication=2, config=cfg,
+                            data_dir=str(tmp_path_factory.mktemp("tiered"))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(cluster):
+    client = cluster.client()
+    torch.manual_seed(7)
+    ebc = EmbeddingBagCollection(tables=CONFIGS, device=torch.device("cpu"))
+    client.create_model("tiered", tables=CONFIGS)
+    fill_from_oracle(client, "tiered", ebc)
+    yield client, ebc
+    client.close()
+
+
+def test_memory_plan_gives_rows_what_rocksdb_leaves():
+    mem = tiers.store_memory(BUDGET, 64 << 20)
+    assert mem.block_cache == BUDGET // 8 and mem.memtable == 1 << 20
+    assert tiers.rows_budget(BUDGET, mem) == BUDGET - BUDGET // 8 - 3 * (1 << 20)
+    needs = {1: tiers.TableNeed(3000, 100), 2: tiers.TableNeed(1000, 50),
+             3: tiers.TableNeed(2000, 10, expert=True, partitions=[(5, 900), (2, 600), (7, 600)])}
+    assert all(p.resident_all for p in tiers.plan(6000, needs).values())
+    plan = tiers.plan(3000, needs)       # half of what is held: shares by bytes held
+    assert [plan[u].share for u in (1, 2, 3)] == [1500, 500, 1000]
+    assert plan[1].cache_rows == 1500 // (100 + tiers.SLOT_OVERHEAD)
+    assert plan[2].cache_rows == 500 // (50 + tiers.SLOT_OVERHEAD)
+    assert plan[3].resident == [5] and plan[3].cache_rows == 0   # the most used first, whole
+
+
+def test_pooled_lookups_equal_torchrec_with_an_eighth_in_memory(model):
+    client, ebc = model
+    assert HELD >= 7 * (BUDGET - tiers.store_memory(BUDGET, 64 << 20).total)
+    rng = np.random.default_rng(3)
+    keys = model_feature_order(ebc)
+    for i in range(60):
+        features = zipf_kjt(rng, 64, 12 if i % 2 else 30)
+        assert_matches(client.lookup("tiered", features), oracle(ebc, features), keys, FP16_TOL)
+    time.sleep(0.8)                                      # two heartbeats: the counters arrive
+    stats = table_stats(client, "big")
+    for server, loads in stats.items():
+        (tl,) = loads
+        assert tl.cache_rows > 1000, (server, tl)        # a row cache, not whole partitions
+        assert tl.cache_bytes <= BUDGET, (server, tl)
+        assert tl.held_bytes == 100_000 * 64 * 4
+        assert tl.misses > 0 and tl.miss_reads > 0, (server, tl)
+        # The row cache, not RocksDB, served most reads of the hot rows once warm.
+        assert tl.ids - tl.misses > 0.3 * tl.ids, (server, tl)
+    m = client.status().map
+    for s in m.servers:
+        assert s.stats.store_memory_bytes + s.stats.resident_bytes <= BUDGET, s.stats
+        assert s.stats.disk_bytes > 0 and s.stats.disk_capacity_bytes >= s.stats.disk_bytes
+
+
+def test_rows_served_from_rocksdb_equal_what_was_written(model):
+    """Unpooled lookups of rows that were never read before (cold, every one from RocksDB),
+    then the same again (some now cached), each equal to the oracle's weights, repeated and
+    shuffled ids included."""
+    client, ebc = model
+    rng = np.random.default_rng(11)
+    for name in ("big", "small16", "mid"):
+        w = ebc.embedding_bags[name].weight.detach()
+        n = w.shape[0]
+        ids = rng.permutation(n)[:3000]
+        ids = np.concatenate([ids, ids[:500]])            # repeats within one request
+        for _ in range(2):
+            got = client.lookup_rows("tiered", name, torch.from_numpy(ids))
+            assert_close(got, w[torch.from_numpy(ids)], rtol=0, atol=0)
+
+
+def test_updates_racing_cold_reads_never_go_back(cluster):
+    """A writer writes version k into every row of a set of ids (hot and cold), round after
+    round; readers read them all the while. A read begun after a write was acknowledged must
+    return at least that version for every id, whether the row came from the cache or from
+    RocksDB; afterwards every row holds the last version, however often it is read."""
+    client = cluster.client()
+    dim, n = 16, 300_000          # 19 MB: more than the rows budget on its own
+    client.create_model("race", [shoal.TableSpec("r", n, dim, feature_names=("fr",))])
+    client.write_rows("race", "r", torch.arange(n), torch.zeros(n, dim))
+    rng = np.random.default_rng(2)
+    ids = np.unique(np.concatenate([zipf_ids(rng, n, 4000), rng.integers(0, n, 1500)]))
+    acked = [0]
+    stop = threading.Event()
+    errors: list[str] = []
+    reads = [0]
+
+    def reader(seed):
+        r = np.random.default_rng(seed)
+        c = shoal.connect(cluster.router_address)
+        try:
+            while not stop.is_set():
+                before = acked[0]
+                sample = np.concatenate([zipf_ids(r, n, 300), r.choice(ids, 300)])
+                got = c.lookup_rows("race", "r", torch.from_numpy(sample)).numpy()
+                v = got[:, 0]
+                if not (got == v[:, None]).all():
+                    errors.append("a row mixes versions")
+                written = np.isin(sample, ids)
+                if (v[written] < before).any():
+                    errors.append(f"read a version {v[written].min()} older than the "
+                                  f"acknowledged {before}")
+                if (v[~written] != 0).any():
+                    errors.append("a row never written changed")
+                reads[0] += 1
+        except Exception as e:        # noqa: BLE001 - reported below
+            errors.append(repr(e))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    rounds = 25
+    for k in range(1, rounds + 1):
+        client.write_rows("race", "r", torch.from_numpy(ids),
+                          torch.full((len(ids), dim), float(k)))
+        acked[0] = k
+        time.sleep(0.05)
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:5]
+    assert reads[0] >= 3 * 5
+    for _ in range(3):
+        got = client.lookup_rows("race", "r", torch.from_numpy(ids)).numpy()
+        assert (got == rounds).all()
+    time.sleep(0.6)
+    for server, (tl,) in table_stats(client, "r").items():
+        assert tl.cache_rows > 0 and tl.ids > tl.misses > 0, (server, tl)   # both tiers served
+    client.close()
