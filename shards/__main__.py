@@ -106,6 +106,9 @@ def main() -> None:
     asyncio.run(serve(args))
 
 
+TRIM_EVERY_S = 5.0
+
+
 def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, interval: float,
                stop: threading.Event) -> None:
     """Report stats every ``interval``; a newer map version in the reply wakes the map applier.
@@ -114,12 +117,22 @@ def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, inter
     newer = threading.Event()
     threading.Thread(target=_apply_maps, args=(service, newer, stop), daemon=True,
                      name="map-applier").start()
-    trimmed = 0
+    trimmed, last_trim = 0, time.monotonic()
+    compacting = threading.Event()
     while not stop.wait(interval):
-        bulk = service.last_bulk_write
-        if bulk > trimmed and time.monotonic() - bulk > 2 * interval:
+        bulk, now = service.last_bulk_write, time.monotonic()
+        if bulk > trimmed and now - bulk > 2 * interval:
             trim_heap()                      # the writes stopped: give their buffers back
-            trimmed = bulk
+            trimmed, last_trim = bulk, now
+            if not compacting.is_set():      # and compact what they ingested, off this thread
+                compacting.set()
+                threading.Thread(target=_compact, args=(service, compacting), daemon=True,
+                                 name="compactor").start()
+        elif now - last_trim > TRIM_EVERY_S and now - bulk > 2 * interval:
+            # Lookups' buffers too (the heap keeps up to 256 MiB free for bulk writes,
+            # ``keep_heap``): RSS stays near the memory budget.
+            trim_heap()
+            last_trim = now
         try:
             reply = coord.Heartbeat(pb.HeartbeatRequest(server_id=service.server_id,
                                                         stats=service.stats()), timeout=5)
@@ -132,6 +145,18 @@ def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, inter
                 log.warning("heartbeat failed: %s", e.code().name)
         except Exception:                                   # keep heartbeating whatever happens
             log.exception("heartbeat loop error")
+
+
+def _compact(service: ShardService, running: threading.Event) -> None:
+    try:
+        t0 = time.perf_counter()
+        done = service.store.compact_ingested()
+        if done:
+            log.info("compacted bulk-loaded tables %s in %.1f s", done, time.perf_counter() - t0)
+    except Exception:
+        log.exception("compacting bulk-loaded tables failed")
+    finally:
+        running.clear()
 
 
 def _apply_maps(service: ShardService, newer: threading.Event, stop: threading.Event) -> None:

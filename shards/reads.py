@@ -34,7 +34,15 @@ from shoal.wire import is_set, pack, serialize_with_tensor, unpack
 log = logging.getLogger("shard")
 NO_IDS = np.zeros(0, dtype=np.int64)
 MAX_PENDING_ADMISSIONS = 32      # batches of misses waiting to be admitted; more are dropped
-MISS_READERS = 4                 # threads reading misses from RocksDB
+MISS_READERS = 4                 # threads finishing requests with misses
+# A request's misses are read as up to READ_CHUNKS multi-gets at once, each of at least
+# CHUNK_KEYS keys, by IO_THREADS threads: RocksDB's multi-get reads one block after another,
+# and a cold block is a disk read. Measured here (700 random keys of 4 x 500k rows, the page
+# cache dropped): 81 us a key as one multi-get, 28 as 4, 19 as 8, 15 as 16; read through the
+# block cache or the page cache, 5-6 us a key either way.
+READ_CHUNKS = 8
+CHUNK_KEYS = 32
+IO_THREADS = 16
 
 
 @dataclass
@@ -110,22 +118,19 @@ def gather(table, ids: np.ndarray, parts: np.ndarray) -> Gathered:
         slots = cache.find(ids)
         miss = np.flatnonzero(slots < 0)
         since = cache.generation[parts[miss]] if miss.size else None
-        if not miss.size:
-            return Gathered(cache.rows.index_select(0, torch.from_numpy(slots)),
-                            np.arange(len(ids), dtype=np.int64))
-        buf = torch.empty((len(ids), table.spec.dim), dtype=cache.rows.dtype)
-        hit = np.flatnonzero(slots >= 0)
-        if hit.size:
-            buf[torch.from_numpy(hit)] = cache.rows.index_select(0, torch.from_numpy(slots[hit]))
-    return Gathered(buf, np.arange(len(ids), dtype=np.int64), miss, since, cache)
+        # One gather of every slot (a miss takes slot 0's row, overwritten once read).
+        buf = cache.rows.index_select(0, torch.from_numpy(np.maximum(slots, 0)))
+    rows = np.arange(len(ids), dtype=np.int64)
+    return Gathered(buf, rows, miss, since, cache) if miss.size else Gathered(buf, rows)
 
 
 class Reader:
     """Serves lookups for a ``ShardService`` (``service``): its tables, routing checks and
     RocksDB store."""
 
-    def __init__(self, service, store, counters: dict):
+    def __init__(self, service, store, counters: dict, read_chunks: int = READ_CHUNKS):
         self._svc = service
+        self._chunks = max(1, read_chunks)
         self._store = store
         self._counters = counters
         self.tables: dict[int, TableReads] = {}
@@ -134,6 +139,7 @@ class Reader:
         # miss read holds its tables' read locks, and a map change waiting for them in a
         # default-executor thread (with writes waiting behind it) must not keep it from running.
         self._miss_readers = ThreadPoolExecutor(MISS_READERS, thread_name_prefix="miss-read")
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="rocksdb-read")
         self._pending = 0
         self._pending_lock = threading.Lock()
 
@@ -278,18 +284,37 @@ class Reader:
                                               return_inverse=True)
                 parts = job.parts[got.miss][first]
                 t0 = time.perf_counter()
-                raw = self._store.read_rows(spec.table_uid, parts, ids, spec.row_bytes)
-                rows = torch.frombuffer(bytearray(raw), dtype=got.weight.dtype).view(-1, spec.dim)
+                rows = self.read_store(spec, parts, ids, got.weight.dtype)
                 stats = self.tables[spec.table_uid]
                 stats.miss_reads += 1
                 stats.miss_seconds += time.perf_counter() - t0
                 self._counters["rocksdb_reads"] += 1
-                got.weight[torch.from_numpy(got.miss)] = rows[torch.from_numpy(again)]
+                got.weight.index_copy_(0, torch.from_numpy(got.miss),
+                                       rows.index_select(0, torch.from_numpy(again)))
                 job.out = job.finish(got.weight, got.idx)
                 if got.cache is not None:
                     self._offer(table, got.cache, ids, rows, parts, got.since[first])
         finally:
             held.release()
+
+    def read_store(self, spec, parts: np.ndarray, ids: np.ndarray,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """The stored rows of ``ids`` (unique), as a ``[n, dim]`` tensor: the keys in key order,
+        split into up to READ_CHUNKS multi-gets read at once."""
+        n = len(ids)
+        k = min(self._chunks, n // CHUNK_KEYS)
+        if k <= 1:
+            raw = self._store.read_rows(spec.table_uid, parts, ids, spec.row_bytes)
+            return torch.frombuffer(bytearray(raw), dtype=dtype).view(-1, spec.dim)
+        order = np.lexsort((ids, parts))           # key order: neighbours share blocks
+        cuts = np.linspace(0, n, k + 1).astype(np.int64)
+        futures = [self._io.submit(self._store.read_rows, spec.table_uid,
+                                   parts[order[a:b]], ids[order[a:b]], spec.row_bytes)
+                   for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
+        out = torch.empty((n, spec.dim), dtype=dtype)
+        out[torch.from_numpy(order)] = torch.frombuffer(
+            bytearray(b"".join(f.result() for f in futures)), dtype=dtype).view(-1, spec.dim)
+        return out
 
     def read_now(self, table, ids: np.ndarray, parts: np.ndarray) -> tuple[torch.Tensor,
                                                                            np.ndarray]:
@@ -297,13 +322,10 @@ class Reader:
         caller already off the event loop: expert compute). Caller holds ``table.lock``."""
         got = gather(table, ids, parts)
         if got.miss.size:
-            spec = table.spec
-            raw = self._store.read_rows(spec.table_uid, parts[got.miss], ids[got.miss],
-                                        spec.row_bytes)
             self._counters["cold_ids"] += int(got.miss.size)
             self._counters["rocksdb_reads"] += 1
-            got.weight[torch.from_numpy(got.miss)] = torch.frombuffer(
-                bytearray(raw), dtype=got.weight.dtype).view(-1, spec.dim)
+            got.weight[torch.from_numpy(got.miss)] = self.read_store(
+                table.spec, parts[got.miss], ids[got.miss], got.weight.dtype)
         return got.weight, got.idx
 
     # ------------------------------------------------------------ admission
@@ -335,3 +357,4 @@ class Reader:
     def close(self) -> None:
         self._admit.shutdown(wait=False, cancel_futures=True)
         self._miss_readers.shutdown(wait=False)
+        self._io.shutdown(wait=False)

@@ -133,9 +133,10 @@ class ShardService(WritePath, ExpertPath):
         if config.cache_ways < 1:
             raise ValueError(f"server.cache_ways: {config.cache_ways} must be >= 1")
         budget = config.memory_budget_bytes
-        self.store_memory = tiers.store_memory(budget, config.block_cache_bytes)
+        self.store_memory = tiers.store_memory(budget, config.block_cache_bytes,
+                                               config.replication_log_bytes)
         self._rows_budget = tiers.rows_budget(budget, self.store_memory)
-        self.reader = Reader(self, store, self._counters)
+        self.reader = Reader(self, store, self._counters, config.read_chunks)
         self.lookup_rows = self.reader.lookup_rows
         self.lookup_pooled = self.reader.lookup_pooled
 
@@ -189,7 +190,7 @@ class ShardService(WritePath, ExpertPath):
             if self.server_id in rs.replicas or self.server_id in rs.learners:
                 held.setdefault(rs.table_uid, {})[rs.partition] = rs
         self._addresses = {s.server_id: s.address for s in m.servers}
-        log_bytes = self._cfg.replication_log_bytes // max(1, len(held))
+        log_bytes = self.store_memory.log // max(1, len(held))
         splits = {sp.table_uid: sp for sp in m.splits}
         loading = {t.table_uid for md in m.models if md.state == "loading" for t in md.tables}
         shadows = self._shadows(splits, held)
@@ -402,6 +403,8 @@ class ShardService(WritePath, ExpertPath):
         """Store rows (and the partitions' new positions) durably, then in the memory tier.
         Caller holds ``table.write_mutex``."""
         self._store.write_rows(table.spec.table_uid, parts, ids, rows, positions, background)
+        if len(ids) >= self._cfg.sst_threshold_rows:
+            self.last_bulk_write = time.monotonic()     # the heap is trimmed once writes stop
         if positions is not None:
             self._on_disk.update((table.spec.table_uid, int(p)) for p in positions[0])
         self._to_memory(table, parts, ids, rows)

@@ -215,6 +215,10 @@ class RowStore(abc.ABC):
         """Bytes of the store's files on disk."""
         return 0
 
+    def compact_ingested(self) -> list[int]:
+        """Rewrite the tables bulk-loaded since last time for point reads; their uids."""
+        return []
+
     def disk_free(self) -> int:
         """Bytes free on the store's file system."""
         return 0
@@ -283,6 +287,7 @@ class PreparedIngest:
         self._store._ingest_files(
             paths, lambda: self._store._read_back(uid, self._parts, self._ids, self._rows),
             self._drop_cache)
+        self._store.ingested(uid)
 
     def discard(self) -> None:
         paths, self._paths = self._paths, []
@@ -320,6 +325,7 @@ class RocksRowStore(RowStore):
         self._tmp = self._path / "sst-tmp"
         self._tmp.mkdir(exist_ok=True)
         self._disk_bytes = (-1e9, 0)      # (when measured, bytes)
+        self._ingested: set[int] = set()  # tables that took SST files, to compact
 
     @staticmethod
     def _make_options(block_cache_bytes: int,
@@ -331,6 +337,9 @@ class RocksRowStore(RowStore):
         table.set_bloom_filter(10, False)
         table.set_format_version(5)   # readable by Debian's ldb / sst_dump too
         opts.set_block_based_table_factory(table)
+        # Rows are float bits, which Snappy does not shrink; compressed blocks only cost CPU on
+        # every cold read. (Shoal's own SST files are written uncompressed too.)
+        opts.set_compression_type(rocksdict.DBCompressionType.none())
         opts.set_max_background_jobs(2)
         # rocksdict holds the GIL while a write waits for RocksDB (a full memtable, too many L0
         # files): room for three memtables keeps such write stalls, which pause the whole
@@ -352,6 +361,7 @@ class RocksRowStore(RowStore):
             if positions is not None:                      # meta keys sort after every row
                 runs.append(_position_run(table_uid, positions))
             self._ingest([runs])
+            self.ingested(table_uid)
         else:
             keys, values = [], []
             if positions is not None:
@@ -440,6 +450,7 @@ class RocksRowStore(RowStore):
         (``prepare_ingest`` and ``commit``) does without records, positions or the read-back
         (the floor ``bench/load.py`` measures)."""
         self._ingest(self._partition_files(table_uid, partitions, ids, rows)[0])
+        self.ingested(table_uid)
 
     @staticmethod
     def _partition_files(table_uid, partitions, ids, rows):
@@ -540,6 +551,26 @@ class RocksRowStore(RowStore):
                 if drop_cache:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
+
+    def ingested(self, table_uid: int) -> None:
+        """Note a table that took SST files: ``compact_ingested`` rewrites it later."""
+        self._ingested.add(table_uid)
+
+    def compact_ingested(self) -> list[int]:
+        """Compact the key ranges of the tables that took SST files since last time; returns
+        their uids. Shoal's own SST files (``shards.sst``) carry no bloom filter and 16 KiB
+        blocks, and a table's chunks overlap: a point read of them cost 20 us of CPU a key,
+        of the same rows compacted 5.6 (700 random keys of 4 x 500k rows, page-cached; with
+        the page cache cold, 57-100 us against 5-6). rocksdict lets other threads run
+        meanwhile (the longest pause of a 0.5 ms loop beside a 2.4 s compaction: 4.4 ms)."""
+        done = []
+        while self._ingested:
+            uid = self._ingested.pop()
+            lo = np.array([(uid, 0, 0)], dtype=KEY_DTYPE).tobytes()
+            hi = np.array([(uid + 1, 0, 0)], dtype=KEY_DTYPE).tobytes()
+            self._db.compact_range(lo, hi)
+            done.append(uid)
+        return done
 
     def read_rows(self, table_uid, partitions, ids, row_bytes):
         if len(ids) == 0:

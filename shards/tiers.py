@@ -1,5 +1,5 @@
-"""How a shard server divides its memory budget: RocksDB's share (block cache, memtables), then
-the rows it holds.
+"""How a shard server divides its memory budget: the fixed part (RocksDB's block cache and
+memtables, the replication log), then the rows it holds.
 
 Disk is the capacity; memory is a cache. Every held row is in RocksDB. If the rows a server
 holds fit in what the budget leaves after RocksDB's share, every held partition is resident in
@@ -25,20 +25,22 @@ MEMTABLES = 3
 
 @dataclass(frozen=True)
 class StoreMemory:
-    """RocksDB's share of a server's budget."""
+    """The fixed part of a server's budget."""
     block_cache: int
     memtable: int              # one write buffer; RocksDB keeps up to MEMTABLES of them
+    log: int = 0               # the replication log's cap (recent writes, for catch-up)
 
     @property
     def total(self) -> int:
-        return self.block_cache + MEMTABLES * self.memtable
+        return self.block_cache + MEMTABLES * self.memtable + self.log
 
 
-def store_memory(budget: int, block_cache: int) -> StoreMemory:
-    """RocksDB's block cache (as configured, at most 1/8 of the budget) and write buffers (1/16
-    of the budget, within [1, 32] MiB)."""
+def store_memory(budget: int, block_cache: int, log: int = 0) -> StoreMemory:
+    """RocksDB's block cache (as configured, at most 1/8 of the budget), write buffers (1/16
+    of the budget, within [1, 32] MiB) and the replication log (as configured, at most 1/8)."""
     return StoreMemory(block_cache=max(1 << 16, min(block_cache, budget // 8)),
-                       memtable=max(MIN_MEMTABLE, min(MAX_MEMTABLE, budget // 16)))
+                       memtable=max(MIN_MEMTABLE, min(MAX_MEMTABLE, budget // 16)),
+                       log=max(1 << 20, min(log, budget // 8)) if log else 0)
 
 
 def rows_budget(budget: int, store: StoreMemory) -> int:
@@ -46,12 +48,13 @@ def rows_budget(budget: int, store: StoreMemory) -> int:
     return max(0, budget - store.total)
 
 
-def budget_for_rows(rows_bytes: int, block_cache: int = 64 << 20) -> int:
-    """The smallest budget (to 4 KiB) whose rows share is at least ``rows_bytes``."""
-    lo, hi = rows_bytes, 2 * rows_bytes + MEMTABLES * MAX_MEMTABLE + block_cache
+def budget_for_rows(rows_bytes: int, block_cache: int = 64 << 20, log: int = 64 << 20) -> int:
+    """The smallest budget (to 4 KiB) whose rows share is at least ``rows_bytes`` (with the
+    server config's block cache and replication log, by default the defaults)."""
+    lo, hi = rows_bytes, 2 * rows_bytes + MEMTABLES * MAX_MEMTABLE + block_cache + log
     while hi - lo > 4096:
         mid = (lo + hi) // 2
-        if rows_budget(mid, store_memory(mid, block_cache)) >= rows_bytes:
+        if rows_budget(mid, store_memory(mid, block_cache, log)) >= rows_bytes:
             hi = mid
         else:
             lo = mid

@@ -76,6 +76,8 @@ def test_memory_plan_gives_rows_what_rocksdb_leaves():
     mem = tiers.store_memory(BUDGET, 64 << 20)
     assert mem.block_cache == BUDGET // 8 and mem.memtable == 1 << 20
     assert tiers.rows_budget(BUDGET, mem) == BUDGET - BUDGET // 8 - 3 * (1 << 20)
+    with_log = tiers.store_memory(BUDGET, 64 << 20, log=64 << 20)    # the log: 1/8 at most
+    assert with_log.log == BUDGET // 8 and with_log.total == mem.total + BUDGET // 8
     needs = {1: tiers.TableNeed(3000, 100), 2: tiers.TableNeed(1000, 50),
              3: tiers.TableNeed(2000, 10, expert=True, partitions=[(5, 900), (2, 600), (7, 600)])}
     assert all(p.resident_all for p in tiers.plan(6000, needs).values())
