@@ -174,6 +174,38 @@ class ServerCollector:
         yield g("shoal_server_memory_tier_hit_ratio", "Share of the ids served that the "
                 "memory tier held, since the server started",
                 1.0 - s.cold_ids / s.ids_looked_up if s.ids_looked_up else 1.0)
+        yield g("shoal_server_memory_budget_bytes", "The server's memory budget",
+                s.memory_budget_bytes)
+        yield g("shoal_server_store_memory_bytes", "RocksDB's block cache and write buffers "
+                "and the replication log's cap, as sized from the budget", s.store_memory_bytes)
+        yield g("shoal_server_row_cache_bytes", "Row caches (slots, keys, scores, sketches)",
+                s.cache_bytes)
+        yield g("shoal_server_disk_bytes", "RocksDB's files on disk", s.disk_bytes)
+        yield g("shoal_server_disk_capacity_bytes", "What this server may hold on disk",
+                s.disk_capacity_bytes)
+        yield c("shoal_server_cache_evictions", "Rows evicted from row caches",
+                s.cache_evictions)
+        yield c("shoal_server_cache_rejected", "Misses the row caches' policy did not admit",
+                s.cache_rejected)
+        yield c("shoal_server_admissions_dropped", "Batches of misses not offered to a row "
+                "cache (admission behind)", s.admissions_dropped)
+        yield c("shoal_server_miss_read_seconds", "Time in batched RocksDB reads of misses",
+                s.miss_read_seconds)
+        tables = {name: GaugeMetricFamily(f"shoal_table_{name}", doc, labels=["table_uid"])
+                  for name, doc in (("cache_bytes", "Memory for a table's rows here"),
+                                    ("cache_rows", "Rows its row cache holds at most"),
+                                    ("held_bytes", "Bytes of its rows held here (disk)"))}
+        counts = {name: CounterMetricFamily(f"shoal_table_{name}", doc, labels=["table_uid"])
+                  for name, doc in (("ids", "Ids read, as requests name them"),
+                                    ("misses", "Of those, read from RocksDB"),
+                                    ("miss_reads", "Batched RocksDB reads of misses"),
+                                    ("miss_seconds", "Time in them"),
+                                    ("evictions", "Rows evicted from its row cache"))}
+        for tl in s.table_loads:
+            for name, fam in (*tables.items(), *counts.items()):
+                fam.add_metric([str(tl.table_uid)], float(getattr(tl, name)))
+        yield from tables.values()
+        yield from counts.values()
         yield c("shoal_server_redirects", "Requests refused for a stale map", s.redirects)
         yield c("shoal_server_cpu_seconds", "CPU seconds used", s.cpu_seconds)
         per = CounterMetricFamily("shoal_partition_ids", "Ids (expert tokens) served per "

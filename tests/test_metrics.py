@@ -216,13 +216,19 @@ def test_cost_per_model_and_occupancy_under_a_known_workload(tmp_path):
         assert abs(a.bytes_per_1k - 32 * 64 * 1000) <= 0.1 * 32 * 64 * 1000, a.bytes_per_1k
         assert b.queries_per_s == 0 and b.cpu_s_per_1k is None
         assert a.memory_bytes == 2048 * 64 * 2 and b.memory_bytes == 1024 * 32 * 2
+        # Every row fits memory: each server holds both tables whole, and reads no row from
+        # disk; the model not queried read nothing.
+        assert a.in_memory_bytes == 2048 * 64 * 2 and b.in_memory_bytes == 1024 * 32 * 2
+        assert a.miss_share == 0.0 and b.miss_share is None
         held = (2048 * 64 + 1024 * 32) / (16 << 20)          # each server holds both, whole
         for u in uses:
             assert abs(u.memory_share - held) <= 0.1 * held, u
+            assert 0 < u.disk_share < 1, u
             assert 0 < u.cpu_share < 2.5
         out = subprocess.run([sys.executable, "-m", "shoal.cli", "cost", "--seconds", "1",
                               "--address", cluster.router_address], capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "CPU-s/1k q" in out.stdout and "memory tier / budget" in out.stdout
+        assert "MiB in memory" in out.stdout and "disk / capacity" in out.stdout
         client.close()

@@ -44,8 +44,11 @@ def held_by(m: pb.ShardMap) -> list:
 def test_status_view_lists_servers_partitions_load_and_events():
     m = pb.ShardMap(version=7, servers=[
         pb.ServerInfo(server_id="a", address="127.0.0.1:1", state="alive",
-                      memory_budget_bytes=1 << 30,
-                      stats=pb.ServerStats(resident_bytes=100, rss_bytes=1000, rows=10)),
+                      memory_budget_bytes=1 << 30, disk_capacity_bytes=1 << 40,
+                      stats=pb.ServerStats(resident_bytes=100, rss_bytes=1000, rows=10,
+                                           cache_bytes=60, store_memory_bytes=70,
+                                           disk_bytes=5000, raw_bytes=4000,
+                                           ids_looked_up=200, cold_ids=30)),
         pb.ServerInfo(server_id="b", address="127.0.0.1:2", state="dead")],
         models=[pb.ModelSpec(name="m", version=1, current=True, state="ready", tables=[
             pb.TableSpec(name="t", table_uid=3, num_partitions=2)])],
@@ -62,7 +65,9 @@ def test_status_view_lists_servers_partitions_load_and_events():
     assert a["partitions"] == [[3, 0, "leader"], [3, 1, "learner"]]
     assert b["partitions"] == [[3, 0, "follower"], [3, 1, "leader"]]
     assert a["memory"] == {"budget": 1 << 30, "memory_tier": 100, "replication_log": 0,
-                           "rss": 1000}
+                           "rss": 1000, "row_cache": 60, "rocksdb": 70}
+    assert a["disk"] == {"capacity": 1 << 40, "used": 5000, "rows": 4000}
+    assert (a["hit_rate"], b["hit_rate"]) == (0.85, 1.0)
     assert (a["load"], b["load"], a["rows"]) == (2.0, 0.0, 10)
     (t,) = v["tables"]
     assert t["load"] == [0.0, 12.5] and t["replicas"] == [["a", "b"], ["b"]]

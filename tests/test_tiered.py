@@ -128,6 +128,64 @@ def test_rows_served_from_rocksdb_equal_what_was_written(model):
             assert_close(got, w[torch.from_numpy(ids)], rtol=0, atol=0)
 
 
+def test_metrics_show_each_tables_cache_and_disk(model):
+    """Every server's /metrics carries its tables' reads, misses, cache and disk bytes, equal
+    to its own Stats at that moment (no traffic in between)."""
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.proto import shoal_pb2_grpc as pbg
+    from shoal.serving import channel
+    from tests.test_metrics import scrape, value
+    client, _ = model
+    m = client.status().map
+    uid = next(t.table_uid for md in m.models if md.name == "tiered" for t in md.tables
+               if t.name == "big")
+    for s in m.servers:
+        ch = channel(s.address)
+        try:
+            stats = pbg.ShardServerStub(ch).Stats(pb.StatsRequest(), timeout=10)
+        finally:
+            ch.close()
+        samples = scrape(s.metrics_address)
+        (tl,) = [t for t in stats.table_loads if t.table_uid == uid]
+        assert tl.ids > tl.misses > 0
+        for name in ("ids", "misses", "miss_reads"):
+            assert value(samples, f"shoal_table_{name}_total", table_uid=str(uid)) == \
+                getattr(tl, name), name
+        for name in ("cache_bytes", "cache_rows", "held_bytes"):
+            assert value(samples, f"shoal_table_{name}", table_uid=str(uid)) == \
+                getattr(tl, name), name
+        assert value(samples, "shoal_server_memory_budget_bytes") == BUDGET
+        assert value(samples, "shoal_server_disk_bytes") > 0
+        assert value(samples, "shoal_server_row_cache_bytes") == stats.cache_bytes > 0
+
+
+def test_cost_shows_memory_against_disk_and_the_reads_from_disk(model, cluster):
+    """``shoal cost`` for a model that does not fit memory: far less in memory than stored,
+    and a share of its ids read from RocksDB (its I/O path) while it is queried."""
+    from shoal.cost import measure
+    client, _ = model
+    stop = threading.Event()
+
+    def load():
+        c, rng = shoal.connect(cluster.router_address), np.random.default_rng(9)
+        while not stop.is_set():
+            c.lookup("tiered", zipf_kjt(rng, 32, 10))
+        c.close()
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        time.sleep(0.5)
+        costs, uses = measure(client, 2.0)
+    finally:
+        stop.set()
+        t.join(30)
+    (c,) = [c for c in costs if c.model == "tiered"]
+    assert c.memory_bytes == 2 * HELD                  # every row on both servers' disks
+    assert 0 < c.in_memory_bytes < c.memory_bytes / 4
+    assert c.miss_share is not None and 0 < c.miss_share < 1
+    assert all(0 < u.disk_share < 1 for u in uses)
+
+
 def test_updates_racing_cold_reads_never_go_back(cluster):
     """A writer writes version k into every row of a set of ids (hot and cold), round after
     round; readers read them all the while. A read begun after a write was acknowledged must
