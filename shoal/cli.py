@@ -40,6 +40,8 @@ def cmd_up(args) -> int:
         else ShoalConfig()
     if args.memory_budget:
         cfg = cfg.replace(server__memory_budget_bytes=int(args.memory_budget))
+    if args.disk_capacity:
+        cfg = cfg.replace(server__disk_capacity_bytes=int(args.disk_capacity))
     if args.ray is not None:
         return _up_on_ray(args, cfg, data)
     cluster = LocalCluster(servers=args.servers, replication=args.replication, data_dir=str(data),
@@ -334,7 +336,7 @@ def cmd_autoscale(args) -> int:
         print("shoal: autoscaling is off")
     else:
         targets = ", ".join(t for t in (
-            f"memory {p.memory_target:.0%} of budget" if p.memory_target else "",
+            f"stored {p.memory_target:.0%} of capacity" if p.memory_target else "",
             f"load {p.load_target:,.0f} ids/s per server" if p.load_target else "") if t)
         print(f"shoal: autoscaling {p.min_servers}..{p.max_servers} servers, targets: "
               f"{targets}; band +-{p.band:.0%}, window {p.window_s:.0f} s, cool-down "
@@ -461,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--replication", type=int, default=0,
                     help="replicas per partition (default: 2 with >= 2 servers)")
     up.add_argument("--data-dir", help="default: $SHOAL_HOME/cluster")
-    up.add_argument("--memory-budget", help="bytes of memory tier per server")
+    up.add_argument("--memory-budget", help="bytes of memory per server (rows and RocksDB's "
+                    "caches; rows past it are read from disk)")
+    up.add_argument("--disk-capacity", help="bytes each server may store (default: its file "
+                    "system's free space)")
     up.add_argument("--config", help="a JSON file with server / router / coordinator settings")
     up.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="run on a Ray cluster (default address: the one this machine runs)")
@@ -566,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     au = sub.add_parser("autoscale", help="let the coordinator resize the cluster by load")
     au.add_argument("--min", type=int)
     au.add_argument("--max", type=int)
-    au.add_argument("--memory-target", type=float, default=0.0,
-                    help="wanted share of each server's memory budget in use, e.g. 0.7")
+    au.add_argument("--capacity-target", "--memory-target", dest="memory_target", type=float,
+                    default=0.0, help="wanted share of each server's disk capacity in use, "
+                    "e.g. 0.7 (--memory-target: its old name)")
     au.add_argument("--load-target", type=float, default=0.0,
                     help="wanted ids looked up per second per server")
     au.add_argument("--band", type=float, default=0.0, help="hysteresis (default 0.2)")

@@ -175,15 +175,15 @@ def test_add_server_drain_resize(tmp_path):
 def test_autoscale_on_a_detached_cluster(tmp_path):
     """`shoal autoscale` on a `shoal up` cluster runs a provisioner process that starts the
     server the coordinator asks for; `shoal down` stops it and every server."""
-    env, data, client, rows = up_with_model(tmp_path, "au", "--memory-budget", str(4 << 20))
+    env, data, client, rows = up_with_model(tmp_path, "au", "--disk-capacity", str(4 << 20))
     try:
         bad = shoal_cli(["autoscale", "--min", "3", "--max", "2", "--memory-target", "0.5"], env)
         assert bad.returncode == 1 and "max_servers: 2 must be at least min_servers 3" \
             in bad.stderr, bad.stderr
-        on = shoal_cli(["autoscale", "--min", "2", "--max", "3", "--memory-target", "0.01",
+        on = shoal_cli(["autoscale", "--min", "2", "--max", "3", "--capacity-target", "0.01",
                         "--window", "1", "--cooldown", "2"], env)
         assert on.returncode == 0, on.stderr
-        assert "autoscaling 2..3 servers, targets: memory 1% of budget" in on.stdout
+        assert "autoscaling 2..3 servers, targets: stored 1% of capacity" in on.stdout
         deadline = time.monotonic() + 90
         while True:
             m = client.status().map
@@ -193,7 +193,7 @@ def test_autoscale_on_a_detached_cluster(tmp_path):
             assert time.monotonic() < deadline, "the provisioner did not start s2"
             time.sleep(0.5)
         st = shoal_cli(["autoscale", "--status"], env)
-        assert "2 -> 3: memory" in st.stdout, st.stdout
+        assert "2 -> 3: stored" in st.stdout, st.stdout
         np.testing.assert_array_equal(client.lookup_rows("au", "t", torch.arange(4000)).numpy(),
                                       rows.numpy())
         client.close()

@@ -56,7 +56,7 @@ def test_draining_empties_the_server_and_spreads_its_partitions():
     assert set(plan.after) == {"s00", "s01", "s02"}
 
 
-def test_memory_budgets_are_respected_and_too_little_room_is_a_clear_error():
+def test_disk_capacities_are_respected_and_too_little_room_is_a_clear_error():
     replicas, sizes, servers = cluster(3, 12, size=10 * MIB)     # 24 replicas, 240 MiB
     small = [ServerSpec("s00", 100 * MIB), ServerSpec("s01", 100 * MIB),
              ServerSpec("s02", 100 * MIB), ServerSpec("s03", 30 * MIB)]
