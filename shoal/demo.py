@@ -62,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [t.num_embeddings for t in tables]
     step = lambda msg: print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
 
-    # A short lease so the demo shows a failover in seconds (the default is 5 s).
+    # A short lease so the demo shows a failover in seconds (the default is 5 s). Memory for
+    # a quarter of the rows each server holds: the rest is read from RocksDB (shards.tiers).
+    from shards.tiers import budget_for_rows
+    held = 8 * args.rows * args.dim * 4 * args.replication // args.servers
+    budget = budget_for_rows(held // 4)
     config = shoal.ShoalConfig().replace(coordinator__lease_s=2.0,
-                                         server__heartbeat_interval_s=0.25)
+                                         server__heartbeat_interval_s=0.25,
+                                         server__memory_budget_bytes=budget)
     certs = None
     if not args.plaintext:
         import tempfile
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             coordinator=config.coordinator, server=config.server,
             security__client_certs=False)      # query clients below come with a token only
     step(f"starting a local cluster: {args.servers} shard servers, replication "
-         f"{args.replication}, a coordinator and a router" +
+         f"{args.replication}, a coordinator and a router; each server's memory budget "
+         f"({budget / 2**20:.1f} MiB with RocksDB's caches) holds a quarter of its "
+         f"{held / 2**20:.1f} MiB of rows, the hottest, and RocksDB the rest" +
          ("" if certs is None else "; TLS on every port, mutual TLS between them, roles "
                                    "checked on every call"))
     with shoal.LocalCluster(servers=args.servers, replication=args.replication,
@@ -181,9 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         if resized:
             print(f"    resize:   {resized}")
         for s in st.map.servers:
-            print(f"    server {s.server_id} ({s.state}): {s.stats.partitions} partitions, "
-                  f"{s.stats.raw_bytes / 2**20:.0f} MiB of rows, RSS "
-                  f"{s.stats.rss_bytes / 2**20:.0f} MiB, {s.stats.ids_looked_up:,} ids served")
+            x = s.stats
+            hit = 1 - x.cold_ids / x.ids_looked_up if x.ids_looked_up else 1.0
+            print(f"    server {s.server_id} ({s.state}): {x.partitions} partitions, "
+                  f"{x.raw_bytes / 2**20:.1f} MiB of rows, {x.resident_bytes / 2**20:.1f} MiB "
+                  f"of them in memory, RSS {x.rss_bytes / 2**20:.0f} MiB, "
+                  f"{x.ids_looked_up:,} ids served, hit rate {hit:.1%} "
+                  f"({x.cold_ids:,} read from disk)")
         print(f"    metrics: {_counted(st.router.metrics_address)}")
         client.close()
     if certs:

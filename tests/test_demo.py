@@ -18,6 +18,12 @@ def test_demo_small(capsys):
     assert "every partition back to 2 replicas" in out
     assert "added s3 and moved" in out and "t_cat_0 split to" in out
     assert "OK: every answer matched torchrec, the local DLRM and the local MoE layer." in out
+    # Memory for a quarter of each server's rows: the servers read the rest from disk.
+    assert "holds a quarter of its" in out
+    hits = re.findall(r"hit rate ([\d.]+)% \(([\d,]+) read from disk\)", out)
+    assert len(hits) >= 3, out
+    assert any(int(d.replace(",", "")) > 0 for _, d in hits), out
+    assert any(0 < float(h) < 100 for h, _ in hits), out
     # Security on: the query token may not write, and no credentials get nothing.
     assert "TLS on every port" in out
     assert "CreateModel was refused: PERMISSION_DENIED" in out
