@@ -39,7 +39,7 @@ from shards.reads import Reader
 from shards.replog import ReplicationLog
 from shards.rowcache import POLICIES, RowCache
 from shards import spool, tiers
-from shards.storage import Positions, RowStore, StorageError, key_array
+from shards.storage import Positions, RowStore, StorageError, disk_full, key_array
 from shards.writes import WritePath
 
 log = logging.getLogger("shard")
@@ -760,6 +760,16 @@ class ShardServicer(pbg.ShardServerServicer):
                     await asyncio.to_thread(self._svc.refresh_map, request.map_version)
         except ShoalError as e:
             await abort_async(context, e)
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            # Nothing of the write is acknowledged (a RocksDB write batch or ingest is all or
+            # nothing); what was stored before stays readable.
+            await abort_async(context, ResourceExhausted(
+                f"server {self._svc.server_id}: disk full under {self._svc.store.path} "
+                f"({full}); the write was not stored. Free space there, or move data off "
+                "this server (server.disk_capacity_bytes, Drain)"))
 
     async def WriteRows(self, request, context):
         if self._replicator is None:

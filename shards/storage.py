@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import itertools
 import os
 import pathlib
@@ -127,6 +128,19 @@ class StorageError(RuntimeError):
     """RocksDB does not hold what was just written to it."""
 
 
+def disk_full(e: BaseException | None) -> str | None:
+    """What a write's exception says if it failed for a full disk (ENOSPC from Shoal's own
+    file writes, RocksDB's "No space left on device" through rocksdict), else None."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        if "No space left on device" in str(e):
+            return str(e)[:300]
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _position_run(table_uid: int, positions: Positions) -> tuple[np.ndarray, np.ndarray]:
     """The (keys, values) run of partitions' positions, ascending, for an SST file."""
     order = np.argsort(positions[0])
@@ -210,6 +224,8 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    path: str = ""                      # where its files are
 
     def disk_bytes(self) -> int:
         """Bytes of the store's files on disk."""
@@ -301,6 +317,7 @@ class RocksRowStore(RowStore):
         """``read_only_db``: open that RocksDB directory read-only instead (a checkpoint).
         ``memtable_bytes``: one write buffer (three are kept; see ``shards.tiers``)."""
         self._path = pathlib.Path(path)
+        self.path = str(self._path)
         self._path.mkdir(parents=True, exist_ok=True)
         self._sst_threshold = sst_threshold_rows
         self._options = self._make_options(block_cache_bytes, memtable_bytes)

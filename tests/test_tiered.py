@@ -247,3 +247,55 @@ def test_updates_racing_cold_reads_never_go_back(cluster):
     for server, (tl,) in table_stats(client, "r").items():
         assert tl.cache_rows > 0 and tl.ids > tl.misses > 0, (server, tl)   # both tiers served
     client.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MiB tmpfs (this test needs root to mount it, as in CI)."""
+    import os
+    import subprocess
+    where = tmp_path / "disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_refuses_writes_clearly_and_keeps_serving(small_disk):
+    """Writes past a full disk are RESOURCE_EXHAUSTED naming the server and its path; every
+    row acknowledged before stays readable and unchanged; the servers stay up."""
+    import os
+    cfg = shoal.ShoalConfig().replace(server__memory_budget_bytes=16 << 20,
+                                      server__disk_capacity_bytes=1 << 30)   # a wrong figure
+    with shoal.LocalCluster(servers=2, replication=2, config=cfg,
+                            data_dir=str(small_disk / "c")) as c:
+        client = c.client()
+        client.create_model("full", [shoal.TableSpec("t", 400_000, 64, feature_names=("f",))])
+        acked, err = 0, None
+        for lo in range(0, 400_000, 20_000):           # 102 MB of replicas for 40 MiB
+            try:
+                client.write_rows("full", "t", torch.arange(lo, lo + 20_000),
+                                  torch.full((20_000, 64), float(lo + 1)))
+                acked = lo + 20_000
+            except shoal.ShoalError as e:
+                err = e
+                break
+        assert err is not None and err.code.name == "RESOURCE_EXHAUSTED", err
+        assert "disk full under" in err.message and str(small_disk / "c") in err.message
+        assert any(f"server {s.server_id}:" in err.message for s in c.servers), err.message
+        assert acked >= 40_000
+        ids = np.arange(0, acked)
+        got = client.lookup_rows("full", "t", torch.from_numpy(ids)).numpy()
+        np.testing.assert_array_equal(got[:, 0], (ids // 20_000 * 20_000 + 1).astype(np.float32))
+        assert (got == got[:, :1]).all()
+        assert all(s.state == "alive" for s in client.status().map.servers)
+        for s in c.servers:
+            os.kill(s.pid, 0)                            # (raises if the process is gone)
+        client.close()
