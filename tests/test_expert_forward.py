@@ -45,7 +45,15 @@ def _request(m, uid, experts, counts, x, spec, epoch_shift=0):
         d_ff=spec.d_ff, gated=spec.gated)
 
 
-@pytest.mark.parametrize("budget", [8 << 30, 0], ids=["memory-tier", "rocksdb"])
+def _half_of_four_experts() -> int:
+    """A budget whose rows share holds about half of the 4 experts a server holds here
+    (6 experts of 144 rows x 32 floats, 2 replicas on 3 servers): the rest read from disk."""
+    from shards.tiers import budget_for_rows
+    return budget_for_rows(2 * 144 * 32 * 4)
+
+
+@pytest.mark.parametrize("budget", [8 << 30, 0, _half_of_four_experts()],
+                         ids=["memory-tier", "rocksdb", "partly-cold"])
 def test_servers_run_their_experts(tmp_path, budget):
     spec = ExpertLayerSpec("l0", num_experts=6, d_model=32, d_ff=48, top_k=2).validate()
     g = torch.Generator().manual_seed(4)
@@ -76,6 +84,12 @@ def test_servers_run_their_experts(tmp_path, budget):
             want = expert_ffn(spec, w1[idx], w2[idx], w3[idx], x,
                               torch.tensor(counts, dtype=torch.int64))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if 0 < budget < 8 << 30:             # partly cold: memory and RocksDB both served
+            import time
+            time.sleep(1.5)                  # the servers' counters, by heartbeat
+            for s in client.status().map.servers:
+                assert 0 < s.stats.resident_bytes < 4 * 144 * 32 * 4, s.stats
+                assert s.stats.cold_ids > 0, s.stats
         client.close()
 
 
