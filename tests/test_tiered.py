@@ -299,3 +299,27 @@ def test_a_full_disk_refuses_writes_clearly_and_keeps_serving(small_disk):
         for s in c.servers:
             os.kill(s.pid, 0)                            # (raises if the process is gone)
         client.close()
+
+
+def test_predict_with_an_eighth_of_the_rows_in_memory(tmp_path):
+    """A DLRM checkpoint loaded into servers whose memory holds an eighth of its rows:
+    predict equals the local DLRM, with rows served from RocksDB."""
+    from shoal import DensePart
+    from tests.test_predict import TABLES, batch, make_dlrm
+    model, path = make_dlrm(str(tmp_path / "ckpt"), 12)
+    held = sum(rows for _, rows in TABLES) * 8 * 4          # every row, on both servers
+    cfg = shoal.ShoalConfig().replace(server__memory_budget_bytes=tiers.budget_for_rows(
+        held // 8), server__heartbeat_interval_s=0.25)
+    with shoal.LocalCluster(servers=2, replication=2, data_dir=str(tmp_path / "c"),
+                            config=cfg) as cluster:
+        client = cluster.client(timeout=60)
+        client.load(path, model="dlrm", dense_part=DensePart.dlrm([n for n, _ in TABLES]))
+        with torch.no_grad():
+            for seed in range(6):
+                dense, kjt = batch(seed)
+                torch.testing.assert_close(client.predict("dlrm", dense, kjt).scores,
+                                           model(dense, kjt)[:, 0], rtol=1e-5, atol=1e-5)
+        time.sleep(0.8)
+        for s in client.status().map.servers:
+            assert s.stats.cold_ids > 0 and s.stats.resident_bytes < held // 4, s.stats
+        client.close()
