@@ -189,15 +189,21 @@ def check_replicas(m: pb.ShardMap, acked: list[tuple[np.ndarray, int]]) -> None:
                 np.testing.assert_array_equal(got, expected_rows(ok, last[ok]))
 
 
-@pytest.mark.parametrize("rounds", [5])
-def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds):
+@pytest.mark.parametrize("rounds,memory", [(5, "all"), (1, "eighth")])
+def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds, memory):
     """Each round SIGKILLs a random server under load, waits until the replication factor is
     back (without it), then restarts it (it rejoins with its old copies, which are reused by
-    catching up when next it is made a learner, or deleted once not needed)."""
+    catching up when next it is made a learner, or deleted once not needed). ``eighth``: each
+    server's memory holds an eighth of the rows it holds (tiers: the rest read from disk)."""
+    from shards import tiers
     rng = np.random.default_rng(7)
     read_cfg, write_cfg, oracle = fo_tables(seed=7)
+    config = fast_failover_config()
+    if memory == "eighth":
+        held = 2 * ROWS * DIM * 4 * 2 // 3               # 2 tables, 2 replicas on 3 servers
+        config = config.replace(server__memory_budget_bytes=tiers.budget_for_rows(held // 8))
     with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
-                            config=fast_failover_config()) as cluster:
+                            config=config) as cluster:
         client = cluster.client()
         client.create_model("fo", [read_cfg, write_cfg])
         fill_from_oracle(client, "fo", oracle)
