@@ -44,6 +44,10 @@ async def serve(args) -> None:
     cfg = whole.server
     sys.setswitchinterval(cfg.gil_switch_interval_s)   # a copy adds little to lookup latency
     data = pathlib.Path(args.data_dir)
+    # Bulk writes reuse their buffers' pages (trimmed when idle), and every thread shares one
+    # malloc arena: set before RocksDB starts its threads, which otherwise each get an arena
+    # that the read path's threads then share and grow (~190 MiB of RSS in bench/tiered.py).
+    keep_heap()
     mem = store_memory(cfg.memory_budget_bytes, cfg.block_cache_bytes)
     store = RocksRowStore(data, mem.block_cache, cfg.sst_threshold_rows,
                           memtable_bytes=mem.memtable)
@@ -58,7 +62,6 @@ async def serve(args) -> None:
     os.makedirs(spool_dir, exist_ok=True)
     service = ShardService(args.server_id, store, cfg, fetch_map, spool_dir=spool_dir,
                            failpoints=Failpoints(data if cfg.failpoints else None))
-    keep_heap()              # bulk writes reuse their buffers' pages; trimmed when idle
     server, address = make_aio_server(args.host, args.port, parsers=ShardServicer.PARSERS)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),
                              cfg.rebuild_mib_per_s)
