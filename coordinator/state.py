@@ -78,7 +78,10 @@ class ClusterState:
         old = self.servers.get(server_id)
         if old is not None and old.address == address and \
                 old.memory_budget_bytes == memory_budget and old.domain == domain and \
-                old.disk_capacity_bytes == disk_capacity:
+                abs(old.disk_capacity_bytes - disk_capacity) <= \
+                max(old.disk_capacity_bytes, disk_capacity) // 20:
+            # (a measured capacity moves with the disk's free space: a restart within 5% of
+            # the one known is no change of the map)
             return self
         new = self.copy()
         new.servers[server_id] = pb.ServerInfo(server_id=server_id, address=address,

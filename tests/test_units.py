@@ -186,6 +186,11 @@ def test_cluster_state_versions_and_steps():
     assert s1.with_server("s0", "127.0.0.1:1", 100) is s1    # no change, no new version
     s2 = s1.with_server("s0", "127.0.0.1:2", 100)            # new address: a change
     assert s2.version == 2 and s2.servers["s0"].address == "127.0.0.1:2"
+    # A measured disk capacity moves with free space: within 5%, no change; past it, one.
+    c1 = s2.with_server("s0", "127.0.0.1:2", 100, disk_capacity=1000)
+    assert c1.version == 3 and c1.servers["s0"].disk_capacity_bytes == 1000
+    assert c1.with_server("s0", "127.0.0.1:2", 100, disk_capacity=960) is c1
+    assert c1.with_server("s0", "127.0.0.1:2", 100, disk_capacity=900).version == 4
     s3 = s2.with_server("s1", "127.0.0.1:3", 100)
     s4, model = s3.with_model(pb.ModelSpec(name="m", tables=[_table("a", parts=4)]),
                               ["s0", "s1"], CoordinatorConfig(), 2)
