@@ -69,6 +69,10 @@ class HeldTable:
     # Soft, changed under write_mutex: learners caught up with this leader, which get every write.
     attached: dict[str, np.ndarray] = field(default_factory=dict)
     looked_up: np.ndarray = None        # int64 [P]: ids looked up per partition (load), cumulative
+    # bool [P]: this copy failed to store a leader's entry (a full disk): its rows may lack an
+    # acknowledged write, so it refuses reads (UNAVAILABLE: the router asks another replica)
+    # until a later entry applies after it (a catch-up filled the gap) or the copy is reset.
+    missed: np.ndarray = None
     frozen: bool = False                # being split: writes wait for the cut-over
     loading: bool = False               # of a model version being loaded: takes Ingest
 
@@ -76,6 +80,8 @@ class HeldTable:
         self.all_partitions = np.arange(self.spec.num_partitions, dtype=np.int32)
         if self.looked_up is None:
             self.looked_up = np.zeros(self.spec.num_partitions, np.int64)
+        if self.missed is None:
+            self.missed = np.zeros(self.spec.num_partitions, bool)
 
     @property
     def no_parts(self) -> np.ndarray:
@@ -383,6 +389,11 @@ class ShardService(WritePath, ExpertPath):
         ok = held == re
         if read:
             ok |= table.serves[rp] & (held > re)
+        if read and table.missed[rp].any():
+            p = int(rp[np.flatnonzero(table.missed[rp])[0]])
+            raise Unavailable(f"server {self.server_id}: its copy of partition {p} of table "
+                              f"{spec.name!r} failed to store a write (see its log); it serves "
+                              "no reads of it until it has caught up")
         stale = np.flatnonzero(~ok)
         if stale.size:
             i = int(stale[0])

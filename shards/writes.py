@@ -188,7 +188,12 @@ class WritePath:
                 keep = np.zeros(table.spec.num_partitions, dtype=bool)
                 keep[e.parts[new]] = True
                 r = e.restrict(keep)
-                self._put(table, r.row_parts, r.ids, r.rows, (r.parts, r.seqs, r.epochs))
+                try:
+                    self._put(table, r.row_parts, r.ids, r.rows, (r.parts, r.seqs, r.epochs))
+                except BaseException:
+                    table.missed[r.parts] = True     # the leader acknowledges without us
+                    raise
+                table.missed[r.parts] = False        # (entries apply in order: no gap left)
                 table.log.append(r)
                 applied += len(r.ids)
         behind -= diverged
@@ -270,6 +275,7 @@ class WritePath:
         self._store.set_position(uid, partition, -1, 0)
         self._on_disk.add((uid, partition))
         table.log.reset(partition, -1, 0)
+        table.missed[partition] = False
         if table.arena.resident(partition):
             table.arena.clear(partition)
         if table.cache is not None:

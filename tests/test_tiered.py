@@ -251,50 +251,103 @@ def test_updates_racing_cold_reads_never_go_back(cluster):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 40 MiB tmpfs (this test needs root to mount it, as in CI)."""
+    """The cluster's folder, with a 24 MiB tmpfs mounted as server s1's (mounting needs root,
+    as in CI); s0 keeps the ordinary disk."""
     import os
     import subprocess
-    where = tmp_path / "disk"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(where)],
+    where = tmp_path / "c" / "s1"
+    where.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
         pytest.skip(f"mounting a tmpfs needs root: {r.stderr.strip()}")
     try:
-        yield where
+        yield tmp_path / "c"
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_a_full_disk_refuses_writes_clearly_and_keeps_serving(small_disk):
-    """Writes past a full disk are RESOURCE_EXHAUSTED naming the server and its path; every
-    row acknowledged before stays readable and unchanged; the servers stay up."""
+    """s1's disk fills. Its own writes are then RESOURCE_EXHAUSTED naming the server and its
+    path; a write s0 leads is acknowledged without s1, whose copy missed it: s1 refuses reads of
+    those partitions (UNAVAILABLE) even while it still holds the map in which it serves them
+    (held with a failpoint), so no read sees the acknowledged write undone. Every acknowledged
+    row reads back unchanged; both servers stay up."""
     import os
+    import grpc
+    from shards.failpoints import arm
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.proto import shoal_pb2_grpc as pbg
+    from shoal.serving import channel
+    from shoal.wire import pack
     cfg = shoal.ShoalConfig().replace(server__memory_budget_bytes=16 << 20,
-                                      server__disk_capacity_bytes=1 << 30)   # a wrong figure
-    with shoal.LocalCluster(servers=2, replication=2, config=cfg,
-                            data_dir=str(small_disk / "c")) as c:
+                                      server__disk_capacity_bytes=1 << 30,  # a wrong figure
+                                      server__failpoints=True)
+    rows = 400_000
+    with shoal.LocalCluster(servers=2, replication=2, config=cfg, data_dir=str(small_disk)) as c:
         client = c.client()
-        client.create_model("full", [shoal.TableSpec("t", 400_000, 64, feature_names=("f",))])
-        acked, err = 0, None
-        for lo in range(0, 400_000, 20_000):           # 102 MB of replicas for 40 MiB
+        client.create_model("full", [shoal.TableSpec("t", rows, 64, feature_names=("f",))])
+        with c.admin() as admin:
+            before = admin.shard_map()
+        spec = next(t for md in before.models for t in md.tables)
+        lead = {rs.partition: rs.replicas[0] for rs in before.partitions}   # leaders
+        parts = np.arange(rows) & (spec.num_partitions - 1)
+        led_by = {s: np.flatnonzero(np.array([lead[p] for p in range(spec.num_partitions)])
+                                    [parts] == s) for s in ("s0", "s1")}
+        expect = np.zeros((rows, 64), np.float32)
+        ballast = small_disk / "s1" / "ballast"          # room for the failpoint file, later
+        ballast.write_bytes(bytes(64 << 10))
+        acked, err = [], None
+        for chunk in np.array_split(led_by["s1"], 20):      # 2 x 52 MB for s1's 24 MiB
             try:
-                client.write_rows("full", "t", torch.arange(lo, lo + 20_000),
-                                  torch.full((20_000, 64), float(lo + 1)))
-                acked = lo + 20_000
+                client.write_rows("full", "t", torch.from_numpy(chunk),
+                                  torch.full((len(chunk), 64), float(chunk[0] + 1)))
             except shoal.ShoalError as e:
                 err = e
                 break
+            expect[chunk] = chunk[0] + 1
+            acked.append(chunk)
         assert err is not None and err.code.name == "RESOURCE_EXHAUSTED", err
-        assert "disk full under" in err.message and str(small_disk / "c") in err.message
-        assert any(f"server {s.server_id}:" in err.message for s in c.servers), err.message
-        assert acked >= 40_000
-        ids = np.arange(0, acked)
-        got = client.lookup_rows("full", "t", torch.from_numpy(ids)).numpy()
-        np.testing.assert_array_equal(got[:, 0], (ids // 20_000 * 20_000 + 1).astype(np.float32))
-        assert (got == got[:, :1]).all()
+        assert f"server s1: disk full under {small_disk / 's1'}" in err.message, err.message
+        assert len(acked) >= 2
+
+        # s0 leads this write; s1 cannot store it and keeps the map in which it serves it.
+        ballast.unlink()
+        arm(small_disk / "s1", {"map.apply": "pause"})
+        try:
+            theirs = led_by["s0"][:20_000]
+            client.write_rows("full", "t", torch.from_numpy(theirs),
+                              torch.full((len(theirs), 64), 7.0))
+            expect[theirs] = 7.0
+            acked.append(theirs)
+            with c.admin() as admin:
+                after = admin.shard_map()
+            p0 = int(parts[theirs[0]])
+            rs = next(r for r in after.partitions if r.partition == p0)
+            assert "s1" not in rs.replicas, rs                 # dropped for the missed write
+            ch = channel(c.server("s1").address)
+            try:
+                with pytest.raises(grpc.RpcError) as refused:   # routed as s1 last knew it
+                    pbg.ShardServerStub(ch).LookupRows(pb.LookupRowsRequest(
+                        map_version=before.version, segments=[pb.RowsSegment(
+                            table_uid=spec.table_uid, ids=pack(theirs[parts[theirs] == p0]),
+                            routed=pb.PartitionEpochs(
+                                partitions=pack(np.array([p0], np.int32)),
+                                epochs=pack(np.array([next(
+                                    r.epoch for r in before.partitions if r.partition == p0)],
+                                    np.int64))))]), timeout=10)
+            finally:
+                ch.close()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert "failed to store a write" in refused.value.details()
+            ids = np.sort(np.concatenate(acked))
+            for _ in range(3):                  # through the router, which picks either copy
+                got = client.lookup_rows("full", "t", torch.from_numpy(ids)).numpy()
+                np.testing.assert_array_equal(got, expect[ids])
+        finally:
+            arm(small_disk / "s1", {})
         assert all(s.state == "alive" for s in client.status().map.servers)
         for s in c.servers:
             os.kill(s.pid, 0)                            # (raises if the process is gone)
