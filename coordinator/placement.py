@@ -76,24 +76,19 @@ def place(partitions: list[PartitionLoad], servers: list[ServerLoad],
                         mine[s] + part.bytes <= server_quota) and
                         load[s] + part.bytes <= capacity[s]),
                        key=lambda s: (mine[s], load[s], leaders[s], s))
-        if len(order) < replication and not server_quota:
-            total = sum(p.bytes for p in partitions) * replication
-            raise ShoalError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"the model's {total / 2**20:,.1f} MiB of replicas do not fit the "
-                             f"{len(servers)} servers' disk capacity ({free / 2**20:,.1f} MiB "
-                             f"free together): partition {part.partition} of table_uid "
-                             f"{part.table_uid} ({part.bytes / 2**20:,.1f} MiB) has room on "
-                             f"{len(order)} servers, needs {replication}; add servers or give "
-                             "them more disk (server.disk_capacity_bytes)")
         if len(order) < replication:
             total = sum(p.bytes for p in partitions) * replication
-            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"the model's {total / 2**20:,.1f} MiB of replicas do not fit "
-                             f"a server quota of {server_quota / 2**20:,.1f} MiB on "
-                             f"{len(servers)} servers: partition {part.partition} of "
-                             f"table_uid {part.table_uid} ({part.bytes / 2**20:,.1f} MiB) "
-                             f"has room on {len(order)} servers, needs {replication}; raise "
-                             "the quota or add servers")
+            limit, code, fix = (
+                (f"the {len(servers)} servers' disk capacity ({free / 2**20:,.1f} MiB free "
+                 "together)", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "add servers or give them more disk (server.disk_capacity_bytes)")
+                if not server_quota else
+                (f"a server quota of {server_quota / 2**20:,.1f} MiB on {len(servers)} servers",
+                 grpc.StatusCode.FAILED_PRECONDITION, "raise the quota or add servers"))
+            raise ShoalError(code, f"the model's {total / 2**20:,.1f} MiB of replicas do not "
+                             f"fit {limit}: partition {part.partition} of table_uid "
+                             f"{part.table_uid} ({part.bytes / 2**20:,.1f} MiB) has room on "
+                             f"{len(order)} servers, needs {replication}; {fix}")
         chosen = distinct_domains(order, replication, domain_of)
         leader = min(chosen, key=lambda s: (leaders[s], load[s], s))
         replicas = (leader,) + tuple(s for s in chosen if s != leader)

@@ -63,6 +63,12 @@ class Gathered:
     miss: np.ndarray = field(default_factory=lambda: NO_IDS)
     since: np.ndarray | None = None     # the misses' partition generations (row cache)
     cache: object = None                # the row cache to offer the misses to
+    direct: bool = False                # ``weight`` is the ids' rows, in order (idx = arange)
+
+    def rows(self) -> torch.Tensor:
+        """The ids' rows, in order (no copy when gathered so)."""
+        return self.weight if self.direct else self.weight.index_select(
+            0, torch.from_numpy(self.idx))
 
 
 @dataclass
@@ -73,7 +79,7 @@ class Job:
     ids: np.ndarray
     parts: np.ndarray
     got: Gathered
-    finish: Callable[[torch.Tensor, np.ndarray], object]   # (weight, idx) -> the segment's out
+    finish: Callable[[Gathered], object]    # the segment's out, once every row is in memory
     occurrences: np.ndarray | None = None    # per unique id, how often the request names it
     out: object = None
 
@@ -113,7 +119,8 @@ def gather(table, ids: np.ndarray, parts: np.ndarray) -> Gathered:
         if hot.size:
             buf[torch.from_numpy(hot)] = table.arena.weight.index_select(
                 0, torch.from_numpy(idx[hot]))
-        return Gathered(buf, np.arange(len(ids), dtype=np.int64), np.flatnonzero(cold))
+        return Gathered(buf, np.arange(len(ids), dtype=np.int64), np.flatnonzero(cold),
+                        direct=True)
     with table.cache_lock:
         slots = cache.find(ids)
         miss = np.flatnonzero(slots < 0)
@@ -121,7 +128,8 @@ def gather(table, ids: np.ndarray, parts: np.ndarray) -> Gathered:
         # One gather of every slot (a miss takes slot 0's row, overwritten once read).
         buf = cache.rows.index_select(0, torch.from_numpy(np.maximum(slots, 0)))
     rows = np.arange(len(ids), dtype=np.int64)
-    return Gathered(buf, rows, miss, since, cache) if miss.size else Gathered(buf, rows)
+    return Gathered(buf, rows, miss, since, cache, direct=True) if miss.size else \
+        Gathered(buf, rows, direct=True)
 
 
 class Reader:
@@ -162,7 +170,7 @@ class Reader:
                     positions.append(pb.PartitionPositions(seqs=pack(table.log.seq[rp]),
                                                            epochs=pack(table.log.epoch[rp])))
                 jobs.append(Job(table, ids, parts, gather(table, ids, parts),
-                                lambda w, idx: pack(w.index_select(0, torch.from_numpy(idx)))))
+                                lambda got: pack(got.rows())))
                 self._start(jobs[-1])
         except BaseException:
             held.release()
@@ -225,7 +233,8 @@ class Reader:
             weights = torch.from_numpy(w.copy())
         offsets_t = torch.from_numpy(offsets)
 
-        def pool(weight: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+        def pool(got: Gathered) -> np.ndarray:
+            weight, idx = got.weight, got.idx
             if inverse is not None:
                 idx = idx[inverse]
             wts = weights
@@ -253,7 +262,7 @@ class Reader:
         table.looked_up += np.bincount(job.parts, minlength=table.spec.num_partitions)
         self._svc._count(n_occ)
         if not got.miss.size:
-            job.out = job.finish(got.weight, got.idx)
+            job.out = job.finish(got)
 
     def _complete(self, jobs: list[Job], held: Held, reply: Callable[[], object]):
         """The reply now, or an awaitable of it once the misses are read off the event loop."""
@@ -291,7 +300,7 @@ class Reader:
                 self._counters["rocksdb_reads"] += 1
                 got.weight.index_copy_(0, torch.from_numpy(got.miss),
                                        rows.index_select(0, torch.from_numpy(again)))
-                job.out = job.finish(got.weight, got.idx)
+                job.out = job.finish(got)
                 if got.cache is not None:
                     self._offer(table, got.cache, ids, rows, parts, got.since[first])
         finally:

@@ -191,21 +191,20 @@ class ServerCollector:
                 "cache (admission behind)", s.admissions_dropped)
         yield c("shoal_server_miss_read_seconds", "Time in batched RocksDB reads of misses",
                 s.miss_read_seconds)
-        tables = {name: GaugeMetricFamily(f"shoal_table_{name}", doc, labels=["table_uid"])
-                  for name, doc in (("cache_bytes", "Memory for a table's rows here"),
-                                    ("cache_rows", "Rows its row cache holds at most"),
-                                    ("held_bytes", "Bytes of its rows held here (disk)"))}
-        counts = {name: CounterMetricFamily(f"shoal_table_{name}", doc, labels=["table_uid"])
-                  for name, doc in (("ids", "Ids read, as requests name them"),
-                                    ("misses", "Of those, read from RocksDB"),
-                                    ("miss_reads", "Batched RocksDB reads of misses"),
-                                    ("miss_seconds", "Time in them"),
-                                    ("evictions", "Rows evicted from its row cache"))}
+        per_table = {name: kind(f"shoal_table_{name}", doc, labels=["table_uid"])
+                     for kind, name, doc in (
+                         (GaugeMetricFamily, "cache_bytes", "Memory for a table's rows here"),
+                         (GaugeMetricFamily, "cache_rows", "Rows its row cache holds at most"),
+                         (GaugeMetricFamily, "held_bytes", "Bytes of its rows held here (disk)"),
+                         (CounterMetricFamily, "ids", "Ids read, as requests name them"),
+                         (CounterMetricFamily, "misses", "Of those, read from RocksDB"),
+                         (CounterMetricFamily, "miss_reads", "Batched RocksDB reads of misses"),
+                         (CounterMetricFamily, "miss_seconds", "Time in them"),
+                         (CounterMetricFamily, "evictions", "Rows evicted from its row cache"))}
         for tl in s.table_loads:
-            for name, fam in (*tables.items(), *counts.items()):
+            for name, fam in per_table.items():
                 fam.add_metric([str(tl.table_uid)], float(getattr(tl, name)))
-        yield from tables.values()
-        yield from counts.values()
+        yield from per_table.values()
         yield c("shoal_server_redirects", "Requests refused for a stale map", s.redirects)
         yield c("shoal_server_cpu_seconds", "CPU seconds used", s.cpu_seconds)
         per = CounterMetricFamily("shoal_partition_ids", "Ids (expert tokens) served per "
