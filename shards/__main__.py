@@ -49,8 +49,9 @@ async def serve(args) -> None:
     # that the read path's threads then share and grow (~190 MiB of RSS in bench/tiered.py).
     keep_heap()
     mem = store_memory(cfg.memory_budget_bytes, cfg.block_cache_bytes)
+    failpoints = Failpoints(data if cfg.failpoints else None)
     store = RocksRowStore(data, mem.block_cache, cfg.sst_threshold_rows,
-                          memtable_bytes=mem.memtable)
+                          memtable_bytes=mem.memtable, failpoints=failpoints)
     coord = pbg.CoordinatorStub(channel(args.coordinator))
 
     def fetch_map(known: int):
@@ -61,7 +62,7 @@ async def serve(args) -> None:
     spool_dir = cfg.spool_dir or default_spool_dir(data)
     os.makedirs(spool_dir, exist_ok=True)
     service = ShardService(args.server_id, store, cfg, fetch_map, spool_dir=spool_dir,
-                           failpoints=Failpoints(data if cfg.failpoints else None))
+                           failpoints=failpoints)
     server, address = make_aio_server(args.host, args.port, parsers=ShardServicer.PARSERS)
     builder = ReplicaBuilder(service, lambda req: coord.ReplicaReady(req, timeout=10),
                              cfg.rebuild_mib_per_s)
