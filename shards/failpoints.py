@@ -13,6 +13,8 @@ Points (where ``hit`` is called):
 - ``map.apply``: before the server fetches and applies a newer shard map, from any path (the
   heartbeat's map applier, a request routed at a newer version, a replica build). Held, the
   server keeps serving on the map it has, as one whose heartbeats are slow would.
+- ``map.fill``: a map makes partitions resident; their rows are read (outside the table's
+  locks), not yet copied into memory (under them).
 - ``store.ingest``: a bulk write's SST files are written and synced, not yet ingested (held,
   a kill leaves them behind: the store deletes such files when it opens, unacknowledged).
 

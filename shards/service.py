@@ -73,6 +73,9 @@ class HeldTable:
     # acknowledged write, so it refuses reads (UNAVAILABLE: the router asks another replica)
     # until a later entry applies after it (a catch-up filled the gap) or the copy is reset.
     missed: np.ndarray = None
+    # int64 [P]: rows of the partition stored or dropped (a count): a partition scanned outside
+    # the locks is rescanned under them if it changed meanwhile (``_scan_new``).
+    written: np.ndarray = None
     frozen: bool = False                # being split: writes wait for the cut-over
     loading: bool = False               # of a model version being loaded: takes Ingest
 
@@ -82,6 +85,8 @@ class HeldTable:
             self.looked_up = np.zeros(self.spec.num_partitions, np.int64)
         if self.missed is None:
             self.missed = np.zeros(self.spec.num_partitions, bool)
+        if self.written is None:
+            self.written = np.zeros(self.spec.num_partitions, np.int64)
 
     @property
     def no_parts(self) -> np.ndarray:
@@ -221,15 +226,22 @@ class ShardService(WritePath, ExpertPath):
             cache = self._sized_cache(table, plan.cache_rows)
             roles = self._roles(spec.num_partitions, held.get(uid, {}))
             left = np.flatnonzero((table.epochs > 0) & (roles[0] == 0))
+            scans = self._scan_new(table, [p for p in resident if not table.arena.resident(p)])
+            if scans:
+                self.failpoints.hit("map.fill")
             # A map's epochs and the arena's slots change together under the write lock, and
             # lookups check epochs and gather under the read lock: a lookup never passes the
             # check against one map and then reads a slot the next map released.
             with table.write_mutex, table.lock.write():
                 for p in table.arena.set_partitions(resident):
-                    ids, raw = self._store.scan_partition(uid, p)
-                    rows = torch.frombuffer(bytearray(raw), dtype=table.arena.dtype) if raw else None
-                    if rows is not None:
-                        table.arena.fill(p, ids, rows.view(-1, spec.dim))
+                    seen = scans.get(p)
+                    if seen is None or seen[0] != table.written[p]:   # changed since: again
+                        log.info("partition %d of table %r changed while it was read into "
+                                 "memory: read again under the lock", p, spec.name)
+                        seen = (0, *self._store.scan_partition(uid, p))
+                    if seen[2]:
+                        table.arena.fill(p, seen[1], torch.frombuffer(
+                            bytearray(seen[2]), dtype=table.arena.dtype).view(-1, spec.dim))
                 with table.cache_lock:
                     if cache is not None and left.size:
                         cache.drop_partitions(left)   # their copies may change before they return
@@ -254,6 +266,21 @@ class ShardService(WritePath, ExpertPath):
                 gone.leads = np.zeros_like(gone.epochs, dtype=bool)
         self._collect_garbage(specs, replication, sets, held)
         self._map_version = m.version
+
+    def _scan_new(self, table: HeldTable, partitions: list[int]) -> dict[int, tuple]:
+        """{partition: (its ``written`` count, ids, row bytes)}: the stored rows of partitions
+        about to become resident, read outside the table's locks (a RocksDB iterator, taken
+        between two writes, is a consistent view); reads and writes go on meanwhile."""
+        out = {}
+        for p in partitions:
+            with table.write_mutex:
+                seen = int(table.written[p])
+                snap = self._store.snapshot_partition(table.spec.table_uid, p)
+            try:
+                out[p] = (seen, *snap.read(None))
+            finally:
+                snap.close()
+        return out
 
     def _needs(self, layout, experts: set[int]) -> dict[int, tiers.TableNeed]:
         """What each table holds here, for ``tiers.plan``: an expert layer's partitions most
@@ -424,6 +451,7 @@ class ShardService(WritePath, ExpertPath):
                    rows: np.ndarray) -> None:
         """Copy stored (unique) rows into memory: the arena where their partitions are
         resident, the row cache where they are cached (write-through)."""
+        table.written[np.bincount(parts, minlength=table.spec.num_partitions) > 0] += 1
         if table.cache is not None:
             t = torch.from_numpy(np.require(rows, requirements=["C", "W"])).view(
                 table.arena.dtype)

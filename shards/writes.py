@@ -276,6 +276,7 @@ class WritePath:
         self._on_disk.add((uid, partition))
         table.log.reset(partition, -1, 0)
         table.missed[partition] = False
+        table.written[partition] += 1
         if table.arena.resident(partition):
             table.arena.clear(partition)
         if table.cache is not None:

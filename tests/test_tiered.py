@@ -468,3 +468,69 @@ def poll(cond, timeout_s: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_partitions_made_resident_are_read_outside_the_locks_and_never_older(tmp_path):
+    """In-process, on a real RocksDB: a map that leaves more memory to table ``a`` makes its
+    partitions resident. Their rows are read while writes go on (one lands between the read
+    and the copy into memory, held there with the ``map.fill`` failpoint), and what is served
+    from memory afterwards is the newer write, not the rows read before it."""
+    from embeddings.specs import TableSpec
+    from shards.failpoints import Failpoints, arm
+    from shards.service import ShardService
+    from shards.storage import RocksRowStore
+    from shoal.config import ShardServerConfig
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.wire import pack, unpack
+    P = 8
+    a = TableSpec("a", 40_000, 64, num_partitions=P, table_uid=1)          # 10 MB
+    b = TableSpec("b", 400_000, 64, num_partitions=P, table_uid=2)         # 100 MB
+
+    def shard_map(version, specs):
+        return pb.ShardMap(version=version, models=[pb.ModelSpec(
+            name="m", version=1, tables=[s.to_proto() for s in specs])],
+            servers=[pb.ServerInfo(server_id="s0", address="127.0.0.1:1", state="alive")],
+            partitions=[pb.ReplicaSet(table_uid=s.table_uid, partition=p, epoch=1,
+                                      replicas=["s0"]) for s in specs for p in range(P)])
+    maps = [shard_map(1, [a, b])]
+    reached = threading.Event()
+
+    class Watched(Failpoints):
+        def hit(self, name):
+            if name == "map.fill":
+                reached.set()
+            super().hit(name)
+    cfg = ShardServerConfig(memory_budget_bytes=tiers.budget_for_rows(12 << 20))
+    store = RocksRowStore(tmp_path / "s0", 8 << 20)
+    svc = ShardService("s0", store, cfg, lambda known: maps[-1] if maps[-1].version > known
+                       else None, failpoints=Watched(tmp_path))
+    routed = pb.PartitionEpochs(partitions=pack(np.arange(P, dtype=np.int32)),
+                                epochs=pack(np.ones(P, np.int64)))
+    ids = np.arange(a.num_embeddings)
+
+    def write(value, request_id):
+        svc.lead_write(pb.WriteRowsRequest(
+            map_version=1, table_uid=1, ids=pack(ids), routed=routed, request_id=request_id,
+            rows=pack(np.full((len(ids), 64), value, np.float32))))
+    try:
+        svc.refresh_map()
+        assert not svc.held(1).arena.resident(0)                # a row cache's share only
+        write(1.0, "w1")
+        maps.append(shard_map(2, [a]))                          # b is gone: a fits
+        arm(tmp_path, {"map.fill": "pause"})
+        applying = threading.Thread(target=svc.refresh_map)
+        applying.start()
+        assert reached.wait(30)
+        write(2.0, "w2")                                        # not held up by the map
+        arm(tmp_path, {})
+        applying.join(30)
+        assert svc.map_version == 2 and svc.held(1).arena.resident(0)
+        reply = svc.lookup_rows(pb.LookupRowsRequest(map_version=2, segments=[pb.RowsSegment(
+            table_uid=1, ids=pack(ids), routed=routed)]))
+        got = unpack(reply.rows[0], "rows", "float32", 2)
+        np.testing.assert_array_equal(got, np.full((len(ids), 64), 2.0, np.float32))
+        assert svc.reader.tables[1].misses == 0                 # all of it from memory
+    finally:
+        arm(tmp_path, {})
+        svc.reader.close()
+        store.close()
