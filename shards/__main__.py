@@ -7,6 +7,7 @@ answers), load the partitions the map gives this server, then answer requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pathlib
@@ -34,6 +35,7 @@ from shards.split import SplitBuilder
 from shards.spool import default_spool_dir
 from shards.storage import RocksRowStore
 from shards.tiers import store_memory
+from shards import warm
 
 log = logging.getLogger("shard")
 
@@ -94,11 +96,16 @@ async def serve(args) -> None:
                                               stop), daemon=True).start()
     threading.Thread(target=SplitBuilder(service, cfg.rebuild_mib_per_s).run, args=(stop,),
                      daemon=True, name="split-builder").start()
+    threading.Thread(target=_hot_sets, args=(service, data, cfg.hot_save_interval_s, stop),
+                     daemon=True, name="warmer").start()
     lag = asyncio.create_task(watch_loop_lag())
     await until_signalled()
     lag.cancel()
     stop.set()
     await server.stop(grace=1.0)
+    if cfg.hot_save_interval_s > 0:
+        with contextlib.suppress(Exception):
+            warm.save_hot(service, data)
     store.close()
 
 
@@ -149,6 +156,17 @@ def _heartbeat(coord, service: ShardService, register: pb.RegisterRequest, inter
                 log.warning("heartbeat failed: %s", e.code().name)
         except Exception:                                   # keep heartbeating whatever happens
             log.exception("heartbeat loop error")
+
+
+def _hot_sets(service: ShardService, data, interval: float, stop: threading.Event) -> None:
+    """Start the row caches from the hot sets saved before (a restart), then save them every
+    ``interval`` seconds (``shards.warm``)."""
+    warm.warm_from_files(service, data)
+    while interval > 0 and not stop.wait(interval):
+        try:
+            warm.save_hot(service, data)
+        except Exception:
+            log.exception("saving the row caches' hot sets failed")
 
 
 def _compact(service: ShardService, running: threading.Event) -> None:

@@ -25,6 +25,7 @@ from shoal.metrics import REPLICATION_LAG_ENTRIES
 from shoal.serving import channel
 from shoal.wire import unpack
 
+from shards import warm
 from shards.service import ShardService
 
 log = logging.getLogger("shard.replication")
@@ -79,6 +80,7 @@ class ReplicaBuilder:
                     entries = self._catch_up(stub, request, have)
                     if entries is None:
                         raise BuildFailed("the leader's log no longer reaches the snapshot")
+                warmed = self._warm(stub, request)
             finally:
                 ch.close()
             self._svc.count("builds_caught_up" if mode != "snapshot" else "builds_from_snapshot")
@@ -97,8 +99,8 @@ class ReplicaBuilder:
                 if reply is not None and reply.map_version:
                     self._svc.refresh_map(at_least=reply.map_version)
             log.info("built partition %s from %s (%s): %d rows copied, %d entries replayed, "
-                     "%.1fs", key, request.source_id, mode, copied, entries,
-                     time.monotonic() - t0)
+                     "%d hot rows cached, %.1fs", key, request.source_id, mode, copied, entries,
+                     warmed, time.monotonic() - t0)
         except Exception as e:            # the coordinator asks again after build_resend_s
             log.warning("building partition %s from %s failed: %s", key, request.source_id, e)
         finally:
@@ -107,6 +109,26 @@ class ReplicaBuilder:
                 REPLICATION_LAG_ENTRIES.remove(str(key[0]), str(key[1]))
             with self._lock:
                 self._running.discard(key)
+
+    def _warm(self, stub, request) -> int:
+        """Start this copy's share of the row cache with the leader's hot rows of the partition
+        (``shards.warm``); rows admitted. A failure costs only a cold start."""
+        try:
+            table = self._svc.held(request.table_uid)
+            with table.cache_lock:
+                if table.cache is None:
+                    return 0
+                share = table.cache.capacity // max(1, int((table.epochs > 0).sum()))
+            reply = stub.HotIds(pb.HotIdsRequest(table_uid=request.table_uid,
+                                                 partition=request.partition, max_ids=share,
+                                                 map_version=request.map_version),
+                                timeout=10)
+            return warm.warm(self._svc, table, unpack(reply.ids, "ids", "int64", 1),
+                             unpack(reply.scores, "scores", "int32", 1))
+        except Exception as e:
+            log.warning("no hot rows for partition %s from %s: %s",
+                        (request.table_uid, request.partition), request.source_id, e)
+            return 0
 
     def _pace(self, t0: float, nbytes: int) -> None:
         ahead = t0 + nbytes / self._bytes_per_s - time.monotonic()

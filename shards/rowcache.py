@@ -134,17 +134,33 @@ class RowCache:
         if self.policy == "lfu":
             self.score >>= 1
 
+    def hottest(self, limit: int, partitions=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of up to ``limit`` cached rows, the highest scores first; only those
+        of ``partitions`` if given (a warm start's hot set: ``shards.warm``)."""
+        held = self.keys >= 0
+        if partitions is not None:
+            mask = np.zeros(self.num_partitions, dtype=bool)
+            mask[np.asarray(list(partitions), dtype=np.int64)] = True
+            held &= mask[partition_of(np.where(held, self.keys, 0), self.num_partitions)]
+        ids, scores = self.keys[held], self.score[held]
+        if len(ids) > limit:
+            top = np.argpartition(-scores, limit - 1)[:limit]
+            ids, scores = ids[top], scores[top]
+        order = np.argsort(-scores, kind="stable")
+        return ids[order], scores[order]
+
     def frequency(self, ids: np.ndarray) -> np.ndarray:
         """The sketch's estimate of how often each id was read lately."""
         return self._sketch[self._sketch_index(ids)]
 
     # ------------------------------------------------------------ admission and writes
     def insert(self, ids: np.ndarray, rows: torch.Tensor, parts: np.ndarray | None = None,
-               since: np.ndarray | None = None) -> int:
+               since: np.ndarray | None = None, scores: np.ndarray | None = None) -> int:
         """Offer unique ``ids`` with their ``rows``; returns how many were cached. Ids cached
         meanwhile (another request's admission) are skipped. ``since``: each id's partition
         generation when its row was read (``parts`` the partitions): rows of partitions changed
-        since are not admitted (a write or a drop came after the read)."""
+        since are not admitted (a write or a drop came after the read). ``scores`` (lfu): the
+        ids' scores where another cache kept them (a warm start), in place of the sketch's."""
         if not ids.size or not self.sets:
             return 0
         fresh = ~self._match(ids)[2]
@@ -154,6 +170,7 @@ class RowCache:
             fresh &= current
         if not fresh.all():
             ids, rows = ids[fresh], rows[torch.from_numpy(np.flatnonzero(fresh))]
+            scores = scores[fresh] if scores is not None else None
             if not ids.size:
                 return 0
         order, ss, rank = ranked_in_sets(self._set_of(ids), self.ways)
@@ -167,7 +184,8 @@ class RowCache:
             admit = np.ones(len(ss), dtype=bool)
             new_score = np.full(len(ss), self._tick, dtype=np.int32)
         else:
-            freq = self.frequency(ids[order])
+            freq = self.frequency(ids[order]) if scores is None else \
+                np.asarray(scores, np.int64)[order]
             admit = ~victim_held | (freq >= victim_score)
             new_score = np.minimum(freq, MAX_SCORE).astype(np.int32)
         self.counters.rejected += int((~admit).sum())

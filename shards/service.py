@@ -38,7 +38,7 @@ from shards.memory import RWLock, TableArena
 from shards.reads import Reader
 from shards.replog import ReplicationLog
 from shards.rowcache import POLICIES, RowCache
-from shards import spool, tiers
+from shards import spool, tiers, warm
 from shards.storage import Positions, RowStore, StorageError, disk_full, key_array
 from shards.writes import WritePath
 
@@ -482,6 +482,27 @@ class ShardService(WritePath, ExpertPath):
     def held(self, uid: int) -> HeldTable:
         return self._table(uid)
 
+    def held_tables(self) -> dict[int, HeldTable]:
+        return dict(self._tables)
+
+    def complete_copies(self, uid: int) -> np.ndarray:
+        """bool [P]: partitions of table ``uid`` this server holds a complete copy of."""
+        table = self._table(uid)
+        with table.write_mutex:
+            done = table.log.seq >= 0
+            stored = np.zeros(table.spec.num_partitions, bool)
+            stored[[p for u, p in self._on_disk if u == uid]] = True
+        return done & stored
+
+    def hot_ids(self, request: pb.HotIdsRequest) -> pb.HotIdsReply:
+        """The ids this server's row cache holds of one partition, hottest first."""
+        table = self._table(request.table_uid)
+        if not 0 <= request.partition < table.spec.num_partitions:
+            raise InvalidArgument(f"partition: {request.partition} is not in [0, "
+                                  f"{table.spec.num_partitions})")
+        ids, scores = warm.hot_set(table, max(0, request.max_ids) or None, [request.partition])
+        return pb.HotIdsReply(ids=pack(ids), scores=pack(scores))
+
     def split_work(self) -> list[tuple[int, int, int]]:
         """(old uid, old partition, new uid) of every split build this server owes."""
         return list(self._split_work)
@@ -817,6 +838,9 @@ class ShardServicer(pbg.ShardServerServicer):
 
     async def Replicate(self, request, context):
         return await self._run(self._svc.replicate, request, context, in_thread=True)
+
+    async def HotIds(self, request, context):
+        return await self._run(self._svc.hot_ids, request, context, in_thread=True)
 
     async def CatchUp(self, request, context):
         return await self._run(self._svc.catch_up, request, context, in_thread=True)

@@ -28,6 +28,9 @@ class ShardServerConfig:
     arena_huge_pages: bool = False          # memory tier on transparent huge pages (see
                                             # shards.memory.allocate)
     heartbeat_interval_s: float = 0.5
+    # Each row cache's hot set is saved this often (and at a clean stop), and a restarted
+    # server's caches start from it (shards.warm); 0: never saved.
+    hot_save_interval_s: float = 30.0
     sst_threshold_rows: int = 50_000        # writes at least this large go through SST + ingest
     max_ids_per_request: int = 4_000_000    # per request; more is RESOURCE_EXHAUSTED
     max_expert_tokens: int = 1 << 20        # token rows per ExpertForward; more likewise

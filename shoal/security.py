@@ -80,7 +80,7 @@ RULES: dict[str, str | ByRequest] = {
     # Shard servers: the router's and peers' data paths; a loader ingests and verifies.
     S + "WriteRows": CLUSTER, S + "LookupRows": CLUSTER, S + "LookupPooled": CLUSTER,
     S + "ExpertForward": CLUSTER, S + "BuildReplica": CLUSTER, S + "ReadPartition": CLUSTER,
-    S + "Replicate": CLUSTER, S + "CatchUp": CLUSTER,
+    S + "Replicate": CLUSTER, S + "CatchUp": CLUSTER, S + "HotIds": CLUSTER,
     S + "Ingest": WRITE, S + "Checksums": WRITE, S + "Stats": QUERY,
     # Router: the clients' API.
     R + "Lookup": QUERY, R + "LookupRows": QUERY, R + "MoeForward": QUERY, R + "Predict": QUERY,

@@ -152,3 +152,25 @@ def test_hit_rate_on_zipf_traffic_is_near_an_ideal_cache(policy, floor):
         miss = ids[slots < 0]
         cache.insert(miss, torch.zeros(len(miss), 4))
     assert hit / total > floor, (policy, hit / total)
+
+
+def test_hottest_lists_cached_ids_by_score_and_scores_travel_with_a_warm_insert():
+    """``hottest``: the cached ids, highest score first, limited, and of given partitions only.
+    ``insert(scores=)``: warm rows take their given scores, and admission against a full set
+    compares those scores with the victims' (not the sketch, which has never seen them)."""
+    c = RowCache(num_partitions=4, dim=2, dtype=torch.float32, capacity=4, ways=4)  # one set
+    ids = np.array([8, 5, 2, 7], np.int64)
+    assert c.insert(ids, torch.arange(8.0).view(4, 2)) == 4
+    for reads in ([8, 5, 2], [8, 5], [8]):                 # scores: 8 -> 3, 5 -> 2, 2 -> 1, 7 -> 0
+        assert (c.find(np.array(reads, np.int64)) >= 0).all()
+    got, scores = c.hottest(10)
+    assert got.tolist() == [8, 5, 2, 7] and scores.tolist() == [3, 2, 1, 0]
+    assert c.hottest(2)[0].tolist() == [8, 5]
+    assert c.hottest(10, partitions=[1, 3])[0].tolist() == [5, 7]   # partition = id % 4
+    # A warm insert into the full set: 11 (score 5) evicts 7 (score 0); 13 (score 0) is not
+    # admitted over 2 (score 1); the sketch alone would have admitted neither.
+    assert c.insert(np.array([11, 13], np.int64), torch.ones(2, 2),
+                    scores=np.array([5, 0], np.int32)) == 1
+    got, scores = c.hottest(10)
+    assert got.tolist() == [11, 8, 5, 2] and scores.tolist() == [5, 3, 2, 1]
+    np.testing.assert_array_equal(c.rows[c.find(np.array([11], np.int64))].numpy(), [[1, 1]])

@@ -946,6 +946,26 @@ class CatchUpReply(_message.Message):
     head_seq: int
     def __init__(self, entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., attached: _Optional[bool] = ..., unavailable: _Optional[bool] = ..., head_seq: _Optional[int] = ...) -> None: ...
 
+class HotIdsRequest(_message.Message):
+    __slots__ = ("table_uid", "partition", "max_ids", "map_version")
+    TABLE_UID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    table_uid: int
+    partition: int
+    max_ids: int
+    map_version: int
+    def __init__(self, table_uid: _Optional[int] = ..., partition: _Optional[int] = ..., max_ids: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class HotIdsReply(_message.Message):
+    __slots__ = ("ids", "scores")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    scores: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class BuildReplicaRequest(_message.Message):
     __slots__ = ("table_uid", "partition", "epoch", "source_address", "map_version", "source_id")
     TABLE_UID_FIELD_NUMBER: _ClassVar[int]

@@ -849,6 +849,11 @@ class ShardServerStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.CatchUpRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.CatchUpReply.FromString,
                 _registered_method=True)
+        self.HotIds = channel.unary_unary(
+                '/shoal.v1.ShardServer/HotIds',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.HotIdsRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.HotIdsReply.FromString,
+                _registered_method=True)
 
 
 class ShardServerServicer:
@@ -920,6 +925,12 @@ class ShardServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HotIds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -977,6 +988,11 @@ def add_ShardServerServicer_to_server(servicer, server):
                     servicer.CatchUp,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.CatchUpRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.CatchUpReply.SerializeToString,
+            ),
+            'HotIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.HotIds,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.HotIdsRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.HotIdsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1276,6 +1292,33 @@ class ShardServer:
             '/shoal.v1.ShardServer/CatchUp',
             shoal_dot_proto_dot_shoal__pb2.CatchUpRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.CatchUpReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HotIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.ShardServer/HotIds',
+            shoal_dot_proto_dot_shoal__pb2.HotIdsRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.HotIdsReply.FromString,
             options,
             channel_credentials,
             insecure,
