@@ -30,7 +30,8 @@ from shoal.serving import (
 from shards.failpoints import Failpoints
 from shards.leader import Replicator
 from shards.replication import ReplicaBuilder
-from shards.service import ShardService, ShardServicer
+from shards.service import ShardService
+from shards.servicer import ShardServicer
 from shards.split import SplitBuilder
 from shards.spool import default_spool_dir
 from shards.storage import RocksRowStore

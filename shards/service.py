@@ -1,5 +1,8 @@
-"""The shard server's state and RPCs: the partitions it holds (from the shard map), lookups of
-rows and of pooled bags, and (through ``WritePath``) the replicated write path.
+"""The shard server's state: the tables and partitions it holds, the routing checks every
+request passes, storing rows (RocksDB, then memory), and its stats. Each path is a module of
+its own: applying the map (``shards.mapping``), lookups (``shards.reads``), the replicated write
+path (``shards.writes``, ``shards.leader``), bulk loads (``shards.ingest``), experts
+(``shards.experts``); the gRPC face is ``shards.servicer``.
 
 Durability: rows and each partition's replication position are durable in RocksDB
 (``RowStore``) before a write returns; the memory tier, the log of recent writes and the
@@ -7,103 +10,39 @@ held-partition table are soft state rebuilt from RocksDB and the coordinator's m
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import os
 import logging
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-import grpc
 import numpy as np
 import torch
 
-from embeddings.checksum import row_checksums
 from embeddings.partition import partition_of, rows_in_partition
 from embeddings.specs import TableSpec, check_ids
 from shoal.config import ShardServerConfig
-from shoal.errors import (InvalidArgument, ResourceExhausted, ShoalError, StaleMap, Unavailable,
-                          abort_async)
+from shoal.errors import InvalidArgument, ResourceExhausted, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
-from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.wire import WithTensor, pack, parse_with_tensor, unpack
+from shoal.wire import pack, unpack
 
+from shards import spool, tiers, warm
 from shards.experts import ExpertPath
 from shards.failpoints import Failpoints
-from shards.memory import RWLock, TableArena
+from shards.held import HeldTable
+from shards.ingest import IngestPath
+from shards.mapping import MapApplier
 from shards.reads import Reader
-from shards.replog import ReplicationLog
-from shards.rowcache import POLICIES, RowCache
-from shards import spool, tiers, warm
-from shards.storage import Positions, RowStore, StorageError, disk_full, key_array
+from shards.rowcache import POLICIES
+from shards.storage import Positions, RowStore
 from shards.writes import WritePath
 
 log = logging.getLogger("shard")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class HeldTable:
-    spec: TableSpec
-    epochs: np.ndarray                  # int64 [P]: epoch of each partition held here, 0 = not held
-    arena: TableArena
-    log: ReplicationLog
-    lock: RWLock = field(default_factory=RWLock)          # arena readers vs. arena writers
-    # The hottest rows, when the rows held here do not all fit in memory (shards.tiers); its
-    # lock is taken inside ``lock`` and ``write_mutex``, never around them.
-    cache: RowCache | None = None
-    cache_lock: threading.Lock = field(default_factory=threading.Lock)
-    write_mutex: threading.Lock = field(default_factory=threading.Lock)   # one writer of rows
-    # From the map (replaced whole under write_mutex): the partitions this server leads, the
-    # leader of each partition held, and per other server the partitions it follows or learns
-    # of those this server leads.
-    leads: np.ndarray = None
-    serves: np.ndarray = None           # bool [P]: a replica here (not a learner): may be read
-    leader_of: dict[int, str] = field(default_factory=dict)
-    peers: dict[str, np.ndarray] = field(default_factory=dict)
-    learners: dict[str, np.ndarray] = field(default_factory=dict)
-    # Soft, changed under write_mutex: learners caught up with this leader, which get every write.
-    attached: dict[str, np.ndarray] = field(default_factory=dict)
-    looked_up: np.ndarray = None        # int64 [P]: ids looked up per partition (load), cumulative
-    # bool [P]: this copy failed to store a leader's entry (a full disk): its rows may lack an
-    # acknowledged write, so it refuses reads (UNAVAILABLE: the router asks another replica)
-    # until a later entry applies after it (a catch-up filled the gap) or the copy is reset.
-    missed: np.ndarray = None
-    # int64 [P]: rows of the partition stored or dropped (a count): a partition scanned outside
-    # the locks is rescanned under them if it changed meanwhile (``_scan_new``).
-    written: np.ndarray = None
-    frozen: bool = False                # being split: writes wait for the cut-over
-    loading: bool = False               # of a model version being loaded: takes Ingest
-
-    def __post_init__(self):
-        self.all_partitions = np.arange(self.spec.num_partitions, dtype=np.int32)
-        if self.looked_up is None:
-            self.looked_up = np.zeros(self.spec.num_partitions, np.int64)
-        if self.missed is None:
-            self.missed = np.zeros(self.spec.num_partitions, bool)
-        if self.written is None:
-            self.written = np.zeros(self.spec.num_partitions, np.int64)
-
-    @property
-    def no_parts(self) -> np.ndarray:
-        return np.zeros(self.spec.num_partitions, dtype=bool)
-
-    def learner_mask(self, server: str) -> np.ndarray:
-        return self.learners.get(server, self.no_parts)
-
-    def attach(self, server: str, partition: int) -> None:
-        self.attached.setdefault(server, self.no_parts)[partition] = True
-
-    def detach(self, server: str, partition: int) -> None:
-        if server in self.attached:
-            self.attached[server][partition] = False
-
-
-class ShardService(WritePath, ExpertPath):
+class ShardService(MapApplier, IngestPath, WritePath, ExpertPath):
     def __init__(self, server_id: str, store: RowStore, config: ShardServerConfig,
                  fetch_map: Callable[[int], pb.ShardMap | None], spool_dir: str = "",
                  failpoints: Failpoints | None = None):
@@ -173,194 +112,10 @@ class ShardService(WritePath, ExpertPath):
         with self._promoting_cv:
             self._promoting_cv.wait_for(lambda: not keys & self._promoting, timeout)
 
-    # ------------------------------------------------------------ shard map
+    # ------------------------------------------------------------ shard map: shards.mapping
     @property
     def map_version(self) -> int:
         return self._map_version
-
-    def refresh_map(self, at_least: int = 0) -> None:
-        """Fetch and apply the coordinator's map unless ours is already at ``at_least``."""
-        with self._map_lock:
-            if at_least and self._map_version >= at_least:
-                return
-            self.failpoints.hit("map.apply")
-            m = self._fetch_map(self._map_version)
-            if m is not None:
-                t0 = time.perf_counter()
-                self._apply(m)
-                log.info("applied map version %d in %.1f ms", m.version,
-                         (time.perf_counter() - t0) * 1e3)
-        self._ready = True
-
-    def _apply(self, m: pb.ShardMap) -> None:
-        specs = {t.table_uid: TableSpec.from_proto(t) for md in m.models for t in md.tables}
-        replication = {t.table_uid: md.replication for md in m.models for t in md.tables}
-        sets = {(rs.table_uid, rs.partition): rs for rs in m.partitions}
-        held: dict[int, dict[int, pb.ReplicaSet]] = {}
-        for rs in m.partitions:
-            if self.server_id in rs.replicas or self.server_id in rs.learners:
-                held.setdefault(rs.table_uid, {})[rs.partition] = rs
-        self._addresses = {s.server_id: s.address for s in m.servers}
-        log_bytes = self.store_memory.log // max(1, len(held))
-        splits = {sp.table_uid: sp for sp in m.splits}
-        loading = {t.table_uid for md in m.models if md.state == "loading" for t in md.tables}
-        shadows = self._shadows(splits, held)
-        experts = {t.table_uid for md in m.models for t in md.tables
-                   if t.name in {el.table for el in md.expert_layers}}
-        layout = {}
-        for uid in sorted(held) + sorted(shadows):
-            spec = specs[uid] if uid in held else TableSpec.from_proto(shadows[uid][0])
-            parts = held[uid] if uid in held else {q: None for q in shadows[uid][1]}
-            layout[uid] = (spec, parts)
-        plans = tiers.plan(self._rows_budget, self._needs(layout, experts))
-        for uid, (spec, parts) in layout.items():
-            table = self._tables.get(uid)
-            if table is None:
-                arena = TableArena(spec.num_embeddings, spec.dim, TORCH_DTYPES[spec.dtype],
-                                   spec.num_partitions, self._cfg.arena_huge_pages)
-                seq, epoch = self._store.read_positions(uid, spec.num_partitions)
-                table = HeldTable(spec, np.zeros(spec.num_partitions, np.int64), arena,
-                                  ReplicationLog(seq, epoch, log_bytes))
-            plan = plans[uid]
-            resident = sorted(parts) if plan.resident_all else plan.resident
-            cache = self._sized_cache(table, plan.cache_rows)
-            roles = self._roles(spec.num_partitions, held.get(uid, {}))
-            left = np.flatnonzero((table.epochs > 0) & (roles[0] == 0))
-            scans = self._scan_new(table, [p for p in resident if not table.arena.resident(p)])
-            if scans:
-                self.failpoints.hit("map.fill")
-            # A map's epochs and the arena's slots change together under the write lock, and
-            # lookups check epochs and gather under the read lock: a lookup never passes the
-            # check against one map and then reads a slot the next map released.
-            with table.write_mutex, table.lock.write():
-                for p in table.arena.set_partitions(resident):
-                    seen = scans.get(p)
-                    if seen is None or seen[0] != table.written[p]:   # changed since: again
-                        log.info("partition %d of table %r changed while it was read into "
-                                 "memory: read again under the lock", p, spec.name)
-                        seen = (0, *self._store.scan_partition(uid, p))
-                    if seen[2]:
-                        table.arena.fill(p, seen[1], torch.frombuffer(
-                            bytearray(seen[2]), dtype=table.arena.dtype).view(-1, spec.dim))
-                with table.cache_lock:
-                    if cache is not None and left.size:
-                        cache.drop_partitions(left)   # their copies may change before they return
-                    table.cache = cache
-                (table.epochs, table.leads, table.serves, table.leader_of, table.peers,
-                 table.learners) = roles
-                table.attached = {s: a & table.learner_mask(s)
-                                  for s, a in table.attached.items() if s in table.learners}
-                table.log.set_budget(log_bytes)
-                table.frozen = uid in splits and splits[uid].frozen
-                table.loading = uid in loading
-            self._tables[uid] = table
-        self._split_work = [(uid, p, sp.new_table.table_uid) for uid, sp in sorted(splits.items())
-                            for p in sorted(held.get(uid, {}))
-                            if self.server_id in held[uid][p].replicas]
-        self._shadow = {(uid, q) for uid, (_, qs) in shadows.items() for q in qs}
-        for uid in set(self._tables) - set(held) - set(shadows):
-            gone = self._tables.pop(uid)
-            with gone.write_mutex, gone.lock.write():   # a request holding it is redirected
-                gone.epochs = np.zeros_like(gone.epochs)
-                gone.serves = np.zeros_like(gone.epochs, dtype=bool)
-                gone.leads = np.zeros_like(gone.epochs, dtype=bool)
-        self._collect_garbage(specs, replication, sets, held)
-        self._map_version = m.version
-
-    def _scan_new(self, table: HeldTable, partitions: list[int]) -> dict[int, tuple]:
-        """{partition: (its ``written`` count, ids, row bytes)}: the stored rows of partitions
-        about to become resident, read outside the table's locks (a RocksDB iterator, taken
-        between two writes, is a consistent view); reads and writes go on meanwhile."""
-        out = {}
-        for p in partitions:
-            with table.write_mutex:
-                seen = int(table.written[p])
-                snap = self._store.snapshot_partition(table.spec.table_uid, p)
-            try:
-                out[p] = (seen, *snap.read(None))
-            finally:
-                snap.close()
-        return out
-
-    def _needs(self, layout, experts: set[int]) -> dict[int, tiers.TableNeed]:
-        """What each table holds here, for ``tiers.plan``: an expert layer's partitions most
-        used first."""
-        needs = {}
-        for uid, (spec, parts) in layout.items():
-            ps = sorted(parts)
-            sizes = [rows_in_partition(spec.num_embeddings, spec.num_partitions, p) *
-                     spec.row_bytes for p in ps]
-            if uid in experts:
-                old = self._tables.get(uid)
-                used = old.looked_up if old is not None else np.zeros(spec.num_partitions)
-                order = sorted(range(len(ps)), key=lambda i: (-int(used[ps[i]]), ps[i]))
-                by_use = [(ps[i], sizes[i]) for i in order]
-            else:
-                by_use = []
-            needs[uid] = tiers.TableNeed(sum(sizes), spec.row_bytes, uid in experts, by_use)
-        return needs
-
-    def _sized_cache(self, table: HeldTable, rows: int) -> RowCache | None:
-        """The table's row cache for ``rows`` slots: the one it has if within 25% of that
-        (a cache is not rebuilt, and emptied, for a small change of share), else a new one."""
-        if rows < self._cfg.cache_ways:
-            return None
-        old = table.cache
-        if old is not None and abs(old.capacity - rows) <= rows // 4:
-            return old
-        spec = table.spec
-        return RowCache(spec.num_partitions, spec.dim, TORCH_DTYPES[spec.dtype], rows,
-                        ways=self._cfg.cache_ways, policy=self._cfg.cache_policy)
-
-    def _shadows(self, splits: dict[int, pb.Split], held) -> dict[int, tuple[pb.TableSpec,
-                                                                           list[int]]]:
-        """The doubled tables of splits this server builds: new uid -> (spec, the partitions p
-        and p + P for every old partition p it holds a replica of)."""
-        out = {}
-        for uid, sp in splits.items():
-            half = sp.new_table.num_partitions // 2
-            mine = [p for p, rs in held.get(uid, {}).items() if self.server_id in rs.replicas]
-            if mine:
-                out[sp.new_table.table_uid] = (sp.new_table,
-                                               sorted(mine + [p + half for p in mine]))
-        return out
-
-    def _roles(self, num_partitions: int, held: dict[int, pb.ReplicaSet]):
-        epochs = np.zeros(num_partitions, np.int64)
-        leads = np.zeros(num_partitions, bool)
-        serves = np.zeros(num_partitions, bool)
-        leader_of, peers, learners = {}, {}, {}
-        for p, rs in held.items():
-            epochs[p] = rs.epoch
-            serves[p] = self.server_id in rs.replicas
-            leader_of[p] = rs.replicas[0] if rs.replicas else ""
-            if leader_of[p] != self.server_id:
-                continue
-            leads[p] = True
-            for s in rs.replicas[1:]:
-                peers.setdefault(s, np.zeros(num_partitions, bool))[p] = True
-            for s in rs.learners:
-                learners.setdefault(s, np.zeros(num_partitions, bool))[p] = True
-        return epochs, leads, serves, leader_of, peers, learners
-
-    def _collect_garbage(self, specs, replication, sets, held) -> None:
-        """Delete the copies of partitions this server no longer holds once they are not
-        needed: the table is gone, or the partition has its full replica set elsewhere. (A copy
-        is kept until then: if this server is asked to rebuild it, it may only need to catch
-        up.)"""
-        for uid, p in sorted(self._on_disk):
-            if p in held.get(uid, {}) or (uid, p) in self._shadow:
-                continue
-            rs = sets.get((uid, p))
-            if uid in specs and (rs is None or len(rs.replicas) < replication[uid]):
-                continue
-            self._store.drop_partition(uid, p)
-            self._on_disk.discard((uid, p))
-            self._counters["dropped_partitions"] += 1
-            table = self._tables.get(uid)
-            if table is not None:
-                with table.write_mutex:
-                    table.log.reset(p, 0, 0)
 
     def _enter(self, map_version: int, refresh: bool = True) -> None:
         """Admit a request routed with ``map_version``. ``refresh``: first apply that map if it
@@ -543,161 +298,6 @@ class ShardService(WritePath, ExpertPath):
                 table.log.reset(q, at[1], at[2])
         return True
 
-    def ingest(self, request: pb.IngestRequest) -> pb.IngestReply:
-        """Store bulk rows of a loading version's table on this replica (see IngestRequest)."""
-        self._enter(request.map_version)
-        table = self._table(request.table_uid)
-        spec = table.spec
-        if not table.loading:
-            raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"table {spec.name!r} (table_uid {spec.table_uid}) is not of a "
-                             "loading version; Ingest only fills a version being loaded (use "
-                             "WriteRows)")
-        if len(request.files):
-            return self._ingest_spooled(table, request)
-        ids = unpack(request.ids, "ids", "int64", 1)
-        rows = request.tensor("rows", spec.dtype, 2) if isinstance(request, WithTensor) else \
-            unpack(request.rows, "rows", spec.dtype, 2)
-        if rows.shape != (len(ids), spec.dim):
-            raise InvalidArgument(f"rows: shape {list(rows.shape)} must be [{len(ids)}, "
-                                  f"{spec.dim}]")
-        check_ids(ids, spec, "ids")
-        if not (ids[1:] > ids[:-1]).all() and len(np.unique(ids)) != len(ids):
-            raise InvalidArgument("ids: must be unique within one ingest")   # (sorted: O(n))
-        if not len(ids):
-            return pb.IngestReply(rows=0)
-        lo, hi = (request.lo, request.hi) if request.hi else (int(ids.min()), int(ids.max()) + 1)
-        if not 0 <= lo < hi or ids.min() < lo or ids.max() >= hi:
-            raise InvalidArgument(f"lo, hi: ids span [{int(ids.min())}, {int(ids.max()) + 1}), "
-                                  f"which must lie within [lo, hi) = [{lo}, {hi}), lo >= 0")
-        parts = self._check(table, ids, request.routed)
-        # The files are written and synced outside the lock: the next chunk's are built while
-        # this one's wait for the disk. The routing is checked again under the lock.
-        prepared = self._store.prepare_ingest(spec.table_uid, parts, ids, rows, lo, hi)
-        return self._commit_ingest(table, ids, parts, rows, request.routed, prepared)
-
-    def _ingest_spooled(self, table: HeldTable, request: pb.IngestRequest) -> pb.IngestReply:
-        """Ingest's ``files`` form (``shards.spool``): each file checked and read, then linked
-        in; the rows read feed the ingest records and the memory tier."""
-        spec = table.spec
-        P, lo, hi = spec.num_partitions, int(request.lo), int(request.hi)
-        rows_given = request.given if isinstance(request, WithTensor) else \
-            request.HasField("rows")
-        if rows_given or request.HasField("ids"):
-            raise InvalidArgument("files: given with ids or rows; send one or the other")
-        if not 0 <= lo < hi <= spec.num_embeddings:
-            raise InvalidArgument(f"lo, hi: [{lo}, {hi}) must lie within [0, "
-                                  f"{spec.num_embeddings}) of table {spec.name!r}, lo < hi")
-        parts = np.array([f.partition for f in request.files], np.int64)
-        if parts.min() < 0 or parts.max() >= P or len(np.unique(parts)) != len(parts):
-            raise InvalidArgument(f"files: partitions {parts.tolist()} must be distinct, each "
-                                  f"in [0, {P})")
-        counts = spool.chunk_counts(lo, hi, parts, P)
-        if not counts.all():
-            raise InvalidArgument(f"files: [{lo}, {hi}) holds no id of partition "
-                                  f"{int(parts[np.argmin(counts)])}")
-        self._limit(int(counts.sum()))
-        per = [spool.chunk_ids(lo, hi, p, P) for p in parts.tolist()]
-        ids = np.concatenate(per)
-        routed_parts = self._check(table, ids, request.routed)
-        rows = np.empty((len(ids), spec.dim), spec.np_dtype)
-        raw = rows.view(np.uint8).reshape(len(ids), spec.row_bytes)
-        fds, at = [], 0
-        try:
-            for i, (f, p, n) in enumerate(zip(request.files, parts.tolist(), counts.tolist())):
-                fds.append(spool.open_spooled(self._spool_dir, f.path,
-                                              key_array(spec.table_uid, p, per[i]),
-                                              raw[at: at + n], f"files[{i}]"))
-                at += n
-            try:
-                prepared = self._store.prepare_linked_ingest(spec.table_uid, routed_parts, ids,
-                                                             rows, lo, hi, fds)
-            except OSError as e:        # another file system (EXDEV), a full disk
-                raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"files: cannot link {request.files[0].path!r} into "
-                                 f"{self.server_id}'s store: {e.strerror}") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return self._commit_ingest(table, ids, routed_parts, rows, request.routed, prepared)
-
-    def _commit_ingest(self, table: HeldTable, ids, parts, rows, routed,
-                       prepared) -> pb.IngestReply:
-        try:
-            self._commit_prepared(table, ids, parts, rows, routed, prepared)
-        finally:
-            prepared.discard()
-        self.last_bulk_write = time.monotonic()
-        return pb.IngestReply(rows=len(ids))
-
-    def _commit_prepared(self, table: HeldTable, ids, parts, rows, routed, prepared) -> None:
-        spec = table.spec
-        with table.write_mutex:         # the map (epochs, learners) cannot change meanwhile
-            self._check_routing(table, routed)
-            for server, learning in table.learners.items():
-                busy = learning[parts]
-                if busy.any():
-                    p = int(parts[np.flatnonzero(busy)[0]])
-                    raise ShoalError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"partition {p} of table {spec.name!r} has a copy being "
-                                     f"built on {server}: its rows must go through the "
-                                     "leader's write path (WriteRows), not Ingest")
-            mine = np.flatnonzero(np.bincount(parts, minlength=spec.num_partitions))
-            new = np.array([p for p in mine.tolist() if (spec.table_uid, p) not in self._on_disk],
-                           np.int64)
-            positions = (new, table.log.seq[new].copy(), table.log.epoch[new].copy()) \
-                if len(new) else None      # the position marks the copy as stored
-            try:
-                prepared.commit(positions)
-            except StorageError as e:
-                raise ShoalError(grpc.StatusCode.DATA_LOSS, f"ingest into table {spec.name!r} "
-                                 f"on {self.server_id}: {e}") from None
-            self._on_disk.update((spec.table_uid, int(p)) for p in new)
-            self._to_memory(table, parts, ids, rows)
-
-    def checksums(self, request: pb.ChecksumsRequest) -> pb.ChecksumsReply:
-        """Checksums of stored partitions (``embeddings.checksum``): from a partition's ingest
-        records if asked (``recorded``) and they account for it, else read from RocksDB."""
-        parts = np.asarray(request.partitions, dtype=np.int64)
-        if len(parts) > 65536 or (parts.size and parts.min() < 0):
-            raise InvalidArgument(f"partitions: {len(parts)} partitions, must be 0..65536 "
-                                  "values, each >= 0")
-        sums = np.zeros(len(parts), np.uint64)
-        counts = np.zeros(len(parts), np.int64)
-        scanned = np.zeros(len(parts), np.int32)
-        for i, p in enumerate(parts.tolist()):
-            if (request.table_uid, p) not in self._on_disk:
-                continue
-            got = self._recorded(request.table_uid, p) if request.recorded else None
-            if got is not None:
-                sums[i], counts[i] = got
-                continue
-            ids, raw = self._store.scan_partition(request.table_uid, p)
-            scanned[i] = 1
-            if len(ids):
-                rows = np.frombuffer(raw, np.uint8).reshape(len(ids), -1)
-                sums[i] = row_checksums(ids, rows).sum(dtype=np.uint64)
-                counts[i] = len(ids)
-        return pb.ChecksumsReply(checksums=pack(sums.view(np.int64)), rows=pack(counts),
-                                 scanned=pack(scanned))
-
-    def _recorded(self, table_uid: int, p: int) -> tuple[int, int] | None:
-        """(checksum, rows) of a partition from its ingest records, if they account for every
-        row it stores: no sequenced write ever touched it (its sequence is 0: a write through
-        the leader, a replayed log or an installed snapshot would have moved it or dropped the
-        records), and no two records overlap (ingests of different chunkings)."""
-        table = self._tables.get(table_uid)
-        if table is None or p >= table.spec.num_partitions:
-            return None
-        with table.write_mutex:
-            if int(table.log.seq[p]) != 0:
-                return None
-            rec = self._store.ingest_records(table_uid, p)
-        if not len(rec) or (rec["lo"][1:] < rec["hi"][:-1]).any():
-            return None
-        with np.errstate(over="ignore"):
-            return int(rec["checksum"].sum(dtype=np.uint64)), int(rec["rows"].sum())
-
     # ------------------------------------------------------------ lookups: shards.reads
     def _limit(self, n: int) -> None:
         if n > self._cfg.max_ids_per_request:
@@ -784,117 +384,3 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
-
-
-class ShardServicer(pbg.ShardServerServicer):
-    """The gRPC face of a ShardService on an asyncio server. Lookups run inline on the event
-    loop: each is a short burst of vectorised work, and inline avoids a thread hand-off per
-    request. Writes and copies, which touch RocksDB at length, run in threads."""
-
-    # Ingest's rows stay in the received bytes (parsing copies 16 MiB twice otherwise).
-    PARSERS = {"/shoal.v1.ShardServer/Ingest": parse_with_tensor(pb.IngestRequest, 4)}
-
-    def __init__(self, service: ShardService, replicator=None, builder=None):
-        """``replicator``: a ``shards.leader.Replicator`` (leads writes); ``builder``: a
-        ``shards.replication.ReplicaBuilder`` (builds replicas when asked)."""
-        self._svc = service
-        self._replicator = replicator
-        self._builder = builder
-
-    async def _run(self, fn, request, context, in_thread: bool = False, lazy: bool = False):
-        """Run ``fn(request)``. A request routed with a newer map first waits for this server
-        to fetch it (off the loop: other requests go on meanwhile), unless ``lazy``: then only a
-        StaleMap makes it fetch the map and try once more."""
-        try:
-            for attempt in (0, 1):
-                try:
-                    if not lazy and request.map_version > self._svc.map_version:
-                        await asyncio.to_thread(self._svc.refresh_map, request.map_version)
-                    if in_thread:
-                        return await asyncio.to_thread(fn, request)
-                    out = fn(request)
-                    return await out if inspect.isawaitable(out) else out
-                except StaleMap:
-                    if attempt or request.map_version <= self._svc.map_version:
-                        raise
-                    await asyncio.to_thread(self._svc.refresh_map, request.map_version)
-        except ShoalError as e:
-            await abort_async(context, e)
-        except Exception as e:
-            full = disk_full(e)
-            if full is None:
-                raise
-            # Nothing of the write is acknowledged (a RocksDB write batch or ingest is all or
-            # nothing); what was stored before stays readable.
-            await abort_async(context, ResourceExhausted(
-                f"server {self._svc.server_id}: disk full under {self._svc.store.path} "
-                f"({full}); the write was not stored. Free space there, or move data off "
-                "this server (server.disk_capacity_bytes, Drain)"))
-
-    async def WriteRows(self, request, context):
-        if self._replicator is None:
-            await abort_async(context, Unavailable("this server cannot lead writes"))
-        return await self._run(self._replicator.write, request, context)
-
-    async def Replicate(self, request, context):
-        return await self._run(self._svc.replicate, request, context, in_thread=True)
-
-    async def HotIds(self, request, context):
-        return await self._run(self._svc.hot_ids, request, context, in_thread=True)
-
-    async def CatchUp(self, request, context):
-        return await self._run(self._svc.catch_up, request, context, in_thread=True)
-
-    async def LookupRows(self, request, context):
-        return await self._run(self._svc.lookup_rows, request, context, lazy=True)
-
-    async def LookupPooled(self, request, context):
-        return await self._run(self._svc.lookup_pooled, request, context, lazy=True)
-
-    async def Stats(self, request, context):
-        return self._svc.stats()
-
-    async def Ingest(self, request, context):
-        return await self._run(self._svc.ingest, request, context, in_thread=True)
-
-    async def ExpertForward(self, request, context):
-        return await self._run(self._svc.expert_forward, request, context, in_thread=True,
-                               lazy=True)
-
-    async def Checksums(self, request, context):
-        try:
-            return await asyncio.to_thread(self._svc.checksums, request)
-        except ShoalError as e:
-            await abort_async(context, e)
-
-    async def BuildReplica(self, request, context):
-        if self._builder is None:
-            await abort_async(context, Unavailable("this server cannot build replicas"))
-        return pb.BuildReplicaReply(started=self._builder.start(request))
-
-    async def ReadPartition(self, request, context):
-        """Stream a consistent snapshot of the partition from a checkpoint, a chunk at a time,
-        each read only when the learner has taken the last one (flow control), so a paced copy
-        paces the leader too."""
-        n = int(request.chunk_rows) if request.chunk_rows > 0 else 8_192
-        try:
-            snap, seq, epoch = await asyncio.to_thread(
-                self._svc.open_snapshot, request.table_uid, request.partition,
-                request.map_version, request.learner)
-        except ShoalError as e:
-            await abort_async(context, e)
-            return
-        try:
-            spec = self._svc.spec(request.table_uid)
-            first = True
-            while True:
-                ids, raw = await asyncio.to_thread(snap.read, n)
-                rows = np.frombuffer(raw, dtype=spec.np_dtype).reshape(len(ids), spec.dim)
-                if first or len(ids):
-                    yield pb.PartitionChunk(ids=pack(ids), rows=pack(rows), snapshot_seq=seq,
-                                            snapshot_epoch=epoch)
-                first = False
-                if len(ids) < n:
-                    return
-        finally:
-            await asyncio.to_thread(snap.close)
