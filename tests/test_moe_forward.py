@@ -14,7 +14,7 @@ import torch
 import shoal
 from shoal.errors import ShoalError
 from tests.faults import errors_while_stopped
-from tests.test_experts import (D_MODEL, DTYPES, E, FIRM_MARGIN, FP32_ATOL, FP32_RTOL,
+from tests.test_experts import (D_FF, D_MODEL, DTYPES, E, FIRM_MARGIN, FP32_ATOL, FP32_RTOL,
                                 TOKEN_COUNTS, VARIANTS, assert_bf16_close, assert_not_worse,
                                 firm_hidden, lib_weights, make_hidden, make_refs, make_spec, random_routing)
 
@@ -268,3 +268,29 @@ def test_the_router_times_every_moe_stage(cluster):
         assert n == 2, stage
     assert value(after, "shoal_model_requests_total", model="moe32", version="1",
                  rpc="MoeForward", code="OK") >= 2
+
+
+def test_moe_forward_with_experts_partly_cold(tmp_path):
+    """Memory for about a third of the experts each server holds: ``moe_forward`` through the
+    router equals the reference Mixtral block at every token count, and the servers' counters
+    show experts served both from memory and from RocksDB."""
+    import time
+    from shards.tiers import budget_for_rows
+    expert_bytes = 3 * D_MODEL * D_FF * 4                       # gated: w1, w2, w3 in float32
+    held = E * 2 // 3                                           # replication 2 on 3 servers
+    cfg = shoal.ShoalConfig().replace(server__memory_budget_bytes=budget_for_rows(
+        expert_bytes * held // 3), server__heartbeat_interval_s=0.25)
+    ref32, _, _ = make_refs("mixtral")
+    with shoal.LocalCluster(servers=3, replication=2, config=cfg,
+                            data_dir=str(tmp_path / "c")) as c:
+        client = c.client(timeout=120)
+        client.put_expert_layers("cold", [(make_spec("mixtral", "float32"),
+                                           lib_weights(ref32))])
+        for T in TOKEN_COUNTS:
+            x = make_hidden(T, seed=20_000 + T)
+            _check(client.moe_forward("cold", "mixtral", x), "mixtral", "float32", x)
+        time.sleep(0.8)                                         # the servers' counters
+        for s in client.status().map.servers:
+            assert 0 < s.stats.resident_bytes < held * expert_bytes, s.stats
+            assert s.stats.cold_ids > 0, s.stats
+        client.close()
