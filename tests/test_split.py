@@ -12,7 +12,7 @@ import pytest
 import shoal
 from shoal.proto import shoal_pb2 as pb
 from tests.oracle import fill_from_oracle
-from tests.test_failover import Load, check_replicas, coordinator_map, fo_tables
+from tests.test_failover import DIM, ROWS, Load, check_replicas, coordinator_map, fo_tables
 
 
 # ---------------------------------------------------------------- coordinator (no servers)
@@ -134,9 +134,16 @@ def test_split_leaves_a_laggard_out_and_gives_up_a_freeze_that_lasts_too_long():
 
 @pytest.mark.timeout(300)
 def test_split_under_load_changes_no_answer(tmp_path):
+    """Both tables split under 4 query clients and a writer, with memory for an eighth of the
+    rows each server holds (8x more data than memory: a row cache, RocksDB behind it; the
+    all-resident case is ``test_split_survives_losing_a_server_midway``)."""
+    from shards import tiers
     read_cfg, write_cfg, oracle = fo_tables(seed=31)
+    held = 2 * ROWS * DIM * 4 * 2 // 3            # both tables, replication 2 on 3 servers
     conf = shoal.ShoalConfig().replace(server__heartbeat_interval_s=0.25,
-                                       server__rebuild_mib_per_s=32.0)
+                                       server__rebuild_mib_per_s=32.0,
+                                       server__memory_budget_bytes=tiers.budget_for_rows(
+                                           held // 8))
     with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path),
                             config=conf) as cluster:
         client = cluster.client()
@@ -154,6 +161,10 @@ def test_split_under_load_changes_no_answer(tmp_path):
             acked_after = len(load.acked)
         assert load.failures == []
         assert load.answered > 20 and acked_after > acked_before
+        for srv in client.status().map.servers:     # a row cache, and reads of RocksDB
+            loads = [tl for tl in srv.stats.table_loads if tl.ids]
+            assert loads and all(tl.cache_rows > 0 for tl in loads), srv.stats
+            assert srv.stats.cold_ids > 0, srv.stats
         m = coordinator_map(cluster)
         new = {t.name: t for t in m.models[0].tables}
         for table in ("tq", "tw"):
