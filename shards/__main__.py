@@ -54,7 +54,8 @@ async def serve(args) -> None:
     mem = store_memory(cfg.memory_budget_bytes, cfg.block_cache_bytes)
     failpoints = Failpoints(data if cfg.failpoints else None)
     store = RocksRowStore(data, mem.block_cache, cfg.sst_threshold_rows,
-                          memtable_bytes=mem.memtable, failpoints=failpoints)
+                          memtable_bytes=mem.memtable, failpoints=failpoints,
+                          mmap_reads=cfg.mmap_reads)
     coord = pbg.CoordinatorStub(channel(args.coordinator))
 
     def fetch_map(known: int):

@@ -20,6 +20,9 @@ class ShardServerConfig:
     block_cache_bytes: int = 64 << 20       # RocksDB block cache, at most 1/8 of the budget
     cache_policy: str = "lfu"               # row cache eviction: "lfu" (TinyLFU) or "lru"
     cache_ways: int = 8                     # row cache associativity (slots per set)
+    mmap_reads: bool = False                # RocksDB reads files through memory maps: less CPU
+                                            # a cold row than pread, but RSS holds the file pages
+                                            # read (shards.storage)
     read_chunks: int = 8                    # a request's misses: multi-gets run at once
                                             # (shards.reads: disk reads overlap)
     # Disk is the capacity (what placement counts): 0 = the file system's free space plus
