@@ -174,7 +174,7 @@ def _hot_sets(service: ShardService, data, interval: float, stop: threading.Even
 def _compact(service: ShardService, running: threading.Event) -> None:
     try:
         t0 = time.perf_counter()
-        done = service.store.compact_ingested()
+        done = service.store.compact_ingested(service.stored_bytes)
         if done:
             log.info("compacted bulk-loaded tables %s in %.1f s", done, time.perf_counter() - t0)
     except Exception:

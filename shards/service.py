@@ -312,6 +312,14 @@ class ShardService(MapApplier, IngestPath, WritePath, ExpertPath):
         return rows_in_partition(spec.num_embeddings, spec.num_partitions, partition) * \
             spec.row_bytes
 
+    def stored_bytes(self, table_uid: int) -> int:
+        """Bytes of the rows of the table's partitions stored here (every row counted)."""
+        try:
+            return sum(self.partition_bytes(u, p) for u, p in list(self._on_disk)
+                       if u == table_uid)
+        except Exception:               # a table no longer held
+            return 0
+
     def count(self, counter: str) -> None:
         self._counters[counter] += 1
 

@@ -235,7 +235,7 @@ class RowStore(abc.ABC):
         """Bytes of the store's files on disk."""
         return 0
 
-    def compact_ingested(self) -> list[int]:
+    def compact_ingested(self, needs=None) -> list[int]:
         """Rewrite the tables bulk-loaded since last time for point reads; their uids."""
         return []
 
@@ -589,7 +589,7 @@ class RocksRowStore(RowStore):
         """Note a table that took SST files: ``compact_ingested`` rewrites it later."""
         self._ingested.add(table_uid)
 
-    def compact_ingested(self) -> list[int]:
+    def compact_ingested(self, needs=None) -> list[int]:
         """Rewrite the key ranges of the tables that took SST files since last time, into
         RocksDB's own format; returns their uids. Shoal's own SST files (``shards.sst``) carry
         no bloom filter and 16 KiB blocks: a point read of them cost 25 us of CPU a key, of
@@ -599,13 +599,20 @@ class RocksRowStore(RowStore):
         its last level and a plain ``compact_range`` leaves them as they are (0.0 s): the
         rewrite is forced (``BottommostLevelCompaction.force``; 0.6-0.9 s per 128 MB here).
         rocksdict lets other threads run meanwhile (the longest pause of a 0.5 ms loop beside a
-        2.4 s compaction: 4.4 ms)."""
+        2.4 s compaction: 4.4 ms). ``needs(uid)``: the bytes a table's rewrite may take; a table
+        is left as it is when the disk has not 1.25x that free (a full disk stops RocksDB's
+        writes: reads of such a table stay slower instead)."""
         done = []
         opts = rocksdict.CompactOptions()
         opts.set_bottommost_level_compaction(rocksdict.BottommostLevelCompaction.force())
         opts.set_exclusive_manual_compaction(False)    # automatic compactions go on
         while self._ingested:
             uid = self._ingested.pop()
+            need = needs(uid) if needs is not None else 0
+            if need and self.disk_free() < 1.25 * need:
+                log.warning("not compacting table_uid %d: %.0f MiB free, its rewrite may take "
+                            "%.0f MiB", uid, self.disk_free() / 2**20, need / 2**20)
+                continue
             lo = np.array([(uid, 0, 0)], dtype=KEY_DTYPE).tobytes()
             hi = np.array([(uid + 1, 0, 0)], dtype=KEY_DTYPE).tobytes()
             log.info("compacting table_uid %d (it took SST files)", uid)

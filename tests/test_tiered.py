@@ -602,3 +602,27 @@ def test_a_restarted_server_and_a_moved_partition_start_with_the_hot_set(tmp_pat
             (steady, restarted, moved)
         assert "hot rows cached" in (pathlib.Path(new.data_dir) / "process.log").read_text()
         client.close()
+
+
+def test_a_rewrite_that_may_not_fit_the_disk_is_skipped(tmp_path, caplog):
+    """``compact_ingested`` rewrites a table that took SST files only while the disk has 1.25x
+    the table's bytes free (a full disk would stop RocksDB's writes); otherwise it says so and
+    leaves the table readable as it is."""
+    import logging
+    from embeddings.partition import partition_of
+    from shards.storage import RocksRowStore
+    store = RocksRowStore(tmp_path / "s", 8 << 20, sst_threshold_rows=1_000)
+    try:
+        ids = np.arange(5_000)
+        rows = np.random.default_rng(0).standard_normal((5_000, 8)).astype(np.float32)
+        for uid in (1, 2):
+            store.write_rows(uid, partition_of(ids, 4), ids, rows)      # SST + ingest
+        store.disk_free = lambda: 1_000_000
+        with caplog.at_level(logging.WARNING, logger="shard.storage"):
+            done = store.compact_ingested(lambda uid: {1: 10_000_000, 2: 100_000}[uid])
+        assert done == [2]
+        assert "not compacting table_uid 1: 1 MiB free, its rewrite may take 10 MiB" in caplog.text
+        got = np.frombuffer(store.read_rows(1, partition_of(ids, 4), ids, 32), np.float32)
+        np.testing.assert_array_equal(got.reshape(-1, 8), rows)
+    finally:
+        store.close()
