@@ -189,7 +189,7 @@ def check_replicas(m: pb.ShardMap, acked: list[tuple[np.ndarray, int]]) -> None:
                 np.testing.assert_array_equal(got, expected_rows(ok, last[ok]))
 
 
-@pytest.mark.parametrize("rounds,memory", [(5, "all"), (1, "eighth")])
+@pytest.mark.parametrize("rounds,memory", [(3, "all"), (1, "eighth")])
 def test_kill9_rounds_lose_no_query_and_no_acknowledged_write(tmp_path, rounds, memory):
     """Each round SIGKILLs a random server under load, waits until the replication factor is
     back (without it), then restarts it (it rejoins with its old copies, which are reused by
