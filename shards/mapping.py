@@ -7,6 +7,7 @@ routed at a newer version, a replica build).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from embeddings.partition import rows_in_partition
 from embeddings.specs import TableSpec
 from shoal.proto import shoal_pb2 as pb
 
-from shards import tiers
+from shards import tiers, warm
 from shards.held import TORCH_DTYPES, HeldTable
 from shards.memory import TableArena
 from shards.replog import ReplicationLog
@@ -59,7 +60,7 @@ class MapApplier:
         shadows = self._shadows(splits, held)
         experts = {t.table_uid for md in m.models for t in md.tables
                    if t.name in {el.table for el in md.expert_layers}}
-        layout = {}
+        layout, loaded = {}, []
         for uid in sorted(held) + sorted(shadows):
             spec = specs[uid] if uid in held else TableSpec.from_proto(shadows[uid][0])
             parts = held[uid] if uid in held else {q: None for q in shadows[uid][1]}
@@ -95,6 +96,8 @@ class MapApplier:
                         table.arena.fill(p, seen[1], torch.frombuffer(
                             bytearray(seen[2]), dtype=table.arena.dtype).view(-1, spec.dim))
                 with table.cache_lock:
+                    if cache is not None and table.cache is not None and cache is not table.cache:
+                        table.cache.carry_to(cache)   # a new share: keep the hottest rows
                     if cache is not None and left.size:
                         cache.drop_partitions(left)   # their copies may change before they return
                     table.cache = cache
@@ -104,7 +107,9 @@ class MapApplier:
                                   for s, a in table.attached.items() if s in table.learners}
                 table.log.set_budget(log_bytes)
                 table.frozen = uid in splits and splits[uid].frozen
-                table.loading = uid in loading
+                was_loading, table.loading = table.loading, uid in loading
+            if was_loading and not table.loading:
+                loaded.append(uid)
             self._tables[uid] = table
         self._split_work = [(uid, p, sp.new_table.table_uid) for uid, sp in sorted(splits.items())
                             for p in sorted(held.get(uid, {}))
@@ -118,6 +123,20 @@ class MapApplier:
                 gone.leads = np.zeros_like(gone.epochs, dtype=bool)
         self._collect_garbage(specs, replication, sets, held)
         self._map_version = m.version
+        self._inherit_hot_sets(m, loaded)
+
+    def _inherit_hot_sets(self, m: pb.ShardMap, loaded: list[int]) -> None:
+        """A version just loaded starts its row caches from the hot set of the same table in
+        the newest older version held here (``shards.warm``), in a thread of its own."""
+        owner = {t.table_uid: (md.name, md.version, t.name) for md in m.models for t in md.tables}
+        for uid in loaded:
+            name, version, table = owner[uid]
+            older = sorted((v, u) for u, (n, v, t) in owner.items()
+                           if n == name and t == table and v < version and u in self._tables)
+            if older and self._tables[uid].cache is not None:
+                threading.Thread(target=warm.inherit, daemon=True, name="warmer",
+                                 args=(self, self._tables[uid], self._tables[older[-1][1]])
+                                 ).start()
 
     def _scan_new(self, table: HeldTable, partitions: list[int]) -> dict[int, tuple]:
         """{partition: (its ``written`` count, ids, row bytes)}: the stored rows of partitions

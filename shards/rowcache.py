@@ -149,6 +149,20 @@ class RowCache:
         order = np.argsort(-scores, kind="stable")
         return ids[order], scores[order]
 
+    def carry_to(self, other: "RowCache") -> int:
+        """Offer ``other`` (this table's cache resized) this cache's rows, hottest first, with
+        their scores; returns how many it took. Caller holds the table's write mutex, so no
+        write-through falls between the two."""
+        held = self.keys >= 0
+        slots = np.flatnonzero(held.reshape(-1))
+        if not slots.size:
+            return 0
+        ids, scores = self.keys.reshape(-1)[slots], self.score.reshape(-1)[slots]
+        if slots.size > other.capacity:
+            top = np.argpartition(-scores, other.capacity - 1)[:other.capacity]
+            slots, ids, scores = slots[top], ids[top], scores[top]
+        return other.insert(ids, self.rows[torch.from_numpy(slots)], scores=scores)
+
     def frequency(self, ids: np.ndarray) -> np.ndarray:
         """The sketch's estimate of how often each id was read lately."""
         return self._sketch[self._sketch_index(ids)]

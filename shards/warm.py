@@ -9,7 +9,9 @@ Three ways a server comes to hold rows it has no cache for, and where each finds
 - **A new replica or a moved partition**: once its copy is complete, the learner asks the
   leader it copied from for the partition's hot ids (``HotIds``) and admits them the same way
   before it reports ready (``shards.replication``).
-- A new version of a model starts from its checkpoint and has no history: not warmed.
+- **A new version of a model**, once loaded: each table's cache starts from the hot set of the
+  same table in the version before it, if this server holds that (``inherit``): the hot ids of
+  a recommendation model change little between versions; the rows are the new version's.
 
 Admission is the read path's: rows read from this server's copy, offered with the partition
 generations taken before the read (``RowCache.insert(since=)``), so a write or a drop that
@@ -113,3 +115,20 @@ def warm_from_files(service, data_dir) -> int:
         except Exception:
             log.exception("warming the row cache from %s failed", f)
     return total
+
+
+def inherit(service, table, older) -> int:
+    """Start ``table``'s row cache (a version just loaded) with the hot set of ``older`` (the
+    same table in the version before); rows admitted."""
+    try:
+        t0 = time.perf_counter()
+        ids, scores = hot_set(older)
+        n = warm(service, table, ids, scores)
+        log.info("warm start: %d hot rows of table %r (table_uid %d) admitted from the version "
+                 "before (table_uid %d) in %.2f s", n, table.spec.name, table.spec.table_uid,
+                 older.spec.table_uid, time.perf_counter() - t0)
+        return n
+    except Exception:
+        log.exception("warming table_uid %d from table_uid %d failed", table.spec.table_uid,
+                      older.spec.table_uid)
+        return 0

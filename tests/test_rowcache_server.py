@@ -174,3 +174,20 @@ def test_hottest_lists_cached_ids_by_score_and_scores_travel_with_a_warm_insert(
     got, scores = c.hottest(10)
     assert got.tolist() == [11, 8, 5, 2] and scores.tolist() == [5, 3, 2, 1]
     np.testing.assert_array_equal(c.rows[c.find(np.array([11], np.int64))].numpy(), [[1, 1]])
+
+
+def test_a_resized_cache_keeps_the_hottest_rows_with_their_scores():
+    """``carry_to``: a table's cache replaced by one of another size (its share of the budget
+    changed) starts with the old one's hottest rows, their rows and scores unchanged."""
+    old = RowCache(num_partitions=4, dim=2, dtype=torch.float32, capacity=8, ways=8)
+    ids = np.arange(10, 18, dtype=np.int64)
+    assert old.insert(ids, torch.arange(16.0).view(8, 2)) == 8
+    for k in range(8):                                   # id 10 + k read k times
+        if k:
+            assert (old.find(ids[8 - k:]) >= 0).all()
+    new = RowCache(num_partitions=4, dim=2, dtype=torch.float32, capacity=4, ways=4)
+    assert old.carry_to(new) == 4
+    got, scores = new.hottest(10)
+    assert got.tolist() == [17, 16, 15, 14] and scores.tolist() == [7, 6, 5, 4]
+    rows = new.rows[torch.from_numpy(new.find(got))]
+    np.testing.assert_array_equal(rows.numpy(), np.arange(16.0).reshape(8, 2)[[7, 6, 5, 4]])

@@ -626,3 +626,57 @@ def test_a_rewrite_that_may_not_fit_the_disk_is_skipped(tmp_path, caplog):
         np.testing.assert_array_equal(got.reshape(-1, 8), rows)
     finally:
         store.close()
+
+
+def test_a_new_version_starts_with_the_hot_set_of_the_version_before(tmp_path):
+    """Two checkpoint loads of a model, memory for an eighth of the rows: once version 2 is
+    loaded, its row caches start from version 1's hot set (the same hot ids, version 2's rows):
+    its first batch of unique Zipf ids is mostly hits, where an empty cache would hit none, and
+    every answer is version 2's row."""
+    from shoal.proto import shoal_pb2 as pb
+    from shoal.proto import shoal_pb2_grpc as pbg
+    from shoal.serving import channel
+    from tests.ckpt_fixtures import write_safetensors
+    rows, dim = 200_000, 64
+    cfg = shoal.ShoalConfig().replace(
+        server__memory_budget_bytes=tiers.budget_for_rows(rows * dim * 4 // 2 // 8),
+        server__heartbeat_interval_s=0.25)
+    weights = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(v))
+               for v in (1, 2)]
+    paths = [write_safetensors(str(tmp_path / f"v{v}.safetensors"),
+                               {"x.embedding_bags.t.weight": w}) for v, w in enumerate(weights)]
+    rng = np.random.default_rng(8)
+
+    def batch(client, weight):
+        ids = np.unique(zipf_ids(rng, rows, 30_000, a=1.05))
+        np.testing.assert_array_equal(
+            client.lookup_rows("w", "t", torch.from_numpy(ids)).numpy(), weight[ids].numpy())
+
+    def counts(cluster):
+        out = np.zeros(2, np.int64)
+        for s in cluster.servers:
+            ch = channel(s.address)
+            try:
+                st = pbg.ShardServerStub(ch).Stats(pb.StatsRequest(), timeout=10)
+                out += (st.ids_looked_up, st.cold_ids)
+            finally:
+                ch.close()
+        return out
+
+    with shoal.LocalCluster(servers=2, replication=1, config=cfg,
+                            data_dir=str(tmp_path / "c")) as c:
+        client = c.client(timeout=60)
+        client.load(paths[0], model="w")
+        for _ in range(10):
+            batch(client, weights[0])
+        assert client.load(paths[1], model="w").version == 2
+        for s in c.servers:
+            log = pathlib.Path(s.data_dir) / "process.log"
+            poll(lambda: "admitted from the version before" in log.read_text(), 30,
+                 f"{s.server_id}'s warm start of version 2")
+        before = counts(c)
+        batch(client, weights[1])
+        ids, cold = counts(c) - before
+        print(f"version 2's first batch: hit rate {1 - cold / ids:.2f}")
+        assert ids > 0 and 1 - cold / ids > 0.25, (ids, cold)
+        client.close()
