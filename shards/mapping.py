@@ -79,6 +79,11 @@ class MapApplier:
             cache = self._sized_cache(table, plan.cache_rows)
             roles = self._roles(spec.num_partitions, held.get(uid, {}))
             left = np.flatnonzero((table.epochs > 0) & (roles[0] == 0))
+            old, carried = table.cache, None
+            if cache is not None and old is not None and cache is not old:
+                with table.cache_lock:            # a new share: keep the hottest rows
+                    carried = old.generation.copy()
+                old.carry_to(cache, table.cache_lock)
             scans = self._scan_new(table, [p for p in resident if not table.arena.resident(p)])
             if scans:
                 self.failpoints.hit("map.fill")
@@ -96,8 +101,10 @@ class MapApplier:
                         table.arena.fill(p, seen[1], torch.frombuffer(
                             bytearray(seen[2]), dtype=table.arena.dtype).view(-1, spec.dim))
                 with table.cache_lock:
-                    if cache is not None and table.cache is not None and cache is not table.cache:
-                        table.cache.carry_to(cache)   # a new share: keep the hottest rows
+                    changed = np.flatnonzero(old.generation != carried) if carried is not None \
+                        else ()
+                    if len(changed):              # written or dropped since the carry
+                        cache.drop_partitions(changed)
                     if cache is not None and left.size:
                         cache.drop_partitions(left)   # their copies may change before they return
                     table.cache = cache

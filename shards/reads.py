@@ -310,19 +310,22 @@ class Reader:
                    dtype: torch.dtype) -> torch.Tensor:
         """The stored rows of ``ids`` (unique), as a ``[n, dim]`` tensor: the keys in key order,
         split into up to READ_CHUNKS multi-gets read at once."""
-        n = len(ids)
+        n, row_bytes = len(ids), spec.row_bytes
+        out = torch.empty((n, spec.dim), dtype=dtype)
+        dst = out.view(torch.uint8).numpy()       # the rows' bytes, copied in once
         k = min(self._chunks, n // CHUNK_KEYS)
         if k <= 1:
-            raw = self._store.read_rows(spec.table_uid, parts, ids, spec.row_bytes)
-            return torch.frombuffer(bytearray(raw), dtype=dtype).view(-1, spec.dim)
+            dst[:] = np.frombuffer(self._store.read_rows(spec.table_uid, parts, ids, row_bytes),
+                                   np.uint8).reshape(n, row_bytes)
+            return out
         order = np.lexsort((ids, parts))           # key order: neighbours share blocks
-        cuts = np.linspace(0, n, k + 1).astype(np.int64)
+        cuts = np.linspace(0, n, k + 1).astype(np.int64).tolist()
+        bounds = list(zip(cuts[:-1], cuts[1:]))
         futures = [self._io.submit(self._store.read_rows, spec.table_uid,
-                                   parts[order[a:b]], ids[order[a:b]], spec.row_bytes)
-                   for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
-        out = torch.empty((n, spec.dim), dtype=dtype)
-        out[torch.from_numpy(order)] = torch.frombuffer(
-            bytearray(b"".join(f.result() for f in futures)), dtype=dtype).view(-1, spec.dim)
+                                   parts[order[a:b]], ids[order[a:b]], row_bytes)
+                   for a, b in bounds]
+        for (a, b), f in zip(bounds, futures):
+            dst[order[a:b]] = np.frombuffer(f.result(), np.uint8).reshape(b - a, row_bytes)
         return out
 
     def read_now(self, table, ids: np.ndarray, parts: np.ndarray) -> tuple[torch.Tensor,

@@ -27,6 +27,7 @@ counts those changes per partition, so a read that began before one does not adm
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ from embeddings.setassoc import GOLDEN, ranked_in_sets, set_of
 _SKETCH_SEED = np.uint64(0xC2B2AE3D27D4EB4F)
 POLICIES = ("lfu", "lru")
 MAX_SCORE = np.iinfo(np.int32).max
+CARRY_CHUNK = 16_384        # rows copied per hold of the lock by carry_to
 AGING_READS = 10            # lfu scores and the sketch halve every this many reads a slot
                             # (40 and 160 gave the same hit rates)
 
@@ -137,31 +139,27 @@ class RowCache:
     def hottest(self, limit: int, partitions=None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of up to ``limit`` cached rows, the highest scores first; only those
         of ``partitions`` if given (a warm start's hot set: ``shards.warm``)."""
-        held = self.keys >= 0
-        if partitions is not None:
-            mask = np.zeros(self.num_partitions, dtype=bool)
-            mask[np.asarray(list(partitions), dtype=np.int64)] = True
-            held &= mask[partition_of(np.where(held, self.keys, 0), self.num_partitions)]
-        ids, scores = self.keys[held], self.score[held]
-        if len(ids) > limit:
-            top = np.argpartition(-scores, limit - 1)[:limit]
-            ids, scores = ids[top], scores[top]
-        order = np.argsort(-scores, kind="stable")
-        return ids[order], scores[order]
+        slots = top_slots(self.keys, self.score, limit, self.num_partitions, partitions)
+        return self.keys.reshape(-1)[slots], self.score.reshape(-1)[slots]
 
-    def carry_to(self, other: "RowCache") -> int:
-        """Offer ``other`` (this table's cache resized) this cache's rows, hottest first, with
-        their scores; returns how many it took. Caller holds the table's write mutex, so no
-        write-through falls between the two."""
-        held = self.keys >= 0
-        slots = np.flatnonzero(held.reshape(-1))
-        if not slots.size:
-            return 0
-        ids, scores = self.keys.reshape(-1)[slots], self.score.reshape(-1)[slots]
-        if slots.size > other.capacity:
-            top = np.argpartition(-scores, other.capacity - 1)[:other.capacity]
-            slots, ids, scores = slots[top], ids[top], scores[top]
-        return other.insert(ids, self.rows[torch.from_numpy(slots)], scores=scores)
+    def carry_to(self, other: "RowCache", lock=None) -> int:
+        """Offer ``other`` (this table's cache resized, not yet in use) this cache's rows,
+        hottest first, with their scores; returns how many it took. ``lock`` (this cache's) is
+        held only to copy keys and scores, then the chosen rows (a slot refilled meanwhile is
+        skipped): the choosing and the inserting run outside it. Writes that land meanwhile are
+        the caller's to reconcile (``generation``; ``shards.mapping``)."""
+        lock = lock or contextlib.nullcontext()
+        with lock:
+            keys, score = self.keys.reshape(-1).copy(), self.score.reshape(-1).copy()
+        slots = top_slots(keys, score, other.capacity, self.num_partitions)
+        taken = 0
+        for a in range(0, len(slots), CARRY_CHUNK):       # the lock held ~2 ms at a time
+            chunk = slots[a:a + CARRY_CHUNK]
+            with lock:
+                chunk = chunk[self.keys.reshape(-1)[chunk] == keys[chunk]]
+                rows = self.rows[torch.from_numpy(chunk)]
+            taken += other.insert(keys[chunk], rows, scores=score[chunk])
+        return taken
 
     def frequency(self, ids: np.ndarray) -> np.ndarray:
         """The sketch's estimate of how often each id was read lately."""
@@ -236,3 +234,21 @@ class RowCache:
         self.keys[drop] = -1
         self.score[drop] = 0
         return int(drop.sum())
+
+
+def top_slots(keys: np.ndarray, score: np.ndarray, limit: int, num_partitions: int,
+              partitions=None) -> np.ndarray:
+    """Flat slots of up to ``limit`` cached rows (``keys`` >= 0), the highest ``score`` first;
+    only rows of ``partitions`` if given. Pure: works on a copy of a cache's keys and scores
+    taken under its lock (``shards.warm.hot_set``) as on the cache itself."""
+    keys, score = keys.reshape(-1), score.reshape(-1)
+    held = keys >= 0
+    if partitions is not None:
+        mask = np.zeros(num_partitions, dtype=bool)
+        mask[np.asarray(list(partitions), dtype=np.int64)] = True
+        held &= mask[partition_of(np.where(held, keys, 0), num_partitions)]
+    slots = np.flatnonzero(held)
+    if len(slots) > limit:
+        slots = slots[np.argpartition(-score[slots], limit - 1)[:limit]] if limit > 0 else \
+            slots[:0]
+    return slots[np.argsort(-score[slots], kind="stable")]

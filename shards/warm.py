@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from embeddings.partition import partition_of
+from shards.rowcache import top_slots
 
 log = logging.getLogger("shard.warm")
 CHUNK = 4096
@@ -40,11 +41,14 @@ def hot_dir(data_dir) -> pathlib.Path:
 
 def hot_set(table, limit: int | None = None, partitions=None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) the table's row cache holds, hottest first (none without a cache)."""
-    with table.cache_lock:
+    with table.cache_lock:                  # copies only: lookups wait on this lock
         cache = table.cache
         if cache is None:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        return cache.hottest(cache.capacity if limit is None else limit, partitions)
+        keys, score = cache.keys.copy(), cache.score.copy()
+        limit = cache.capacity if limit is None else limit
+    slots = top_slots(keys, score, limit, table.spec.num_partitions, partitions)
+    return keys.reshape(-1)[slots], score.reshape(-1)[slots]
 
 
 def save_hot(service, data_dir) -> int:

@@ -174,23 +174,23 @@ class ServerCollector:
         yield g("shoal_server_memory_tier_hit_ratio", "Share of the ids served that the "
                 "memory tier held, since the server started",
                 1.0 - s.cold_ids / s.ids_looked_up if s.ids_looked_up else 1.0)
-        yield g("shoal_server_memory_budget_bytes", "The server's memory budget",
-                s.memory_budget_bytes)
-        yield g("shoal_server_store_memory_bytes", "RocksDB's block cache and write buffers "
-                "and the replication log's cap, as sized from the budget", s.store_memory_bytes)
-        yield g("shoal_server_row_cache_bytes", "Row caches (slots, keys, scores, sketches)",
-                s.cache_bytes)
-        yield g("shoal_server_disk_bytes", "RocksDB's files on disk", s.disk_bytes)
-        yield g("shoal_server_disk_capacity_bytes", "What this server may hold on disk",
-                s.disk_capacity_bytes)
-        yield c("shoal_server_cache_evictions", "Rows evicted from row caches",
-                s.cache_evictions)
-        yield c("shoal_server_cache_rejected", "Misses the row caches' policy did not admit",
-                s.cache_rejected)
-        yield c("shoal_server_admissions_dropped", "Batches of misses not offered to a row "
-                "cache (admission behind)", s.admissions_dropped)
-        yield c("shoal_server_miss_read_seconds", "Time in batched RocksDB reads of misses",
-                s.miss_read_seconds)
+        for make, name, doc, value in (
+                (g, "memory_budget_bytes", "The server's memory budget", s.memory_budget_bytes),
+                (g, "store_memory_bytes", "RocksDB's block cache and write buffers and the "
+                 "replication log's cap, as sized from the budget", s.store_memory_bytes),
+                (g, "row_cache_bytes", "Row caches (slots, keys, scores, sketches)",
+                 s.cache_bytes),
+                (g, "disk_bytes", "RocksDB's files on disk", s.disk_bytes),
+                (g, "disk_capacity_bytes", "What this server may hold on disk",
+                 s.disk_capacity_bytes),
+                (c, "cache_evictions", "Rows evicted from row caches", s.cache_evictions),
+                (c, "cache_rejected", "Misses the row caches' policy did not admit",
+                 s.cache_rejected),
+                (c, "admissions_dropped", "Batches of misses not offered to a row cache "
+                 "(admission behind)", s.admissions_dropped),
+                (c, "miss_read_seconds", "Time in batched RocksDB reads of misses",
+                 s.miss_read_seconds)):
+            yield make(f"shoal_server_{name}", doc, value)
         per_table = {name: kind(f"shoal_table_{name}", doc, labels=["table_uid"])
                      for kind, name, doc in (
                          (GaugeMetricFamily, "cache_bytes", "Memory for a table's rows here"),
