@@ -40,9 +40,52 @@ MISS_READERS = 4                 # threads finishing requests with misses
 # and a cold block is a disk read. Measured here (700 random keys of 4 x 500k rows, the page
 # cache dropped): 81 us a key as one multi-get, 28 as 4, 19 as 8, 15 as 16; read through the
 # block cache or the page cache, 5-6 us a key either way.
+# That fan-out pays only when reads wait for the disk: read from the page cache on a busy
+# 2-core server, one multi-get per request served 1.02-1.19 M ids/s against 0.81 with 8
+# (bench/tiered.py at 1/8 memory), every thread hand-off costing CPU the lookups need.
+# ``ReadFanout`` decides from the reads' own speed.
 READ_CHUNKS = 8
 CHUNK_KEYS = 32
 IO_THREADS = 16
+SLOW_US_PER_KEY = 30.0           # one multi-get slower than this a key: the disk is being read
+PROBE_EVERY = 16                 # while fanned out, every 16th read is one multi-get again
+
+
+class ReadFanout:
+    """How many multi-gets a read of ``n`` keys is split into. One, while single multi-gets
+    run at page-cache speed (5-15 us a key here, busy or not); up to ``max_chunks`` while they
+    are slower than ``SLOW_US_PER_KEY`` (a cold disk: 57-100 us a key as one multi-get, 19 as
+    8 at once). The speed is a moving average of single multi-gets only (a fanned-out read's
+    time says little of a single one's), so while fanned out every ``PROBE_EVERY``-th read
+    goes single to measure it again. Thread-safe enough: a race costs one read's choice."""
+
+    def __init__(self, max_chunks: int, alpha: float = 0.2):
+        self.max_chunks = max(1, max_chunks)
+        self.alpha = alpha
+        self.us_per_key = 0.0        # single multi-gets, moving average
+        self._reads = 0
+
+    @property
+    def fanned(self) -> bool:
+        return self.us_per_key > SLOW_US_PER_KEY
+
+    def chunks(self, n: int) -> int:
+        k = min(self.max_chunks, n // CHUNK_KEYS)
+        if k <= 1 or not self.fanned:
+            return 1
+        self._reads += 1
+        return 1 if self._reads % PROBE_EVERY == 0 else k
+
+    def observe(self, n: int, chunks: int, seconds: float) -> None:
+        """A read of ``n`` keys as ``chunks`` multi-gets took ``seconds``."""
+        if chunks == 1 and n >= CHUNK_KEYS:
+            was = self.fanned
+            us = seconds * 1e6 / n
+            self.us_per_key += self.alpha * (us - self.us_per_key) if self.us_per_key else us
+            if self.fanned != was:
+                log.info("cold reads at %.1f us a key: %s", self.us_per_key,
+                         f"split into up to {self.max_chunks} multi-gets" if self.fanned
+                         else "one multi-get each")
 
 
 @dataclass
@@ -138,7 +181,7 @@ class Reader:
 
     def __init__(self, service, store, counters: dict, read_chunks: int = READ_CHUNKS):
         self._svc = service
-        self._chunks = max(1, read_chunks)
+        self.fanout = ReadFanout(read_chunks)
         self._store = store
         self._counters = counters
         self.tables: dict[int, TableReads] = {}
@@ -308,15 +351,18 @@ class Reader:
 
     def read_store(self, spec, parts: np.ndarray, ids: np.ndarray,
                    dtype: torch.dtype) -> torch.Tensor:
-        """The stored rows of ``ids`` (unique), as a ``[n, dim]`` tensor: the keys in key order,
-        split into up to READ_CHUNKS multi-gets read at once."""
+        """The stored rows of ``ids`` (unique), as a ``[n, dim]`` tensor: one multi-get, or
+        (``ReadFanout``: while the disk is being read) the keys in key order split into up to
+        READ_CHUNKS multi-gets read at once."""
         n, row_bytes = len(ids), spec.row_bytes
         out = torch.empty((n, spec.dim), dtype=dtype)
         dst = out.view(torch.uint8).numpy()       # the rows' bytes, copied in once
-        k = min(self._chunks, n // CHUNK_KEYS)
+        k = self.fanout.chunks(n)
+        t0 = time.perf_counter()
         if k <= 1:
             dst[:] = np.frombuffer(self._store.read_rows(spec.table_uid, parts, ids, row_bytes),
                                    np.uint8).reshape(n, row_bytes)
+            self.fanout.observe(n, 1, time.perf_counter() - t0)
             return out
         order = np.lexsort((ids, parts))           # key order: neighbours share blocks
         cuts = np.linspace(0, n, k + 1).astype(np.int64).tolist()
@@ -326,6 +372,7 @@ class Reader:
                    for a, b in bounds]
         for (a, b), f in zip(bounds, futures):
             dst[order[a:b]] = np.frombuffer(f.result(), np.uint8).reshape(b - a, row_bytes)
+        self.fanout.observe(n, k, time.perf_counter() - t0)
         return out
 
     def read_now(self, table, ids: np.ndarray, parts: np.ndarray) -> tuple[torch.Tensor,

@@ -23,7 +23,7 @@ class ShardServerConfig:
     mmap_reads: bool = False                # RocksDB reads files through memory maps: less CPU
                                             # a cold row than pread, but RSS holds the file pages
                                             # read (shards.storage)
-    read_chunks: int = 8                    # a request's misses: multi-gets run at once
+    read_chunks: int = 8                    # a request's misses: most multi-gets at once (disk-bound)
                                             # (shards.reads: disk reads overlap)
     # Disk is the capacity (what placement counts): 0 = the file system's free space plus
     # what the store holds, measured at start.

@@ -191,3 +191,24 @@ def test_a_resized_cache_keeps_the_hottest_rows_with_their_scores():
     assert got.tolist() == [17, 16, 15, 14] and scores.tolist() == [7, 6, 5, 4]
     rows = new.rows[torch.from_numpy(new.find(got))]
     np.testing.assert_array_equal(rows.numpy(), np.arange(16.0).reshape(8, 2)[[7, 6, 5, 4]])
+
+
+def test_cold_reads_fan_out_only_while_single_multi_gets_are_disk_slow():
+    from shards.reads import CHUNK_KEYS, PROBE_EVERY, SLOW_US_PER_KEY, ReadFanout
+    f = ReadFanout(8, alpha=0.5)
+    assert f.chunks(4096) == 1                      # nothing measured: one multi-get
+    f.observe(1000, 1, 1000 * 8e-6)                 # page-cache speed: 8 us a key
+    assert f.us_per_key == pytest.approx(8.0) and f.chunks(4096) == 1
+    for _ in range(6):                              # the disk: 90 us a key
+        f.observe(1000, 1, 1000 * 90e-6)
+    assert f.fanned and f.us_per_key > SLOW_US_PER_KEY
+    assert f.chunks(4096) == 8 and f.chunks(3 * CHUNK_KEYS) == 3 and f.chunks(CHUNK_KEYS) == 1
+    before = f.us_per_key
+    f.observe(1000, 8, 1000 * 200e-6)               # fanned-out reads do not move the average
+    f.observe(10, 1, 10 * 200e-6)                   # nor do reads too small to time well
+    assert f.us_per_key == before
+    got = [f.chunks(4096) for _ in range(2 * PROBE_EVERY)]
+    assert got.count(1) == 2 and got.count(8) == 2 * PROBE_EVERY - 2   # the probes
+    for _ in range(6):                              # the probes find the page cache again
+        f.observe(1000, 1, 1000 * 6e-6)
+    assert not f.fanned and f.chunks(4096) == 1
