@@ -5,6 +5,14 @@ split across both), against the in-process block (``experts.compute.moe_forward_
 tested equal to the published Mixtral block) on 2 threads.
 
     python bench/moe.py [--tokens 4096] [--iters 10]
+    python bench/moe.py --decode [--callers 32 128] [--step-tokens 4] [--seconds 15]
+
+``--decode``: the serving shape of an inference engine. Each of ``--callers`` threads sends
+``--step-tokens`` tokens per call, back to back, for ``--seconds`` (the client's default
+stream, the router merging concurrent calls); beside it, the same layer in one process given
+each step's tokens from all callers as one batch (2 threads). Reports tokens/s, p50 / p99 per
+step, how many calls the router merged, and the ratio (target >= 0.6). Writes
+bench/results/moe-decode.json.
 
 Reports tokens/s of both and the ratio (target >= 0.8), Shoal's output checked against the
 in-process one, and the time split of a request: gate, dispatch, waiting on the servers (of
@@ -58,7 +66,13 @@ def main() -> int:
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--d-ff", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--decode", action="store_true")
+    ap.add_argument("--callers", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--step-tokens", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=15.0)
     args = ap.parse_args()
+    if args.decode:
+        return decode(args)
 
     import shoal
     from experts.compute import moe_forward_local
@@ -119,6 +133,91 @@ def main() -> int:
         "cpu_s_per_request": cpu})
     print(f"wrote {path}")
     assert err < 1e-5, f"Shoal's output differs from the in-process block: {err:.2e}"
+    return 0
+
+
+def decode(args) -> int:
+    import threading
+
+    import numpy as np
+
+    import shoal
+    from experts.compute import moe_forward_local
+
+    spec, w = make_layer(args)
+    g = torch.Generator().manual_seed(1)
+    result = {"config": vars(args), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="shoal-moe-decode-") as tmp, \
+            shoal.LocalCluster(servers=2, replication=2, data_dir=tmp) as cluster:
+        client = cluster.client(timeout=120)
+        client.put_expert_layers("moe", [(spec, w)])
+        for callers in args.callers:
+            n = callers * args.step_tokens
+            x = torch.randn(n, spec.d_model, generator=g)
+            torch.set_num_threads(2)
+            with torch.no_grad():
+                want = moe_forward_local(spec, w, x)
+                local_s = statistics.median(timed(lambda: moe_forward_local(spec, w, x), 20))
+            torch.set_num_threads(1)
+            xs = x.view(callers, args.step_tokens, spec.d_model)
+            check = [client.moe_forward("moe", "l0", xs[i]) for i in range(min(callers, 4))]
+            err = max(((c - want[i * args.step_tokens:(i + 1) * args.step_tokens]).norm()
+                       / c.norm()).item() for i, c in enumerate(check))
+            before = client.status().router
+            lat: list[list[float]] = [[] for _ in range(callers)]
+            errors: list[str] = []
+            stop = threading.Event()
+            start = threading.Barrier(callers + 1)
+
+            def caller(i):
+                start.wait()
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    try:
+                        client.moe_forward("moe", "l0", xs[i], timeout=30)
+                    except Exception as e:            # noqa: BLE001 - counted, reported
+                        errors.append(repr(e)[:200])
+                        continue
+                    lat[i].append(time.perf_counter() - t)
+            threads = [threading.Thread(target=caller, args=(i,), daemon=True)
+                       for i in range(callers)]
+            for t in threads:
+                t.start()
+            start.wait()
+            t0 = time.perf_counter()
+            time.sleep(args.seconds)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            elapsed = time.perf_counter() - t0
+            after = client.status().router
+            all_lat = np.array([v for li in lat for v in li])
+            calls = len(all_lat)
+            tokens_s = calls * args.step_tokens / elapsed
+            local_tokens_s = n / local_s
+            merged = after.moe_merged - before.moe_merged
+            batches = after.moe_batches - before.moe_batches
+            run = {"callers": callers, "tokens_per_call": args.step_tokens,
+                   "shoal_tokens_per_s": round(tokens_s),
+                   "local_tokens_per_s": round(local_tokens_s),
+                   "ratio": round(tokens_s / local_tokens_s, 3),
+                   "p50_ms": round(float(np.percentile(all_lat, 50)) * 1e3, 2),
+                   "p99_ms": round(float(np.percentile(all_lat, 99)) * 1e3, 2),
+                   "local_step_ms": round(local_s * 1e3, 2), "calls": calls,
+                   "errors": len(errors), "first_errors": errors[:3],
+                   "merged_calls": merged, "batches": batches,
+                   "calls_per_batch": round((after.moe_requests - before.moe_requests)
+                                            / max(1, batches), 1),
+                   "rel_error": err}
+            print(f"{callers} callers x {args.step_tokens} tokens: shoal {tokens_s:,.0f} "
+                  f"tokens/s (p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms a call, "
+                  f"{run['calls_per_batch']} calls a batch), in-process merged step "
+                  f"{local_tokens_s:,.0f} tokens/s ({run['local_step_ms']} ms): ratio "
+                  f"{run['ratio']} (target >= 0.6); {len(errors)} errors, rel. error "
+                  f"{err:.1e}", flush=True)
+            result["runs"].append(run)
+        client.close()
+    print(f"wrote {write_result('moe-decode', result)}")
     return 0
 
 

@@ -28,7 +28,8 @@ TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")
 # dtypes a reader returns; anything else in a checkpoint is refused when it is opened.
 SUPPORTED_DTYPES = frozenset({
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool})
+    torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float8_e4m3fn})          # FP8 checkpoints (experts.checkpoint dequantises them)
 
 _TABLE_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
 

@@ -13,9 +13,24 @@ Key layouts (``P`` = ``model.layers.{i}.``):
   ``P mlp.shared_expert.*``, ``P mlp.shared_expert_gate.weight``; softmax top-k, renormalised
   only with ``norm_topk_prob``; layers in ``mlp_only_layers`` or off ``decoder_sparse_step`` are
   dense.
+* Qwen3-MoE: as Qwen2-MoE without the shared expert.
+* OLMoE: ``P mlp.gate.weight``, ``P mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``;
+  softmax top-k, renormalised only with ``norm_topk_prob``; every layer MoE.
 * DeepSeek-V3: ``P mlp.gate.weight``, ``P mlp.gate.e_score_correction_bias``,
   ``P mlp.experts.{e}.*``, ``P mlp.shared_experts.*``; sigmoid scores, group-limited top-k,
-  ``routed_scaling_factor``; the first ``first_k_dense_replace`` layers are dense.
+  ``routed_scaling_factor``; the first ``first_k_dense_replace`` layers are dense, and of the
+  rest those off ``moe_layer_freq``.
+
+Which layers are MoE comes from the config's own fields (``first_k_dense_replace`` /
+``moe_layer_freq``, ``mlp_only_layers`` / ``decoder_sparse_step``), as the model's code reads
+them, and is checked against the tensors present: a layer the config makes MoE without a gate
+tensor, or one it makes dense with one, is an error naming the field and the layer.
+
+FP8 checkpoints (DeepSeek-V3/R1 as published: ``quantization_config`` ``{"quant_method":
+"fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}``, each quantised ``weight`` in
+``float8_e4m3fn`` beside a float32 ``weight_scale_inv`` per 128 x 128 block) are dequantised
+as read (``weight * weight_scale_inv``, block by block, in float32) into the layer's serving
+dtype, bfloat16 by default.
 """
 from __future__ import annotations
 
@@ -46,10 +61,15 @@ LAYOUTS = {
     "qwen2_moe": Layout("mlp", "gate.weight", "experts.{e}",
                         ("gate_proj", "up_proj", "down_proj"), shared="shared_expert",
                         shared_gate="shared_expert_gate.weight"),
+    "qwen3_moe": Layout("mlp", "gate.weight", "experts.{e}",
+                        ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": Layout("mlp", "gate.weight", "experts.{e}", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": Layout("mlp", "gate.weight", "experts.{e}",
                           ("gate_proj", "up_proj", "down_proj"), shared="shared_experts",
                           bias="gate.e_score_correction_bias"),
 }
+ACTIVATIONS = ("silu",)           # config hidden_act values Shoal's gated experts compute
+FP8_BLOCK = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -91,16 +111,23 @@ def moe_layers(cfg: dict, infos: dict, where: str = "config.json",
     if kind not in LAYOUTS:
         raise CheckpointError(f"{where}: model_type {kind!r} is not an MoE layout Shoal reads "
                               f"({', '.join(LAYOUTS)})", grpc.StatusCode.INVALID_ARGUMENT)
+    act = cfg.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"{where}: hidden_act {act!r}; Shoal's {kind} experts compute "
+                              f"{', '.join(ACTIVATIONS)} (gated)",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    check_quantization(cfg, where)
     lay = LAYOUTS[kind]
     n_layers = int(_need(cfg, "num_hidden_layers", where))
     d_model = int(_need(cfg, "hidden_size", where))
     if kind == "mixtral":
         common = dict(num_experts=_need(cfg, "num_local_experts", where),
                       d_ff=_need(cfg, "intermediate_size", where), gating="softmax_renorm")
-    elif kind == "qwen2_moe":
-        shared = int(cfg.get("shared_expert_intermediate_size", 0))
+    elif kind in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        shared = int(cfg.get("shared_expert_intermediate_size", 0)) if kind == "qwen2_moe" else 0
+        d_ff_key = "intermediate_size" if kind == "olmoe" else "moe_intermediate_size"
         common = dict(num_experts=_need(cfg, "num_experts", where),
-                      d_ff=_need(cfg, "moe_intermediate_size", where), gating="softmax",
+                      d_ff=_need(cfg, d_ff_key, where), gating="softmax",
                       norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                       shared_d_ff=shared, shared_gate=bool(shared))
     else:
@@ -115,16 +142,25 @@ def moe_layers(cfg: dict, infos: dict, where: str = "config.json",
                       routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
                       shared_d_ff=d_ff * int(cfg.get("n_shared_experts", 0) or 0))
     top_k = int(_need(cfg, "num_experts_per_tok", where))
+    is_moe, fields = moe_layer_rule(kind, cfg, where)
     layers, skipped = [], []
     for i in range(n_layers):
         prefix = f"model.layers.{i}.{lay.moe}."
-        if prefix + lay.gate not in infos:
+        has_gate = prefix + lay.gate in infos
+        if is_moe(i) != has_gate:
+            raise CheckpointError(
+                f"{where}: layer {i}: config.json's {fields} make it "
+                + (f"an MoE layer, but the checkpoint has no {prefix + lay.gate!r}" if is_moe(i)
+                   else f"a dense layer, but the checkpoint has {prefix + lay.gate!r}"),
+                grpc.StatusCode.INVALID_ARGUMENT)
+        if not has_gate:
             skipped.append(f"model.layers.{i}")
             continue
         w1 = prefix + lay.experts.format(e=0) + f".{lay.proj[0]}.weight"
         stored = infos[w1].dtype if w1 in infos else torch.float32
         spec = ExpertLayerSpec(name=f"layers.{i}", d_model=d_model, top_k=top_k,
-                               dtype=dtype or ("bfloat16" if stored == torch.bfloat16
+                               dtype=dtype or ("bfloat16" if stored in (torch.bfloat16,
+                                                                        torch.float8_e4m3fn)
                                                else "float32"), **common)
         try:
             spec.validate()
@@ -133,6 +169,63 @@ def moe_layers(cfg: dict, infos: dict, where: str = "config.json",
                                   grpc.StatusCode.INVALID_ARGUMENT) from None
         layers.append(MoeLayer(spec, prefix, lay))
     return layers, skipped
+
+
+def moe_layer_rule(kind: str, cfg: dict, where: str):
+    """(``is_moe(i)``, the config fields it reads, as text) for ``kind``, as its model code
+    decides which decoder layers are MoE."""
+    def ints(key, default):
+        v = cfg.get(key, default)
+        try:
+            return [int(x) for x in v] if isinstance(v, list) else int(v)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where}: {key} {v!r} is not an integer"
+                                  + (" list" if isinstance(default, list) else ""),
+                                  grpc.StatusCode.INVALID_ARGUMENT) from None
+    if kind == "deepseek_v3":
+        k, freq = ints("first_k_dense_replace", 0), ints("moe_layer_freq", 1)
+        if freq < 1:
+            raise CheckpointError(f"{where}: moe_layer_freq {freq} must be >= 1",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        return (lambda i: i >= k and i % freq == 0,
+                f"first_k_dense_replace={k}, moe_layer_freq={freq}")
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        only, step = set(ints("mlp_only_layers", [])), ints("decoder_sparse_step", 1)
+        if step < 1:
+            raise CheckpointError(f"{where}: decoder_sparse_step {step} must be >= 1",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        return (lambda i: i not in only and (i + 1) % step == 0,
+                f"mlp_only_layers={sorted(only)}, decoder_sparse_step={step}")
+    return (lambda i: True), f"model_type={kind!r} (every layer MoE)"
+
+
+def check_quantization(cfg: dict, where: str) -> None:
+    """Only unquantised checkpoints and DeepSeek's FP8 block quantisation are read."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return
+    method = q.get("quant_method")
+    block = list(q.get("weight_block_size") or [])
+    if method != "fp8" or q.get("fmt", "e4m3") != "e4m3" or block != list(FP8_BLOCK):
+        raise CheckpointError(
+            f"{where}: quantization_config {json.dumps(q, sort_keys=True)}: Shoal reads "
+            "unquantised checkpoints and FP8 block quantisation (quant_method 'fp8', fmt "
+            f"'e4m3', weight_block_size {list(FP8_BLOCK)}, as DeepSeek-V3/R1 publish)",
+            grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, key: str) -> torch.Tensor:
+    """float32 ``w * scale_inv``, each ``scale_inv[i, j]`` applied to its 128 x 128 block."""
+    bo, bi = FP8_BLOCK
+    rows, cols = w.shape
+    want = (-(-rows // bo), -(-cols // bi))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"tensor {key + '_scale_inv'!r} has shape "
+                              f"{list(scale_inv.shape)}; a {list(w.shape)} weight in "
+                              f"{bo}x{bi} blocks needs {list(want)}",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    s = scale_inv.float().repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
+    return w.float() * s
 
 
 def _read(reader: CheckpointReader, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -144,7 +237,15 @@ def _read(reader: CheckpointReader, key: str, shape: tuple, dtype: torch.dtype) 
         raise CheckpointError(f"{', '.join(infos[key].files)}: tensor {key!r} has shape "
                               f"{list(infos[key].shape)}, expected {list(shape)}",
                               grpc.StatusCode.INVALID_ARGUMENT)
-    return reader.read(key).to(dtype)
+    w = reader.read(key)
+    if w.dtype == torch.float8_e4m3fn:
+        scale = key + "_scale_inv"
+        if scale not in infos:
+            raise CheckpointError(f"tensor {key!r} is float8_e4m3fn but the checkpoint has no "
+                                  f"{scale!r} to dequantise it with",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        w = dequantize_fp8(w, reader.read(scale), key)
+    return w.to(dtype)
 
 
 def read_expert(reader: CheckpointReader, layer: MoeLayer,

@@ -61,3 +61,92 @@ class Batcher:
             for (_, fut), result in zip(group, results):
                 if not fut.done():
                     fut.set_result(result)
+
+
+MAX_STEP_KEYS = 1024
+
+
+class StepBatcher:
+    """Continuous batching, per key, for callers that come back step after step (MoE decode:
+    ``router.moe``). One batch of a key runs at a time; the calls that arrive meanwhile make
+    up the next, which starts as soon as the callers of the batch that just ended are back (as
+    many calls waiting as it took, plus those that were already waiting), or ``window_s``
+    after it ended, or once ``max_ids`` ids wait. A lone caller never waits; 32 callers in
+    lockstep run as one batch per step; a caller that leaves costs one window, once.
+    ``await execute(items)`` returns one result per item, or raises (failing them all)."""
+
+    def __init__(self, execute: Callable[[list], Awaitable[list]], window_s: float,
+                 max_ids: int):
+        self._execute = execute
+        self._window = window_s
+        self._max_ids = max_ids
+        self._keys: dict[Hashable, _Step] = {}
+        self.batches = 0                            # batches run
+        self.merged = 0                             # calls that ran in a batch of two or more
+
+    async def run(self, item, key: Hashable, num_ids: int):
+        st = self._keys.get(key)
+        if st is None:
+            if len(self._keys) >= MAX_STEP_KEYS:    # keys of versions long gone
+                for k in [k for k, v in self._keys.items() if v.driver is None]:
+                    del self._keys[k]
+            st = self._keys[key] = _Step()
+        fut = asyncio.get_running_loop().create_future()
+        st.pending.append((item, fut, num_ids))
+        st.ids += num_ids
+        st.arrived.set()
+        if st.driver is None:
+            st.driver = asyncio.create_task(self._drive(key, st))
+        return await fut
+
+    def _ready(self, st: "_Step") -> bool:
+        return len(st.pending) >= st.expect or st.ids >= self._max_ids
+
+    async def _drive(self, key: Hashable, st: "_Step") -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while st.pending:
+                until = st.ended + self._window
+                while not self._ready(st) and loop.time() < until:
+                    st.arrived.clear()
+                    try:
+                        await asyncio.wait_for(st.arrived.wait(), until - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+                batch, ids = [], 0
+                while st.pending and (not batch or ids + st.pending[0][2] <= self._max_ids):
+                    entry = st.pending.pop(0)
+                    st.ids -= entry[2]
+                    if not entry[1].done():                 # its caller has not given up
+                        batch.append(entry)
+                        ids += entry[2]
+                if not batch:
+                    continue
+                self.batches += 1
+                self.merged += len(batch) if len(batch) > 1 else 0
+                try:
+                    results = await self._execute([item for item, _, _ in batch])
+                except Exception as e:                  # every waiting caller gets the error
+                    for _, fut, _ in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                else:
+                    for (_, fut, _), r in zip(batch, results):
+                        if not fut.done():
+                            fut.set_result(r)
+                st.ended = loop.time()
+                st.expect = max(1, len(batch) + len(st.pending))
+        finally:
+            st.driver = None                # the key's state stays: its callers come back
+            if st.pending:                  # arrived as the driver was ending
+                st.driver = asyncio.create_task(self._drive(key, st))
+
+
+class _Step:
+    def __init__(self):
+        self.pending: list = []                     # (item, future, num_ids)
+        self.ids = 0
+        self.expect = 1
+        self.ended = -1e9                           # when the last batch ended (loop time)
+        self.arrived = asyncio.Event()
+        self.driver: asyncio.Task | None = None

@@ -10,6 +10,14 @@ with their gate weights; the shared expert (if any) runs on the router meanwhile
 A server that fails is left out and its pieces go to the experts' other replicas; a redirect
 refreshes the map and re-plans only the pieces it refused. Python loops here run over experts
 and servers, never over tokens.
+
+Decode traffic (many callers, a few tokens each) is merged: ``moe_batch`` runs the requests the
+router's MoE batcher gathered for one (model, version, layer, k) as one layer call (one gate
+run, one ``ExpertForward`` per server) and splits the output back per caller. Each request was
+checked on its own before it joined, so a bad one fails alone. An expert's tokens are split
+across its replicas only in pieces of at least ``MIN_PIECE_TOKENS``: a small piece costs a
+server as much as a large one (it reads the expert's whole weights), so an expert with few
+tokens runs on one replica, the least loaded one.
 """
 from __future__ import annotations
 
@@ -33,6 +41,17 @@ from router.routing import ModelRoute
 from router.transport import ShardTransport
 
 STAGES = ("gate", "dispatch", "servers", "expert_compute", "combine")
+MIN_PIECE_TOKENS = 32
+
+
+@dataclass
+class MoeItem:
+    """One caller's request, checked: ``hidden`` [T, d_model] in the layer's dtype; its own
+    routing ([T, k] ids and float32 weights) or None for the router's gate."""
+    hidden: torch.Tensor
+    expert_ids: torch.Tensor | None
+    expert_weights: torch.Tensor | None
+    arrived: float
 
 
 @dataclass
@@ -52,21 +71,25 @@ class MoeResult:
     out: torch.Tensor                   # [T, d_model], the hidden states' dtype
     counts: np.ndarray                  # int64 [E]: tokens (slots) per expert
     timings: dict[str, float]           # seconds per stage (STAGES)
+    ids: torch.Tensor | None = None     # int64 [T, k]: the experts each token went to
 
 
 async def moe_forward(model: ModelRoute, layer: str, weights: ExpertLayerWeights,
                       hidden: torch.Tensor, expert_ids: torch.Tensor | None,
                       expert_weights: torch.Tensor | None, maps: MapCache,
-                      transport: ShardTransport, timeout: float, stats: Stats) -> MoeResult:
+                      transport: ShardTransport, timeout: float, stats: Stats,
+                      checked: bool = False) -> MoeResult:
     """``hidden`` checked ([T, d_model], finite, the layer's dtype); ``weights`` the layer's
-    dense part (gate, correction bias, shared expert)."""
+    dense part (gate, correction bias, shared expert); ``checked``: the routing given was
+    checked already."""
     spec, _ = model.expert_layer(layer)
     t0 = time.perf_counter()
     T = hidden.shape[0]
     if expert_ids is None:
         expert_ids, expert_weights = gate(spec, weights.gate, hidden, weights.bias)
     else:
-        check_routing(spec, expert_ids, expert_weights, T)
+        if not checked:
+            check_routing(spec, expert_ids, expert_weights, T)
         expert_ids = expert_ids.long()
     t1 = time.perf_counter()
     k = expert_ids.shape[1]
@@ -85,30 +108,82 @@ async def moe_forward(model: ModelRoute, layer: str, weights: ExpertLayerWeights
     t4 = time.perf_counter()
     timings = {"gate": t1 - t0, "dispatch": t2 - t1, "servers": t3 - t2,
                "expert_compute": compute_s, "combine": t4 - t3}
-    return MoeResult(y, counts.numpy(), timings)
+    return MoeResult(y, counts.numpy(), timings, expert_ids)
+
+
+async def moe_batch(items: list[MoeItem], model: ModelRoute, layer: str,
+                    weights: ExpertLayerWeights, maps: MapCache, transport: ShardTransport,
+                    timeout: float, stats: Stats) -> list[MoeResult]:
+    """``items`` (same layer, same k) as one layer call; one result per item (its rows of the
+    output, its tokens per expert, the batch's timings plus ``batching`` (its wait) and
+    ``batch_requests``)."""
+    t0 = time.perf_counter()
+    if len(items) == 1:
+        it = items[0]
+        r = await moe_forward(model, layer, weights, it.hidden, it.expert_ids,
+                              it.expert_weights, maps, transport, timeout, stats)
+        r.timings.update(batching=t0 - it.arrived, batch_requests=1.0)
+        return [r]
+    spec, _ = model.expert_layer(layer)
+    sizes = [it.hidden.shape[0] for it in items]
+    hidden = torch.cat([it.hidden for it in items])
+    ids = weights_ = None
+    routed = [it.expert_ids is not None for it in items]
+    if any(routed):
+        gated = [it.hidden for it, r in zip(items, routed) if not r]
+        gids = gw = None
+        if gated:
+            gids, gw = gate(spec, weights.gate, torch.cat(gated), weights.bias)
+        id_parts, w_parts, at = [], [], 0
+        for it, r, n in zip(items, routed, sizes):
+            if r:
+                id_parts.append(it.expert_ids.long())
+                w_parts.append(it.expert_weights)
+            else:
+                id_parts.append(gids[at:at + n])
+                w_parts.append(gw[at:at + n])
+                at += n
+        ids, weights_ = torch.cat(id_parts), torch.cat(w_parts)
+    r = await moe_forward(model, layer, weights, hidden, ids, weights_, maps, transport,
+                          timeout, stats, checked=True)
+    out, at = [], 0
+    for it, n in zip(items, sizes):
+        ids_n = r.ids[at:at + n]
+        counts = np.bincount(ids_n.reshape(-1).numpy(), minlength=spec.num_experts)
+        timings = dict(r.timings, batching=t0 - it.arrived, batch_requests=float(len(items)))
+        out.append(MoeResult(r.out[at:at + n], counts, timings, ids_n))
+        at += n
+    return out
 
 
 def _pieces(counts: np.ndarray, todo: np.ndarray, replicas: np.ndarray, exclude: set[int],
             rotation: int, layer: str) -> list[tuple[int, int, int, int]]:
     """(server, expert, start, length) pieces of the expert-sorted slots: the run of
     ``counts[e]`` slots of each expert in ``todo`` (starting where the runs before it end)
-    cut into one contiguous piece per live replica, sizes differing by at most one;
-    ``rotation`` picks which replicas take the larger ones."""
+    cut into contiguous pieces, one per live replica but none under ``MIN_PIECE_TOKENS``,
+    sizes differing by at most one. An expert run whole goes to its live replica with the
+    fewest slots so far (ties: ``rotation``); split ones start at a replica ``rotation``
+    picks."""
     ends = np.cumsum(counts)
     out = []
-    for e in np.flatnonzero(todo & (counts > 0)).tolist():
+    load: dict[int, int] = {}
+    experts = np.flatnonzero(todo & (counts > 0))
+    for e in experts[np.argsort(-counts[experts], kind="stable")].tolist():   # big first
         live = [int(s) for s in replicas[e] if s >= 0 and int(s) not in exclude]
         if not live:
             raise Unavailable(f"expert {e} of layer {layer!r} has no live replica")
-        r = len(live)
         n = int(counts[e])
         start = int(ends[e]) - n
-        shift = (rotation + e) % r
+        shift = (rotation + e) % len(live)
         live = live[shift:] + live[:shift]
+        r = max(1, min(len(live), n // MIN_PIECE_TOKENS))
+        if r < len(live):
+            live = sorted(live, key=lambda s: load.get(s, 0))[:r]
         for i, s in enumerate(live):
             size = n // r + (i < n % r)
             if size:
                 out.append((s, e, start, size))
+                load[s] = load.get(s, 0) + size
                 start += size
     return out
 

@@ -20,15 +20,16 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.wire import is_set, pack, to_torch, unpack
 from experts.compute import check_hidden
+from experts.gating import check_routing
 from experts.specs import ExpertLayerWeights
 
 import grpc
 
 from shoal import security
 from shoal.metrics import MODEL_REQUESTS, STAGE_SECONDS, record_rpc
-from router.batcher import Batcher
+from router.batcher import Batcher, StepBatcher
 from router.dense import DenseCache
-from router.moe import MoeStats, moe_forward
+from router.moe import MoeItem, MoeStats, moe_batch
 from router.predict import PredictItem, check_request, predict_batch, scorer_for
 from router.hedging import Hedger, RetryBudget
 from router.mapcache import MapCache
@@ -71,6 +72,8 @@ class RouterService(pbg.RouterServicer):
         self.metrics_address = ""               # set by the process once it serves them
         self._slow_logged = 0.0
         self.moe = MoeStats()
+        self._moe_batcher = StepBatcher(self._execute_moe, config.moe_window_ms / 1e3,
+                                        config.max_moe_batch_tokens)
         self.row_cache = RowCache(config.row_cache_rows)
         self._cache_map = 0                     # the map version the cache last retained for
         self._map_recheck: asyncio.Future | None = None     # a re-read for an unknown model
@@ -282,6 +285,23 @@ class RouterService(pbg.RouterServicer):
 
     # ------------------------------------------------------------ MoE
     async def MoeForward(self, request, context):
+        try:
+            return await self._moe(request, context.time_remaining())
+        except ShoalError as e:
+            await abort_async(context, e)
+
+    async def MoeForwardStream(self, request_iterator, context):
+        """Many ``MoeForward`` calls on one stream (a decode loop's), each answered under its
+        id, in any order; each is admitted and limited like a call of its own."""
+        async for answer in self._stream(request_iterator, self._moe_call):
+            yield answer
+
+    async def _moe_call(self, call: pb.MoeCall) -> pb.MoeAnswer:
+        return await self._stream_call("MoeForward", call, self._moe, pb.MoeAnswer)
+
+    async def _moe(self, request: pb.MoeForwardRequest, left: float | None):
+        """One moe_forward within ``left`` seconds (None: ``default_deadline_s``), checked on
+        its own, then run merged with the concurrent calls of the same layer (``moe_batch``)."""
         t0 = time.perf_counter()
         try:
             self._requests += 1
@@ -296,26 +316,36 @@ class RouterService(pbg.RouterServicer):
             if is_set(request.expert_ids) or is_set(request.expert_weights):
                 ids = to_torch(request.expert_ids, "expert_ids", ("int64", "int32"), 2)
                 weights = to_torch(request.expert_weights, "expert_weights", "float32", 2)
+                check_routing(spec, ids, weights, hidden.shape[0])
             dense = await self.dense.derived(
                 model.name, model.version, f"moe.{spec.name}",
                 lambda params: ExpertLayerWeights.from_dense(spec, params).check_dense(spec))
-            result = await self._in_time(context.time_remaining(), moe_forward(
-                model, spec.name, dense, hidden, ids, weights, self._maps, self._transport,
-                self._cfg.rpc_timeout_s, self.stats),
+            k = spec.top_k if ids is None else ids.shape[1]
+            item = (MoeItem(hidden, ids, weights, t0), model, spec.name, dense)
+            result = await self._in_time(
+                left, self._moe_batcher.run(item, (model.name, model.version, spec.name, k),
+                                            hidden.shape[0]),
                 f"moe_forward of {hidden.shape[0]} tokens", t0)
             self.moe.requests += 1
-            self.moe.add((model.name, model.version, spec.name), result.counts)
-            self._traced("moe", dict(result.timings, total=sum(
-                v for k, v in result.timings.items() if k != "expert_compute")),
-                f"moe_forward of {hidden.shape[0]} tokens, model {model.name} "
-                f"v{model.version} layer {spec.name}")
+            self._traced("moe", dict(result.timings, total=time.perf_counter() - t0),
+                         f"moe_forward of {hidden.shape[0]} tokens, model {model.name} "
+                         f"v{model.version} layer {spec.name}")
             self._counted("MoeForward", model.name, model.version)
             return pb.MoeForwardReply(out=pack(result.out), version=model.version,
                                       expert_tokens=pack(result.counts),
                                       timings=result.timings)
         except ShoalError as e:
             self._counted("MoeForward", request.model, request.version, e)
-            await abort_async(context, e)
+            raise
+
+    async def _execute_moe(self, items: list) -> list:
+        """A merged batch of one layer's calls; the batch's tokens per expert counted once
+        (what hot-expert replication reads)."""
+        _, model, layer, dense = items[0]
+        results = await moe_batch([it for it, *_ in items], model, layer, dense, self._maps,
+                                  self._transport, self._cfg.rpc_timeout_s, self.stats)
+        self.moe.add((model.name, model.version, layer), sum(r.counts for r in results))
+        return results
 
     # ------------------------------------------------------------ predict
     async def Predict(self, request, context):
@@ -327,11 +357,16 @@ class RouterService(pbg.RouterServicer):
     async def PredictStream(self, request_iterator, context):
         """Many ``Predict`` calls on one stream, each answered (in any order) under its id;
         each is admitted and limited like a call of its own (``shoal.security``)."""
+        async for answer in self._stream(request_iterator, self._predict_call):
+            yield answer
+
+    async def _stream(self, request_iterator, answer_call):
+        """The answers to a stream's calls, as each is ready (``answer_call(call)``)."""
         answers: asyncio.Queue = asyncio.Queue()
         running: set[asyncio.Task] = set()
 
         async def answer(call) -> None:
-            answers.put_nowait(await self._predict_call(call))
+            answers.put_nowait(await answer_call(call))
 
         async def read() -> None:
             try:
@@ -354,6 +389,11 @@ class RouterService(pbg.RouterServicer):
                 task.cancel()
 
     async def _predict_call(self, call: pb.PredictCall) -> pb.PredictAnswer:
+        return await self._stream_call("Predict", call, self._predict, pb.PredictAnswer)
+
+    async def _stream_call(self, method: str, call, run, answer_type):
+        """One call of a stream: admitted (``shoal.security``'s gate and deadline rule),
+        ``run(call.request, timeout)``, recorded like an RPC of ``method``."""
         t0 = time.perf_counter()
         entered = False
         try:
@@ -364,12 +404,12 @@ class RouterService(pbg.RouterServicer):
             if gate is not None:
                 gate.enter()
                 entered = True
-            reply = await self._predict(call.request, call.timeout_s or None)
-            record_rpc("Predict", time.perf_counter() - t0, "OK", call, reply)
-            return pb.PredictAnswer(id=call.id, reply=reply)
+            reply = await run(call.request, call.timeout_s or None)
+            record_rpc(method, time.perf_counter() - t0, "OK", call, reply)
+            return answer_type(id=call.id, reply=reply)
         except ShoalError as e:
-            record_rpc("Predict", time.perf_counter() - t0, e.code.name, call, None)
-            return pb.PredictAnswer(id=call.id, code=e.code.value[0], message=e.message)
+            record_rpc(method, time.perf_counter() - t0, e.code.name, call, None)
+            return answer_type(id=call.id, code=e.code.value[0], message=e.message)
         finally:
             if entered:
                 gate.leave()
@@ -459,5 +499,6 @@ class RouterService(pbg.RouterServicer):
             hedge_wins=self.hedger.hedge_wins, metrics_address=self.metrics_address,
             cache_hits=self.row_cache.stats.hits, cache_misses=self.row_cache.stats.misses,
             cache_invalidated=self.row_cache.stats.invalidated,
-            cache_bytes=self.row_cache.nbytes,
+            cache_bytes=self.row_cache.nbytes, moe_requests=self.moe.requests,
+            moe_batches=self._moe_batcher.batches, moe_merged=self._moe_batcher.merged,
             cpu_seconds=usage.ru_utime + usage.ru_stime, pid=os.getpid()))

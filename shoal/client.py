@@ -58,15 +58,17 @@ class Client(RpcClient):
             self._extra = [channel(a, creds) for a in addresses[1:]]
             self._stub = RouterPool([self._stub] + [pbg.RouterStub(ch) for ch in self._extra],
                                     addresses)
-        # Predict calls go on one stream per router (see shoal.streams), spread and failed
-        # over like the other calls.
+        # Predict and MoeForward calls go on one stream each per router (see shoal.streams),
+        # spread and failed over like the other calls.
         self._streams = [_PredictStream(ch) for ch in [self._channel] + self._extra]
         self._predict_via = self._streams[0] if len(self._streams) == 1 else \
             RouterPool(self._streams, addresses)
+        self._moe_via = self._predict_via
 
     def close(self) -> None:
         for st in self._streams:
             st.Predict.close()
+            st.MoeForward.close()
         for ch in self._extra:
             ch.close()
         super().close()
@@ -308,14 +310,22 @@ class Client(RpcClient):
         Returns [tokens, d_model] in the hidden states' dtype; ``timings`` (a dict), if given,
         receives the seconds per stage."""
         from shoal.wire import to_torch
-        req = pb.MoeForwardRequest(model=model, version=version, layer=layer,
-                                   hidden=pack(hidden_states))
+        call = pb.MoeCall()               # the request is built in place (no copies of it)
+        req = call.request
+        req.model, req.version, req.layer = model, version, layer
+        req.hidden.CopyFrom(pack(hidden_states))
         if expert_ids is not None or expert_weights is not None:
             if expert_ids is None or expert_weights is None:
                 raise InvalidArgument("expert_ids and expert_weights: give both or neither")
             req.expert_ids.CopyFrom(pack(expert_ids))
             req.expert_weights.CopyFrom(pack(expert_weights, "float32"))
-        reply = self._call(self._stub.MoeForward, req, timeout)
+        try:
+            reply = self._call(self._moe_via.MoeForward, call, timeout)
+        except ShoalError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self._moe_via = self._stub                # a router without MoeForwardStream
+            reply = self._call(self._stub.MoeForward, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
         return to_torch(reply.out, "out").clone()
@@ -370,16 +380,19 @@ def connect(address: str | list[str], timeout: float = 120.0, creds=None) -> Cli
 
 
 class _PredictStream:
-    """A router's ``Predict`` as calls on its ``PredictStream``: ``Predict(call)`` takes a
-    ``PredictCall`` (its id and deadline set here) and returns the ``PredictReply``."""
+    """A router's ``Predict`` and ``MoeForward`` as calls on its ``PredictStream`` and
+    ``MoeForwardStream``: ``Predict(call)`` takes a ``PredictCall`` (``MoeForward(call)`` a
+    ``MoeCall``; the id and deadline set here) and returns the reply."""
 
     def __init__(self, channel):
         from shoal.streams import CallStream
 
-        def wrap(i: int, call: pb.PredictCall, timeout: float | None) -> pb.PredictCall:
+        def wrap(i: int, call, timeout: float | None):
             call.id, call.timeout_s = i, timeout or 0.0
             return call
-        self.Predict = CallStream(pbg.RouterStub(channel).PredictStream, wrap)
+        stub = pbg.RouterStub(channel)
+        self.Predict = CallStream(stub.PredictStream, wrap)
+        self.MoeForward = CallStream(stub.MoeForwardStream, wrap)
 
 
 class RouterPool:

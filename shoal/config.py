@@ -68,6 +68,8 @@ class RouterConfig:
     max_batch_ids: int = 400_000            # stop merging once a batch has this many ids
     max_ids_per_request: int = 1_000_000    # per client request; more is RESOURCE_EXHAUSTED
     max_moe_tokens: int = 65_536            # tokens per moe_forward request; more is RESOURCE_EXHAUSTED
+    moe_window_ms: float = 5.0              # merge concurrent moe_forward calls of a layer within this
+    max_moe_batch_tokens: int = 4_096       # tokens per merged moe_forward batch (a request alone may exceed)
     predict_window_ms: float = 5.0          # merge concurrent predict requests within this window
                                             # (bench/predict.py, 8 clients: 1 ms 0.58x Redis, 5 ms 1.0x;
                                             # at 32 clients 3, 5 and 8 ms gave the same throughput)

@@ -585,8 +585,9 @@ class AccessInterceptor(grpc.ServerInterceptor):
 
 # Bidirectional streams of calls that are open to callers (each call on one is limited like
 # an RPC of its own by the stream's handler, through ``current_gate``).
-STREAMS = frozenset({R + "PredictStream"})
+STREAMS = frozenset({R + "PredictStream", R + "MoeForwardStream"})
 RULES[R + "PredictStream"] = QUERY
+RULES[R + "MoeForwardStream"] = QUERY
 _gate: "Gate | None" = None
 
 

@@ -20,7 +20,8 @@ import torch
 
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-            torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+            torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+            torch.float8_e4m3fn: "F8_E4M3"}
 
 # table name -> rows; all dim 16 (DLRM needs one embedding dim). Sharding per table below.
 DMP_TABLES = {"t_cat_0": 1000, "t_cat_1": 1500, "t_cat_2": 2001, "t_cat_3": 3001}

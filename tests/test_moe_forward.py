@@ -6,6 +6,9 @@ the caller's own. Then the failure and bad-input cases: a server SIGKILLed betwe
 and refusals that name the field."""
 from __future__ import annotations
 
+import collections
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -71,7 +74,8 @@ def test_moe_forward_equals_the_reference_block(cluster, variant, dtype):
         timings = {}
         got = client.moe_forward(MODELS[dtype], variant, xin, timings=timings)
         _check(got, variant, dtype, x)
-        assert set(timings) == {"gate", "dispatch", "servers", "expert_compute", "combine"}
+        assert set(timings) == {"gate", "dispatch", "servers", "expert_compute", "combine",
+                                "batching", "batch_requests"}
         assert timings["servers"] >= timings["expert_compute"] > 0
 
 
@@ -141,12 +145,79 @@ def test_top_k_beyond_the_experts_is_refused():
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k: 5" in e.value.message
 
 
+def _concurrently(calls: list, timeout: float = 120.0) -> list:
+    """Run each call in its own thread, released together; their results (or the
+    ShoalError each raised), in order."""
+    barrier = threading.Barrier(len(calls))
+    out: list = [None] * len(calls)
+
+    def go(i, call):
+        barrier.wait()
+        try:
+            out[i] = call()
+        except ShoalError as e:
+            out[i] = e
+    threads = [threading.Thread(target=go, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_concurrent_callers_are_merged_and_each_equals_its_call_alone(cluster, dtype):
+    """Decode-shaped callers of different sizes at once, one with its own routing and one
+    invalid: the router merges them (``batch_requests`` > 1 in their timings), the invalid
+    one alone fails, and every other output equals the same call made alone (float32 within
+    1e-5: a row's matrix product depends in its last bits on how many rows run beside it,
+    as in any batched GEMM; bfloat16 within the reference tolerance) and the reference."""
+    c, client = cluster
+    sizes = [1, 2, 3, 4, 7, 16]
+    for variant in sorted(VARIANTS):
+        spec = make_spec(variant, dtype)
+        _, ref16, _ = make_refs(variant)
+        xs = [make_hidden(n, seed=50_000 + n) if dtype == "float32" else
+              firm_hidden(ref16, n, seed=50_000 + n) for n in sizes]
+        ins = [x if dtype == "float32" else x.to(torch.bfloat16) for x in xs]
+        ids, w = random_routing(3, spec.top_k, E, seed=52)
+        routed = {2: (ids, w)}                       # the 3-token caller routes itself
+        bad = torch.full_like(ins[0], float("nan"))
+
+        def call(i, timings=None):
+            r = routed.get(i, (None, None))
+            return client.moe_forward(MODELS[dtype], variant, ins[i], expert_ids=r[0],
+                                      expert_weights=r[1], timings=timings)
+        alone = [call(i) for i in range(len(sizes))]
+        timings = [{} for _ in sizes]
+        before = client.status().router
+        got = _concurrently([lambda i=i: call(i, timings[i]) for i in range(len(sizes))]
+                            + [lambda: client.moe_forward(MODELS[dtype], variant, bad)])
+        after = client.status().router
+        assert isinstance(got[-1], ShoalError) and \
+            got[-1].code == grpc.StatusCode.INVALID_ARGUMENT and "finite" in got[-1].message
+        assert max(t["batch_requests"] for t in timings) > 1, timings
+        assert after.moe_merged > before.moe_merged
+        assert after.moe_requests - before.moe_requests == len(sizes)
+        for i, n in enumerate(sizes):
+            r = routed.get(i, (None, None))
+            _check(got[i], variant, dtype, xs[i], *r)
+            if dtype == "float32":
+                torch.testing.assert_close(got[i], alone[i], rtol=1e-5, atol=1e-5)
+            else:
+                assert_bf16_close(got[i], alone[i], f"{variant} merged vs alone T={n}",
+                                  min_rows=n)
+
+
 def test_moe_forward_survives_a_killed_server(tmp_path):
     """Replication 2 on 3 servers: with one SIGKILLed, every expert still has a replica, and
-    the router moves each piece the dead server held to the other."""
+    the router moves each piece the dead server held to the other. Then 8 decode-shaped
+    callers (4 tokens a step, merged by the router) while a second server is SIGKILLed: no
+    call fails and every output equals the reference."""
     variant, dtype = "mixtral", "float32"
     ref32, _, _ = make_refs(variant)
-    with shoal.LocalCluster(servers=3, replication=2, data_dir=str(tmp_path / "c")) as c:
+    with shoal.LocalCluster(servers=4, replication=3, data_dir=str(tmp_path / "c")) as c:
         client = c.client(timeout=120)
         client.put_expert_layers("m", [(make_spec(variant, dtype), lib_weights(ref32))])
         x = make_hidden(256, seed=7)
@@ -156,6 +227,24 @@ def test_moe_forward_survives_a_killed_server(tmp_path):
             xi = make_hidden(256, seed=70 + i)
             _check(client.moe_forward("m", variant, xi), variant, dtype, xi)
         assert np.all(np.isfinite(client.moe_forward("m", variant, x).numpy()))
+        stop = threading.Event()
+        steps = collections.Counter()
+
+        def decode(j):
+            k = 0
+            while not stop.is_set() and k < 400:
+                xi = make_hidden(4, seed=1_000 * j + k)
+                _check(client.moe_forward("m", variant, xi, timeout=30), variant, dtype, xi)
+                steps[j] += 1
+                k += 1
+            return steps[j]
+        killer = threading.Timer(1.5, lambda: c.kill(c.servers[2].server_id))
+        ender = threading.Timer(4.0, stop.set)
+        killer.start()
+        ender.start()
+        got = _concurrently([lambda j=j: decode(j) for j in range(8)])
+        assert all(isinstance(n, int) and n > 0 for n in got), got    # none failed
+        assert client.status().router.moe_merged > 0
         client.close()
 
 
@@ -180,24 +269,28 @@ def test_a_moe_forward_past_its_deadline_fails_whole(tmp_path):
 
 
 def test_pieces_split_an_experts_tokens_across_its_live_replicas():
-    from router.moe import _pieces
+    from router.moe import MIN_PIECE_TOKENS as M, _pieces
     from shoal.errors import Unavailable
     counts = np.array([5, 0, 3, 1])
     replicas = np.array([[0, 1], [1, 2], [2, -1], [0, 2]], np.int32)
     todo = np.ones(4, bool)
     got = _pieces(counts, todo, replicas, set(), rotation=0, layer="l")
-    # expert 0: 5 slots at 0..5 over servers 0 and 1 (3 + 2); expert 2: slots 5..8 on server
-    # 2 only; expert 3: slot 8 on one of its replicas (rotation (0 + 3) % 2 = 1: server 2).
-    assert got == [(0, 0, 0, 3), (1, 0, 3, 2), (2, 2, 5, 3), (2, 3, 8, 1)]
+    # Few tokens: each expert whole on one replica (a piece costs a read of its weights),
+    # the biggest first, each on its least loaded live replica: expert 0's 5 slots on server
+    # 0 (a tie, rotation 0), expert 2's on 2 (its only one), expert 3's on 2 (3 < 5).
+    assert got == [(0, 0, 0, 5), (2, 2, 5, 3), (2, 3, 8, 1)]
     got = _pieces(counts, todo, replicas, {0}, rotation=1, layer="l")
     assert got == [(1, 0, 0, 5), (2, 2, 5, 3), (2, 3, 8, 1)]
     only2 = np.array([False, False, True, False])
     assert _pieces(counts, only2, replicas, set(), 0, "l") == [(2, 2, 5, 3)]
     with pytest.raises(Unavailable, match="expert 2 of layer 'l' has no live replica"):
         _pieces(counts, todo, replicas, {2}, 0, "l")
-    total = sum(n for *_, n in _pieces(np.array([7]), np.ones(1, bool),
-                                       np.array([[0, 1, 2]]), set(), 0, "l"))
-    assert total == 7
+    # Many tokens: one piece per replica, none under MIN_PIECE_TOKENS, sizes within one.
+    three = np.array([[0, 1, 2]])
+    assert _pieces(np.array([2 * M + 1]), np.ones(1, bool), three, set(), 0, "l") == \
+        [(0, 0, 0, M + 1), (1, 0, M + 1, M)]
+    assert _pieces(np.array([3 * M + 2]), np.ones(1, bool), three, set(), 1, "l") == \
+        [(1, 0, 0, M + 1), (2, 0, M + 1, M + 1), (0, 0, 2 * M + 2, M)]
 
 
 def test_an_expert_layer_needs_its_table(cluster):

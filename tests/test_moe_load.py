@@ -1,5 +1,5 @@
 """``shoal load`` of Hugging Face MoE checkpoints (safetensors in 3 shard files, an index, a
-config.json) in the Mixtral, Qwen2-MoE and DeepSeek-V3 layouts, into a 3-server cluster: every
+config.json) in the Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 layouts, into a 3-server cluster: every
 MoE layer is served by ``moe_forward`` with the outputs of a token-by-token block computed
 straight from the raw tensors (``tests/test_moe_checkpoint.naive``), dense layers are skipped
 and listed, every replica holds exactly the experts' rows, a bfloat16 checkpoint loads as
@@ -17,9 +17,9 @@ from experts.layout import expert_row_ids, unpack_expert
 from experts.specs import ExpertLayerSpec
 from shoal.admin import server_checksums
 from shoal.errors import ShoalError
-from tests.test_moe_checkpoint import D, E, FF, K, make, naive
+from tests.test_moe_checkpoint import DENSE, D, E, FF, K, make, naive
 
-KINDS = ["mixtral", "qwen2_moe", "deepseek_v3"]
+KINDS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,16 @@ def test_load_serves_each_layout_like_the_raw_tensors(cluster, kind, tmp_path):
     cfg, t = make(kind, tmp_path)
     seen = []
     res = client.load(str(tmp_path), model=kind, chunk_bytes=4096, progress=seen.append)
-    first = 0 if kind == "mixtral" else 1
-    assert res.expert_layers == [f"layers.{i}" for i in range(first, 3)]
-    assert res.skipped_layers == [f"model.layers.{i}" for i in range(first)]
+    moe_ids = [i for i in range(3) if i not in DENSE[kind]]
+    assert res.expert_layers == [f"layers.{i}" for i in moe_ids]
+    assert res.skipped_layers == [f"model.layers.{i}" for i in DENSE[kind]]
     assert res.version == 1 and seen and seen[-1].bytes_done == seen[-1].bytes_total > 0
     md = next(m for m in client.models() if m.name == kind)
     assert md.current and md.state == "ready"
     specs = {m.name: ExpertLayerSpec.from_proto(m) for m in md.expert_layers}
     assert sorted(specs) == res.expert_layers
     x = torch.randn(33, D, generator=torch.Generator().manual_seed(3))
-    for i in range(first, 3):
+    for i in moe_ids:
         got = client.moe_forward(kind, f"layers.{i}", x)
         torch.testing.assert_close(got, naive(kind, t, i, x), rtol=1e-4, atol=1e-4)
     # Every replica holds each expert's rows exactly: expert 3 of the last layer read back.

@@ -20,7 +20,7 @@ from coordinator.store import MemoryStateStore, SqliteStateStore
 from embeddings.partition import (choose_num_partitions, local_index, partition_of,
                                   rows_in_partition)
 from embeddings.specs import TableSpec
-from router.batcher import Batcher
+from router.batcher import Batcher, StepBatcher
 from embeddings.specs import check_ids
 from router.routing import RoutingTable
 from shards.memory import TableArena
@@ -608,6 +608,58 @@ def test_batcher_lone_request_waits_only_the_window():
         t0 = time.monotonic()
         assert await b.run(1, "m", 1) == 2
         assert time.monotonic() - t0 < 1.0
+
+    asyncio.run(main())
+
+
+def test_step_batcher_merges_callers_in_lockstep_and_never_holds_a_lone_one():
+    sizes, windows = [], []
+
+    async def execute(items):
+        sizes.append(len(items))
+        await asyncio.sleep(0.02)              # a step's work: callers come back after it
+        if "bad" in items:
+            raise ValueError("the batch failed")
+        return [f"{i}!" for i in items]
+
+    async def caller(b, name, steps, key="L"):
+        for s in range(steps):
+            assert await b.run(f"{name}.{s}", key, 1) == f"{name}.{s}!"
+            await asyncio.sleep(0.001 * (hash(name) % 3))    # callers return a bit apart
+
+    async def main():
+        b = StepBatcher(execute, window_s=5.0, max_ids=1_000)   # a window no step waits out
+        t0 = time.monotonic()
+        await caller(b, "lone", 5)
+        assert sizes == [1] * 5 and time.monotonic() - t0 < 2.0   # never waited the window
+        sizes.clear()
+        t0 = time.monotonic()
+        await asyncio.gather(*(caller(b, f"c{i}", 6) for i in range(8)))
+        # One batch of all 8 a step, each waiting for the last caller to come back.
+        assert sizes == [8] * 6, sizes
+        assert time.monotonic() - t0 < 3.0 and b.merged == 6 * 8 and b.batches == 11
+        # Keys run apart (each its own steps); an error fails its whole batch only.
+        sizes.clear()
+        out = await asyncio.gather(b.run("a", "A", 1), b.run("bad", "B", 1),
+                                   return_exceptions=True)
+        assert out[0] == "a!" and isinstance(out[1], ValueError)
+        # max_ids: a batch takes calls up to the cap (a call alone may exceed it).
+        b2 = StepBatcher(execute, window_s=5.0, max_ids=5)
+        sizes.clear()
+        got = await asyncio.gather(*(b2.run(i, "m", 3) for i in range(4)), b2.run(9, "m", 7))
+        assert got == ["0!", "1!", "2!", "3!", "9!"] and sizes == [1, 1, 1, 1, 1]
+        # A window that runs out: a caller that left is waited for once, then not.
+        b3 = StepBatcher(execute, window_s=0.05, max_ids=100)
+        sizes.clear()
+        await asyncio.gather(b3.run("x", "m", 1), b3.run("y", "m", 1))
+        t0 = time.monotonic()
+        await b3.run("x2", "m", 1)                  # y does not come back: one window
+        windows.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await b3.run("x3", "m", 1)
+        windows.append(time.monotonic() - t0)
+        assert sizes == [2, 1, 1], sizes
+        assert windows[0] >= 0.05 and windows[1] < 0.05 + 0.02 + 0.02, windows
 
     asyncio.run(main())
 

@@ -1179,12 +1179,34 @@ class MoeForwardReply(_message.Message):
     timings: _containers.ScalarMap[str, float]
     def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., expert_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class MoeCall(_message.Message):
+    __slots__ = ("id", "request", "timeout_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: MoeForwardRequest
+    timeout_s: float
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[MoeForwardRequest, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class MoeAnswer(_message.Message):
+    __slots__ = ("id", "reply", "code", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    reply: MoeForwardReply
+    code: int
+    message: str
+    def __init__(self, id: _Optional[int] = ..., reply: _Optional[_Union[MoeForwardReply, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins", "metrics_address", "cache_hits", "cache_misses", "cache_invalidated", "cache_bytes")
+    __slots__ = ("requests", "batches", "redirects", "map_refreshes", "replica_retries", "map_version", "cpu_seconds", "pid", "hedges", "hedge_wins", "metrics_address", "cache_hits", "cache_misses", "cache_invalidated", "cache_bytes", "moe_requests", "moe_batches", "moe_merged")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     REDIRECTS_FIELD_NUMBER: _ClassVar[int]
@@ -1200,6 +1222,9 @@ class RouterStats(_message.Message):
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     CACHE_INVALIDATED_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MOE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MOE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MOE_MERGED_FIELD_NUMBER: _ClassVar[int]
     requests: int
     batches: int
     redirects: int
@@ -1215,7 +1240,10 @@ class RouterStats(_message.Message):
     cache_misses: int
     cache_invalidated: int
     cache_bytes: int
-    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ..., metrics_address: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_invalidated: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+    moe_requests: int
+    moe_batches: int
+    moe_merged: int
+    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., redirects: _Optional[int] = ..., map_refreshes: _Optional[int] = ..., replica_retries: _Optional[int] = ..., map_version: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., hedges: _Optional[int] = ..., hedge_wins: _Optional[int] = ..., metrics_address: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_invalidated: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., moe_requests: _Optional[int] = ..., moe_batches: _Optional[int] = ..., moe_merged: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("map", "router")

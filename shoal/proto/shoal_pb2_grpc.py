@@ -1379,6 +1379,11 @@ class RouterStub:
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
                 _registered_method=True)
+        self.MoeForwardStream = channel.stream_stream(
+                '/shoal.v1.Router/MoeForwardStream',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.MoeCall.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeAnswer.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/shoal.v1.Router/Predict',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.PredictRequest.SerializeToString,
@@ -1452,6 +1457,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoeForwardStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -1518,6 +1529,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.MoeForward,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.SerializeToString,
+            ),
+            'MoeForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.MoeForwardStream,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.MoeCall.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.MoeAnswer.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -1756,6 +1772,33 @@ class Router:
             '/shoal.v1.Router/MoeForward',
             shoal_dot_proto_dot_shoal__pb2.MoeForwardRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.MoeForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoeForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.v1.Router/MoeForwardStream',
+            shoal_dot_proto_dot_shoal__pb2.MoeCall.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.MoeAnswer.FromString,
             options,
             channel_credentials,
             insecure,
