@@ -70,6 +70,10 @@ def main() -> int:
     ap.add_argument("--callers", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--step-tokens", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="--decode: processes the callers are spread over (engine replicas)")
+    ap.add_argument("--window-ms", type=float, default=None,
+                    help="router.moe_window_ms (default: the config's)")
     args = ap.parse_args()
     if args.decode:
         return decode(args)
@@ -110,7 +114,8 @@ def main() -> int:
                for k, p in pids.items()}
         client.close()
     shoal_s = statistics.median(shoal_times)
-    split = {k: statistics.median(s[k] for s in stages[1:]) for k in stages[-1]}
+    split = {k: statistics.median(s[k] for s in stages[1:]) for k in stages[-1]
+             if k != "batch_requests"}
     split["servers_other"] = split["servers"] - split["expert_compute"]
     split["client_router_transfer"] = shoal_s - sum(
         split[k] for k in ("gate", "dispatch", "servers", "combine"))
@@ -137,8 +142,6 @@ def main() -> int:
 
 
 def decode(args) -> int:
-    import threading
-
     import numpy as np
 
     import shoal
@@ -147,10 +150,15 @@ def decode(args) -> int:
     spec, w = make_layer(args)
     g = torch.Generator().manual_seed(1)
     result = {"config": vars(args), "runs": []}
+    cfg = shoal.ShoalConfig()
+    if args.window_ms is not None:
+        cfg = cfg.replace(router__moe_window_ms=args.window_ms)
     with tempfile.TemporaryDirectory(prefix="shoal-moe-decode-") as tmp, \
-            shoal.LocalCluster(servers=2, replication=2, data_dir=tmp) as cluster:
+            shoal.LocalCluster(servers=2, replication=2, data_dir=tmp, config=cfg) as cluster:
         client = cluster.client(timeout=120)
         client.put_expert_layers("moe", [(spec, w)])
+        pids = {h.server_id: h.pid for h in cluster.servers} | {
+            "router": cluster.router.pid, "client": os.getpid()}
         for callers in args.callers:
             n = callers * args.step_tokens
             x = torch.randn(n, spec.d_model, generator=g)
@@ -164,34 +172,32 @@ def decode(args) -> int:
             err = max(((c - want[i * args.step_tokens:(i + 1) * args.step_tokens]).norm()
                        / c.norm()).item() for i, c in enumerate(check))
             before = client.status().router
-            lat: list[list[float]] = [[] for _ in range(callers)]
-            errors: list[str] = []
-            stop = threading.Event()
-            start = threading.Barrier(callers + 1)
-
-            def caller(i):
-                start.wait()
-                while not stop.is_set():
-                    t = time.perf_counter()
-                    try:
-                        client.moe_forward("moe", "l0", xs[i], timeout=30)
-                    except Exception as e:            # noqa: BLE001 - counted, reported
-                        errors.append(repr(e)[:200])
-                        continue
-                    lat[i].append(time.perf_counter() - t)
-            threads = [threading.Thread(target=caller, args=(i,), daemon=True)
-                       for i in range(callers)]
-            for t in threads:
-                t.start()
-            start.wait()
-            t0 = time.perf_counter()
+            # The callers as engine replicas would be: --client-procs processes, each with
+            # its share of the callers as threads on its own client (one stream).
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            procs_n = max(1, min(args.client_procs, callers))
+            share = np.array_split(np.arange(callers), procs_n)
+            t0 = time.time() + 8.0                  # the children's start: after their imports
+            procs = [ctx.Process(target=_decode_callers, args=(
+                cluster.router_address, xs[idx].numpy(), t0, args.seconds, q))
+                for idx in share]
+            for p in procs:
+                p.start()
+            time.sleep(max(0.0, t0 - time.time()))
+            cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            cpu0.update({f"client{i}": cpu_seconds(p.pid) for i, p in enumerate(procs)})
             time.sleep(args.seconds)
-            stop.set()
-            for t in threads:
-                t.join(60)
-            elapsed = time.perf_counter() - t0
+            cpu = {k: cpu_seconds(pids[k] if k in pids else procs[int(k[6:])].pid) - v
+                   for k, v in cpu0.items()}
+            got = [q.get(timeout=120) for _ in procs]
+            for p in procs:
+                p.join(60)
+            elapsed = args.seconds
             after = client.status().router
-            all_lat = np.array([v for li in lat for v in li])
+            all_lat = np.array([v for lat, _ in got for v in lat])
+            errors = [e for _, errs in got for e in errs]
             calls = len(all_lat)
             tokens_s = calls * args.step_tokens / elapsed
             local_tokens_s = n / local_s
@@ -208,17 +214,53 @@ def decode(args) -> int:
                    "merged_calls": merged, "batches": batches,
                    "calls_per_batch": round((after.moe_requests - before.moe_requests)
                                             / max(1, batches), 1),
-                   "rel_error": err}
+                   "rel_error": err,
+                   "cpu_cores": {k: round(v / args.seconds, 2) for k, v in cpu.items()}}
             print(f"{callers} callers x {args.step_tokens} tokens: shoal {tokens_s:,.0f} "
                   f"tokens/s (p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms a call, "
                   f"{run['calls_per_batch']} calls a batch), in-process merged step "
                   f"{local_tokens_s:,.0f} tokens/s ({run['local_step_ms']} ms): ratio "
                   f"{run['ratio']} (target >= 0.6); {len(errors)} errors, rel. error "
-                  f"{err:.1e}", flush=True)
+                  f"{err:.1e}; CPU cores {run['cpu_cores']}", flush=True)
             result["runs"].append(run)
         client.close()
     print(f"wrote {write_result('moe-decode', result)}")
     return 0
+
+
+def _decode_callers(address: str, xs, t0: float, seconds: float, q) -> None:
+    """One engine process: a thread per caller (row of ``xs``: its step's tokens), each
+    calling moe_forward back to back from ``t0`` (wall clock) for ``seconds``; puts
+    (latencies of the calls that ended in the window, errors) on ``q``."""
+    import threading
+
+    import shoal
+    torch.set_num_threads(1)
+    client = shoal.connect(address, timeout=120)
+    x = torch.from_numpy(xs)
+    client.moe_forward("moe", "l0", x[0])                       # connect, warm up
+    lat: list[float] = []
+    errors: list[str] = []
+    end = t0 + seconds
+
+    def caller(i):
+        time.sleep(max(0.0, t0 - time.time()))
+        while time.time() < end:
+            t = time.perf_counter()
+            try:
+                client.moe_forward("moe", "l0", x[i], timeout=30)
+            except Exception as e:                              # noqa: BLE001 - reported
+                errors.append(repr(e)[:200])
+                continue
+            if time.time() <= end:
+                lat.append(time.perf_counter() - t)
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(x))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    q.put((lat, errors))
 
 
 if __name__ == "__main__":

@@ -69,16 +69,19 @@ MAX_STEP_KEYS = 1024
 class StepBatcher:
     """Continuous batching, per key, for callers that come back step after step (MoE decode:
     ``router.moe``). One batch of a key runs at a time; the calls that arrive meanwhile make
-    up the next, which starts as soon as the callers of the batch that just ended are back (as
-    many calls waiting as it took, plus those that were already waiting), or ``window_s``
-    after it ended, or once ``max_ids`` ids wait. A lone caller never waits; 32 callers in
-    lockstep run as one batch per step; a caller that leaves costs one window, once.
-    ``await execute(items)`` returns one result per item, or raises (failing them all)."""
+    up the next. It starts as soon as the callers of the batch before are back (as many calls
+    waiting as it took, plus those that were already waiting), or once ``max_ids`` ids wait,
+    or when calls stop coming (none for ``gap_s``), and at the latest ``window_s`` after its
+    first call. A lone caller never waits; callers in lockstep run as one batch per step even
+    when their calls reach the router spread over several milliseconds; a caller that leaves
+    costs one gap, once. ``await execute(items)`` returns one result per item, or raises
+    (failing them all)."""
 
     def __init__(self, execute: Callable[[list], Awaitable[list]], window_s: float,
-                 max_ids: int):
+                 max_ids: int, gap_s: float = 0.003):
         self._execute = execute
         self._window = window_s
+        self._gap = min(gap_s, window_s)
         self._max_ids = max_ids
         self._keys: dict[Hashable, _Step] = {}
         self.batches = 0                            # batches run
@@ -94,6 +97,7 @@ class StepBatcher:
         fut = asyncio.get_running_loop().create_future()
         st.pending.append((item, fut, num_ids))
         st.ids += num_ids
+        st.last = max(st.last, asyncio.get_running_loop().time())
         st.arrived.set()
         if st.driver is None:
             st.driver = asyncio.create_task(self._drive(key, st))
@@ -106,13 +110,16 @@ class StepBatcher:
         loop = asyncio.get_running_loop()
         try:
             while st.pending:
-                until = st.ended + self._window
-                while not self._ready(st) and loop.time() < until:
+                first = loop.time()
+                while not self._ready(st):
+                    until = min(first + self._window, st.last + self._gap)
+                    if loop.time() >= until:
+                        break
                     st.arrived.clear()
                     try:
                         await asyncio.wait_for(st.arrived.wait(), until - loop.time())
                     except asyncio.TimeoutError:
-                        break
+                        pass
                 batch, ids = [], 0
                 while st.pending and (not batch or ids + st.pending[0][2] <= self._max_ids):
                     entry = st.pending.pop(0)
@@ -134,8 +141,9 @@ class StepBatcher:
                     for (_, fut, _), r in zip(batch, results):
                         if not fut.done():
                             fut.set_result(r)
-                st.ended = loop.time()
                 st.expect = max(1, len(batch) + len(st.pending))
+                # Its callers get two gaps to start coming back.
+                st.last = max(st.last, loop.time() + self._gap)
         finally:
             st.driver = None                # the key's state stays: its callers come back
             if st.pending:                  # arrived as the driver was ending
@@ -147,6 +155,6 @@ class _Step:
         self.pending: list = []                     # (item, future, num_ids)
         self.ids = 0
         self.expect = 1
-        self.ended = -1e9                           # when the last batch ended (loop time)
+        self.last = 0.0                             # when the last call came (loop time)
         self.arrived = asyncio.Event()
         self.driver: asyncio.Task | None = None

@@ -68,7 +68,11 @@ class RouterConfig:
     max_batch_ids: int = 400_000            # stop merging once a batch has this many ids
     max_ids_per_request: int = 1_000_000    # per client request; more is RESOURCE_EXHAUSTED
     max_moe_tokens: int = 65_536            # tokens per moe_forward request; more is RESOURCE_EXHAUSTED
-    moe_window_ms: float = 5.0              # merge concurrent moe_forward calls of a layer within this
+    # moe_forward calls of a layer are merged (router.batcher.StepBatcher): a batch goes when the
+    # callers of the last one are back, when calls stop coming for 3 ms, or at the latest this
+    # long after its first call. bench/moe.py --decode, 32 callers x 4 tokens: 5 ms split
+    # each step's calls into two batches (15.8 calls a batch); 20 ms: 32 at the median.
+    moe_window_ms: float = 20.0
     max_moe_batch_tokens: int = 4_096       # tokens per merged moe_forward batch (a request alone may exceed)
     predict_window_ms: float = 5.0          # merge concurrent predict requests within this window
                                             # (bench/predict.py, 8 clients: 1 ms 0.58x Redis, 5 ms 1.0x;

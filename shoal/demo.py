@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
-        threads.append(threading.Thread(target=moe.run, args=(stop,)))
+        threads += [threading.Thread(target=moe.run, args=(stop,))
+                    for _ in range(moe.CALLERS)]
         scoring = _PredictQueries(cluster.router_address, dlrm, features, sizes, query_creds)
         threads.append(threading.Thread(target=scoring.run, args=(stop,)))
         t0 = time.monotonic()
@@ -175,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    latency:          p50 {np.percentile(lat_ms, 50):.2f} ms, p99 "
               f"{np.percentile(lat_ms, 99):.2f} ms per batch")
         print(f"    max |shoal - torchrec|: {max_diff[0]:.3g}")
-        print(f"    moe_forward:      {moe.ok:,} requests of {moe.tokens} tokens answered "
-              f"({len(moe.errors)} failed), max |shoal - local| {moe.max_diff:.3g}")
+        print(f"    moe_forward:      {moe.ok:,} calls of {moe.tokens} tokens from {moe.CALLERS} "
+              f"decode callers answered ({len(moe.errors)} failed), max |shoal - local| "
+              f"{moe.max_diff:.3g}; the router merged {st.router.moe_merged:,} of them "
+              f"({st.router.moe_requests:,} calls ran as {st.router.moe_batches:,} layer calls)")
         print(f"    predict:          {scoring.ok:,} requests of {scoring.candidates} candidates "
               f"scored ({len(scoring.errors)} failed), max |shoal - local DLRM| "
               f"{scoring.max_diff:.3g}")
@@ -266,6 +269,7 @@ class _CheckedQueries:
     def __init__(self, address: str, creds=None):
         self.address, self.creds = address, creds
         self.ok, self.errors, self.max_diff = 0, [], 0.0
+        self._lock = threading.Lock()           # several threads may run one of these
 
     @property
     def passed(self) -> bool:
@@ -286,15 +290,21 @@ class _CheckedQueries:
             except shoal.ShoalError as e:
                 self.errors.append(e)
                 continue
-            self.max_diff = max(self.max_diff, float((got - want).abs().max()))
-            self.ok += 1
+            diff = float((got - want).abs().max())
+            with self._lock:
+                self.max_diff = max(self.max_diff, diff)
+                self.ok += 1
         c.close()
 
 
 class _MoeQueries(_CheckedQueries):
-    """``moe_forward`` on one Mixtral-style layer, against the layer computed locally."""
+    """``moe_forward`` on one Mixtral-style layer, against the layer computed locally: each
+    thread that runs it is a decode-shaped caller (a few tokens a call, back to back, on a
+    connection of its own), so the router merges their calls."""
 
-    def __init__(self, address: str, tokens: int = 128, creds=None):
+    CALLERS = 4
+
+    def __init__(self, address: str, tokens: int = 4, creds=None):
         from experts.specs import ExpertLayerSpec, ExpertLayerWeights
         super().__init__(address, creds)
         self.tokens = tokens
@@ -305,11 +315,11 @@ class _MoeQueries(_CheckedQueries):
             gate=torch.randn(E, d, generator=g), w1=torch.randn(E, f, d, generator=g) * 0.1,
             w2=torch.randn(E, d, f, generator=g) * 0.1,
             w3=torch.randn(E, f, d, generator=g) * 0.1).check(self.spec)
-        self._g = torch.Generator().manual_seed(8)
 
     def ask(self, client, i: int):
         from experts.compute import moe_forward_local
-        x = torch.randn(self.tokens, self.spec.d_model, generator=self._g)
+        g = torch.Generator().manual_seed((threading.get_ident() * 7919 + i) % 2**31)
+        x = torch.randn(self.tokens, self.spec.d_model, generator=g)
         got = client.moe_forward("mixtral", "l0", x)
         with torch.no_grad():
             return got, moe_forward_local(self.spec, self.weights, x)

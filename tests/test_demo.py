@@ -31,8 +31,13 @@ def test_demo_small(capsys):
     # The router's Prometheus counters equal the queries the clients counted.
     answered = re.search(r"queries answered: ([\d,]+) \(0 failed\)", out)
     assert answered and f"dlrm Lookup OK: {answered.group(1)}" in out, out
-    moe = re.search(r"moe_forward: +([\d,]+) requests of 128 tokens answered \(0 failed\)", out)
-    assert moe and int(moe.group(1).replace(",", "")) > 0, out
+    moe = re.search(r"moe_forward: +([\d,]+) calls of 4 tokens from 4 decode callers answered "
+                    r"\(0 failed\).*the router merged ([\d,]+) of them \(([\d,]+) calls ran as "
+                    r"([\d,]+) layer calls\)", out)
+    assert moe, out
+    calls, merged, routed, batches = (int(g.replace(",", "")) for g in moe.groups())
+    assert calls > 0 and routed >= calls and 0 < merged <= routed and batches < routed, out
+    assert f"mixtral MoeForward OK: {routed:,}" in out, out
     # predict: candidates scored with the DLRM's dense part, each checked in the demo, and
     # the router counted every one.
     scored = re.search(r"predict: +([\d,]+) requests of 16 candidates scored \(0 failed\)", out)
