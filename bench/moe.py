@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--client-procs", type=int, default=1,
                     help="--decode: processes the callers are spread over (engine replicas)")
+    ap.add_argument("--lanes", type=int, default=None,
+                    help="router.moe_batch_lanes (default: the config's)")
     ap.add_argument("--window-ms", type=float, default=None,
                     help="router.moe_window_ms (default: the config's)")
     args = ap.parse_args()
@@ -153,6 +155,8 @@ def decode(args) -> int:
     cfg = shoal.ShoalConfig()
     if args.window_ms is not None:
         cfg = cfg.replace(router__moe_window_ms=args.window_ms)
+    if args.lanes is not None:
+        cfg = cfg.replace(router__moe_batch_lanes=args.lanes)
     with tempfile.TemporaryDirectory(prefix="shoal-moe-decode-") as tmp, \
             shoal.LocalCluster(servers=2, replication=2, data_dir=tmp, config=cfg) as cluster:
         client = cluster.client(timeout=120)
@@ -162,11 +166,15 @@ def decode(args) -> int:
         for callers in args.callers:
             n = callers * args.step_tokens
             x = torch.randn(n, spec.d_model, generator=g)
-            torch.set_num_threads(2)
+            def local_times():              # the in-process step, 2 threads
+                torch.set_num_threads(2)
+                with torch.no_grad():
+                    out = timed(lambda: moe_forward_local(spec, w, x), 10)
+                torch.set_num_threads(1)
+                return out
             with torch.no_grad():
                 want = moe_forward_local(spec, w, x)
-                local_s = statistics.median(timed(lambda: moe_forward_local(spec, w, x), 20))
-            torch.set_num_threads(1)
+            local = local_times()
             xs = x.view(callers, args.step_tokens, spec.d_model)
             check = [client.moe_forward("moe", "l0", xs[i]) for i in range(min(callers, 4))]
             err = max(((c - want[i * args.step_tokens:(i + 1) * args.step_tokens]).norm()
@@ -196,6 +204,8 @@ def decode(args) -> int:
                 p.join(60)
             elapsed = args.seconds
             after = client.status().router
+            # Timed before and after Shoal's run (this machine's speed drifts): the median.
+            local_s = statistics.median(local + local_times())
             all_lat = np.array([v for lat, _ in got for v in lat])
             errors = [e for _, errs in got for e in errs]
             calls = len(all_lat)

@@ -175,15 +175,16 @@ def moe_layer_rule(kind: str, cfg: dict, where: str):
     """(``is_moe(i)``, the config fields it reads, as text) for ``kind``, as its model code
     decides which decoder layers are MoE."""
     def ints(key, default):
-        v = cfg.get(key, default)
+        v = cfg.get(key)
+        v = default if v is None else v
         try:
             return [int(x) for x in v] if isinstance(v, list) else int(v)
         except (TypeError, ValueError):
             raise CheckpointError(f"{where}: {key} {v!r} is not an integer"
                                   + (" list" if isinstance(default, list) else ""),
                                   grpc.StatusCode.INVALID_ARGUMENT) from None
-    if kind == "deepseek_v3":
-        k, freq = ints("first_k_dense_replace", 0), ints("moe_layer_freq", 1)
+    if kind == "deepseek_v3":               # DeepseekV3Config's defaults: 3 and 1
+        k, freq = ints("first_k_dense_replace", 3), ints("moe_layer_freq", 1)
         if freq < 1:
             raise CheckpointError(f"{where}: moe_layer_freq {freq} must be >= 1",
                                   grpc.StatusCode.INVALID_ARGUMENT)
@@ -194,7 +195,8 @@ def moe_layer_rule(kind: str, cfg: dict, where: str):
         if step < 1:
             raise CheckpointError(f"{where}: decoder_sparse_step {step} must be >= 1",
                                   grpc.StatusCode.INVALID_ARGUMENT)
-        return (lambda i: i not in only and (i + 1) % step == 0,
+        n = ints("num_experts", 0)
+        return (lambda i: i not in only and n > 0 and (i + 1) % step == 0,
                 f"mlp_only_layers={sorted(only)}, decoder_sparse_step={step}")
     return (lambda i: True), f"model_type={kind!r} (every layer MoE)"
 
@@ -204,6 +206,9 @@ def check_quantization(cfg: dict, where: str) -> None:
     q = cfg.get("quantization_config")
     if not q:
         return
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{where}: quantization_config {q!r} is not an object",
+                              grpc.StatusCode.INVALID_ARGUMENT)
     method = q.get("quant_method")
     block = list(q.get("weight_block_size") or [])
     if method != "fp8" or q.get("fmt", "e4m3") != "e4m3" or block != list(FP8_BLOCK):

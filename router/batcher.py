@@ -8,7 +8,10 @@ result. A lone request costs one short wait; several batches can be in flight at
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Awaitable, Callable, Hashable
+
+from shoal.errors import Unavailable
 
 
 class Batcher:
@@ -68,21 +71,27 @@ MAX_STEP_KEYS = 1024
 
 class StepBatcher:
     """Continuous batching, per key, for callers that come back step after step (MoE decode:
-    ``router.moe``). One batch of a key runs at a time; the calls that arrive meanwhile make
-    up the next. It starts as soon as the callers of the batch before are back (as many calls
-    waiting as it took, plus those that were already waiting), or once ``max_ids`` ids wait,
-    or when calls stop coming (none for ``gap_s``), and at the latest ``window_s`` after its
-    first call. A lone caller never waits; callers in lockstep run as one batch per step even
-    when their calls reach the router spread over several milliseconds; a caller that leaves
-    costs one gap, once. ``await execute(items)`` returns one result per item, or raises
-    (failing them all)."""
+    ``router.moe``). Up to ``lanes`` batches of a key run at a time; the calls that arrive
+    meanwhile make up the next. A batch starts, on a free lane, as soon as the callers of the
+    batch before it are back (as many calls waiting as that batch took), or once ``max_ids``
+    ids wait, or when calls stop coming (none for ``gap_s``), and at the latest ``window_s``
+    after its first call. A lone caller never waits; callers in lockstep run as one batch per
+    step (``lanes`` = 1) even when their calls reach the router spread over several
+    milliseconds; a caller that leaves costs one gap, once.
+
+    With ``lanes`` > 1 a batch takes at most its share of the calls in flight (running and
+    waiting, over ``lanes``), so lockstep callers settle into ``lanes`` groups whose steps
+    overlap: one group's batch runs on the servers while the others' answers and next calls
+    travel. ``await execute(items)`` returns one result per item, or raises (failing them
+    all)."""
 
     def __init__(self, execute: Callable[[list], Awaitable[list]], window_s: float,
-                 max_ids: int, gap_s: float = 0.003):
+                 max_ids: int, gap_s: float = 0.003, lanes: int = 1):
         self._execute = execute
         self._window = window_s
         self._gap = min(gap_s, window_s)
         self._max_ids = max_ids
+        self._lanes = max(1, lanes)
         self._keys: dict[Hashable, _Step] = {}
         self.batches = 0                            # batches run
         self.merged = 0                             # calls that ran in a batch of two or more
@@ -91,70 +100,115 @@ class StepBatcher:
         st = self._keys.get(key)
         if st is None:
             if len(self._keys) >= MAX_STEP_KEYS:    # keys of versions long gone
-                for k in [k for k, v in self._keys.items() if v.driver is None]:
+                for k in [k for k, v in self._keys.items()
+                          if v.driver is None and not v.running]:
                     del self._keys[k]
             st = self._keys[key] = _Step()
         fut = asyncio.get_running_loop().create_future()
         st.pending.append((item, fut, num_ids))
         st.ids += num_ids
         st.last = max(st.last, asyncio.get_running_loop().time())
-        st.arrived.set()
+        st.wake.set()
         if st.driver is None:
             st.driver = asyncio.create_task(self._drive(key, st))
         return await fut
 
     def _ready(self, st: "_Step") -> bool:
-        return len(st.pending) >= st.expect or st.ids >= self._max_ids
+        expect = st.owed[0] if st.owed else 1
+        return len(st.pending) >= expect or st.ids >= self._max_ids
+
+    async def _wait(self, st: "_Step", until: float) -> None:
+        st.wake.clear()
+        try:
+            await asyncio.wait_for(st.wake.wait(), max(0.0, until - asyncio.get_running_loop()
+                                                        .time()))
+        except asyncio.TimeoutError:
+            pass
 
     async def _drive(self, key: Hashable, st: "_Step") -> None:
         loop = asyncio.get_running_loop()
         try:
             while st.pending:
+                if st.running >= self._lanes:           # every lane busy: wait for one
+                    await self._wait(st, loop.time() + 3600)
+                    continue
                 first = loop.time()
                 while not self._ready(st):
                     until = min(first + self._window, st.last + self._gap)
                     if loop.time() >= until:
                         break
-                    st.arrived.clear()
-                    try:
-                        await asyncio.wait_for(st.arrived.wait(), until - loop.time())
-                    except asyncio.TimeoutError:
-                        pass
+                    await self._wait(st, until)
+                in_flight = st.running_calls + len(st.pending)
+                cap = len(st.pending) if self._lanes == 1 else \
+                    max(st.owed[0] if st.owed else 1, -(-in_flight // self._lanes))
+                if st.owed:
+                    st.owed.popleft()
                 batch, ids = [], 0
-                while st.pending and (not batch or ids + st.pending[0][2] <= self._max_ids):
-                    entry = st.pending.pop(0)
+                while st.pending and len(batch) < cap and \
+                        (not batch or ids + st.pending[0][2] <= self._max_ids):
+                    entry = st.pending.popleft()
                     st.ids -= entry[2]
                     if not entry[1].done():                 # its caller has not given up
                         batch.append(entry)
                         ids += entry[2]
-                if not batch:
-                    continue
-                self.batches += 1
-                self.merged += len(batch) if len(batch) > 1 else 0
-                try:
-                    results = await self._execute([item for item, _, _ in batch])
-                except Exception as e:                  # every waiting caller gets the error
-                    for _, fut, _ in batch:
-                        if not fut.done():
-                            fut.set_exception(e)
-                else:
-                    for (_, fut, _), r in zip(batch, results):
-                        if not fut.done():
-                            fut.set_result(r)
-                st.expect = max(1, len(batch) + len(st.pending))
-                # Its callers get two gaps to start coming back.
-                st.last = max(st.last, loop.time() + self._gap)
+                if batch:
+                    st.running += 1
+                    st.running_calls += len(batch)
+                    task = asyncio.create_task(self._run_batch(st, batch))
+                    st.tasks.add(task)
+                    task.add_done_callback(st.tasks.discard)
+                    _cancel_when_abandoned(task, [fut for _, fut, _ in batch])
+                    await asyncio.sleep(0)          # let it start before the next is formed
         finally:
             st.driver = None                # the key's state stays: its callers come back
             if st.pending:                  # arrived as the driver was ending
                 st.driver = asyncio.create_task(self._drive(key, st))
 
+    async def _run_batch(self, st: "_Step", batch: list) -> None:
+        self.batches += 1
+        self.merged += len(batch) if len(batch) > 1 else 0
+        try:
+            results = await self._execute([item for item, _, _ in batch])
+        except Exception as e:                      # every waiting caller gets the error
+            for _, fut, _ in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+        else:
+            for (_, fut, _), r in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(r)
+        finally:
+            for _, fut, _ in batch:                 # cancelled under a caller still waiting
+                if not fut.done():
+                    fut.set_exception(Unavailable("the merged batch this call ran in was "
+                                                  "cancelled; call again"))
+            st.running -= 1
+            st.running_calls -= len(batch)
+            # Its callers will be back (one lane: and those waiting already go with them).
+            st.owed.append(len(batch) + (len(st.pending) if self._lanes == 1 else 0))
+            # They get two gaps to start coming back.
+            st.last = max(st.last, asyncio.get_running_loop().time() + self._gap)
+            st.wake.set()
+
+
+def _cancel_when_abandoned(task: asyncio.Task, futures: list) -> None:
+    """Cancel ``task`` (a batch) once every caller in it has given up (deadline, cancel):
+    a batch stuck on a hung server must not hold its lane for the callers after it."""
+    def check(_):
+        if not task.done() and all(f.done() for f in futures):
+            task.cancel()
+    for f in futures:
+        f.add_done_callback(check)
+
 
 class _Step:
     def __init__(self):
-        self.pending: list = []                     # (item, future, num_ids)
+        self.pending: collections.deque = collections.deque()   # (item, future, num_ids)
         self.ids = 0
-        self.expect = 1
+        self.owed: collections.deque = collections.deque()  # sizes of batches whose callers
+        self.running = 0                                    # are not all back yet
+        self.running_calls = 0
         self.last = 0.0                             # when the last call came (loop time)
-        self.arrived = asyncio.Event()
+        self.wake = asyncio.Event()                 # a call came, or a batch ended
         self.driver: asyncio.Task | None = None
+        self.tasks: set[asyncio.Task] = set()

@@ -73,7 +73,8 @@ class RouterService(pbg.RouterServicer):
         self._slow_logged = 0.0
         self.moe = MoeStats()
         self._moe_batcher = StepBatcher(self._execute_moe, config.moe_window_ms / 1e3,
-                                        config.max_moe_batch_tokens)
+                                        config.max_moe_batch_tokens,
+                                        lanes=config.moe_batch_lanes)
         self.row_cache = RowCache(config.row_cache_rows)
         self._cache_map = 0                     # the map version the cache last retained for
         self._map_recheck: asyncio.Future | None = None     # a re-read for an unknown model
@@ -410,6 +411,11 @@ class RouterService(pbg.RouterServicer):
         except ShoalError as e:
             record_rpc(method, time.perf_counter() - t0, e.code.name, call, None)
             return answer_type(id=call.id, code=e.code.value[0], message=e.message)
+        except Exception as e:                  # a bug: the caller still gets an answer
+            log.exception("%s call %d failed", method, call.id)
+            record_rpc(method, time.perf_counter() - t0, "INTERNAL", call, None)
+            return answer_type(id=call.id, code=grpc.StatusCode.INTERNAL.value[0],
+                               message=f"{method}: internal error: {e!r}")
         finally:
             if entered:
                 gate.leave()

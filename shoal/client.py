@@ -63,7 +63,7 @@ class Client(RpcClient):
         self._streams = [_PredictStream(ch) for ch in [self._channel] + self._extra]
         self._predict_via = self._streams[0] if len(self._streams) == 1 else \
             RouterPool(self._streams, addresses)
-        self._moe_via = self._predict_via
+        self._predict_stream = self._moe_stream = True   # off: the router lacks the streams
 
     def close(self) -> None:
         for st in self._streams:
@@ -285,12 +285,15 @@ class Client(RpcClient):
         sparse.lengths.CopyFrom(pack(kjt.lengths()))
         if kjt.weights_or_none() is not None:
             sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
-        try:
-            reply = self._call(self._predict_via.Predict, call, timeout)
-        except ShoalError as e:
-            if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            self._predict_via = self._stub            # a router without PredictStream
+        reply = None
+        if self._predict_stream:
+            try:
+                reply = self._call(self._predict_via.Predict, call, timeout)
+            except ShoalError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._predict_stream = False          # a router without PredictStream
+        if reply is None:
             reply = self._call(self._stub.Predict, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
@@ -319,12 +322,15 @@ class Client(RpcClient):
                 raise InvalidArgument("expert_ids and expert_weights: give both or neither")
             req.expert_ids.CopyFrom(pack(expert_ids))
             req.expert_weights.CopyFrom(pack(expert_weights, "float32"))
-        try:
-            reply = self._call(self._moe_via.MoeForward, call, timeout)
-        except ShoalError as e:
-            if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            self._moe_via = self._stub                # a router without MoeForwardStream
+        reply = None
+        if self._moe_stream:
+            try:
+                reply = self._call(self._predict_via.MoeForward, call, timeout)
+            except ShoalError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._moe_stream = False              # a router without MoeForwardStream
+        if reply is None:
             reply = self._call(self._stub.MoeForward, req, timeout)
         if timings is not None:
             timings.update(reply.timings)

@@ -73,6 +73,7 @@ class RouterConfig:
     # long after its first call. bench/moe.py --decode, 32 callers x 4 tokens: 5 ms split
     # each step's calls into two batches (15.8 calls a batch); 20 ms: 32 at the median.
     moe_window_ms: float = 20.0
+    moe_batch_lanes: int = 1                # merged batches of a layer running at once (StepBatcher)
     max_moe_batch_tokens: int = 4_096       # tokens per merged moe_forward batch (a request alone may exceed)
     predict_window_ms: float = 5.0          # merge concurrent predict requests within this window
                                             # (bench/predict.py, 8 clients: 1 ms 0.58x Redis, 5 ms 1.0x;

@@ -96,3 +96,31 @@ def test_a_clients_stream_threads_end_when_it_closes(tmp_path):
         while any(t.name == "shoal-stream" for t in threading.enumerate()):
             assert time.monotonic() < deadline, "the stream's reader did not end"
             time.sleep(0.05)
+
+
+def test_a_router_without_the_streams_gets_unary_calls_every_time():
+    """A client of a router that has no ``PredictStream`` / ``MoeForwardStream`` (an older
+    one: a real gRPC server here that implements only the unary calls) falls back to unary
+    calls on the first UNIMPLEMENTED and keeps using them: every call is answered."""
+    from concurrent import futures
+
+    from shoal.wire import to_torch
+
+    class UnaryOnly(pbg.RouterServicer):
+        def MoeForward(self, request, context):
+            x = to_torch(request.hidden, "hidden", "float32", 2)
+            return pb.MoeForwardReply(out=pack(x * 2), version=1)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pbg.add_RouterServicer_to_server(UnaryOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = shoal.connect(f"127.0.0.1:{port}", timeout=10)
+        for i in range(3):
+            x = torch.full((2, 4), float(i + 1))
+            assert torch.equal(client.moe_forward("m", "l", x), x * 2)
+        assert client._moe_stream is False
+        client.close()
+    finally:
+        server.stop(0)

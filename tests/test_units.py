@@ -663,6 +663,58 @@ def test_step_batcher_merges_callers_in_lockstep_and_never_holds_a_lone_one():
     asyncio.run(main())
 
 
+def test_step_batcher_lanes_settle_lockstep_callers_into_overlapping_halves():
+    sizes, running, peak = [], [0], [0]
+
+    async def execute(items):
+        sizes.append(len(items))
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.02)
+        running[0] -= 1
+        return [f"{i}!" for i in items]
+
+    async def caller(b, name, steps):
+        for s in range(steps):
+            assert await b.run(f"{name}.{s}", "L", 1) == f"{name}.{s}!"
+            await asyncio.sleep(0.001)
+
+    async def main():
+        b = StepBatcher(execute, window_s=5.0, max_ids=1_000, lanes=2)
+        t0 = time.monotonic()
+        await asyncio.gather(*(caller(b, f"c{i}", 8) for i in range(8)))
+        assert sum(sizes) == 64 and peak[0] == 2, (sizes, peak)
+        assert sizes[-6:] == [4] * 6, sizes              # two groups of 4, overlapping
+        assert time.monotonic() - t0 < 4.0
+
+    asyncio.run(main())
+
+
+def test_step_batcher_drops_a_batch_every_caller_gave_up_on():
+    """A batch stuck on a hung server holds its lane only until its callers' deadlines; a
+    batch cancelled from inside fails its callers with UNAVAILABLE, never leaves them waiting."""
+    from shoal.errors import Unavailable
+
+    async def execute(items):
+        if "hang" in items:
+            await asyncio.sleep(30)
+        if "inner" in items:
+            raise asyncio.CancelledError()
+        return [f"{i}!" for i in items]
+
+    async def main():
+        b = StepBatcher(execute, window_s=0.01, max_ids=100, lanes=1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(b.run("hang", "L", 1), 0.1)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(b.run("next", "L", 1), 5) == "next!"
+        assert time.monotonic() - t0 < 1.0          # the hung batch was cancelled
+        with pytest.raises(Unavailable, match="cancelled"):
+            await asyncio.wait_for(b.run("inner", "L", 1), 5)
+
+    asyncio.run(main())
+
+
 def test_batcher_exception_reaches_every_waiter():
     boom = ValueError("shard exploded")
     calls = []
