@@ -63,7 +63,7 @@ class Client(RpcClient):
         self._streams = [_PredictStream(ch) for ch in [self._channel] + self._extra]
         self._predict_via = self._streams[0] if len(self._streams) == 1 else \
             RouterPool(self._streams, addresses)
-        self._predict_stream = self._moe_stream = True   # off: the router lacks the streams
+        self._no_stream: set[str] = set()     # methods the router has no stream for
 
     def close(self) -> None:
         for st in self._streams:
@@ -285,22 +285,25 @@ class Client(RpcClient):
         sparse.lengths.CopyFrom(pack(kjt.lengths()))
         if kjt.weights_or_none() is not None:
             sparse.weights.CopyFrom(pack(kjt.weights(), "float32"))
-        reply = None
-        if self._predict_stream:
-            try:
-                reply = self._call(self._predict_via.Predict, call, timeout)
-            except ShoalError as e:
-                if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                self._predict_stream = False          # a router without PredictStream
-        if reply is None:
-            reply = self._call(self._stub.Predict, req, timeout)
+        reply = self._on_stream("Predict", call, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
         scores = torch.from_numpy(unpack(reply.scores, "scores", "float32", 1).copy())
         indices = torch.from_numpy(unpack(reply.indices, "indices", "int64", 1).copy()) \
             if top_k else None
         return Prediction(scores, indices, reply.version)
+
+    def _on_stream(self, method: str, call, request, timeout):
+        """``method``'s reply: ``call`` on the router's stream, or ``request`` as a unary
+        call to a router without that stream (found out once, on its UNIMPLEMENTED)."""
+        if method not in self._no_stream:
+            try:
+                return self._call(getattr(self._predict_via, method), call, timeout)
+            except ShoalError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._no_stream.add(method)
+        return self._call(getattr(self._stub, method), request, timeout)
 
     # ------------------------------------------------------------ MoE
     def moe_forward(self, model: str, layer: str, hidden_states, expert_ids=None,
@@ -322,16 +325,7 @@ class Client(RpcClient):
                 raise InvalidArgument("expert_ids and expert_weights: give both or neither")
             req.expert_ids.CopyFrom(pack(expert_ids))
             req.expert_weights.CopyFrom(pack(expert_weights, "float32"))
-        reply = None
-        if self._moe_stream:
-            try:
-                reply = self._call(self._predict_via.MoeForward, call, timeout)
-            except ShoalError as e:
-                if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                self._moe_stream = False              # a router without MoeForwardStream
-        if reply is None:
-            reply = self._call(self._stub.MoeForward, req, timeout)
+        reply = self._on_stream("MoeForward", call, req, timeout)
         if timings is not None:
             timings.update(reply.timings)
         return to_torch(reply.out, "out").clone()
