@@ -113,8 +113,17 @@ class StepBatcher:
             st.driver = asyncio.create_task(self._drive(key, st))
         return await fut
 
+    def _share(self, st: "_Step") -> int:
+        """The calls a batch may take: all waiting (one lane), else its share of the calls
+        in flight."""
+        if self._lanes == 1:
+            return len(st.pending)
+        return max(1, -(-(st.running_calls + len(st.pending)) // self._lanes))
+
     def _ready(self, st: "_Step") -> bool:
         expect = st.owed[0] if st.owed else 1
+        if self._lanes > 1:
+            expect = min(expect, self._share(st))
         return len(st.pending) >= expect or st.ids >= self._max_ids
 
     async def _wait(self, st: "_Step", until: float) -> None:
@@ -138,9 +147,7 @@ class StepBatcher:
                     if loop.time() >= until:
                         break
                     await self._wait(st, until)
-                in_flight = st.running_calls + len(st.pending)
-                cap = len(st.pending) if self._lanes == 1 else \
-                    max(st.owed[0] if st.owed else 1, -(-in_flight // self._lanes))
+                cap = self._share(st)
                 if st.owed:
                     st.owed.popleft()
                 batch, ids = [], 0

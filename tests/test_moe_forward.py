@@ -188,7 +188,11 @@ def test_concurrent_callers_are_merged_and_each_equals_its_call_alone(cluster, d
     as in any batched GEMM; bfloat16 within the reference tolerance) and the reference."""
     c, client = cluster
     sizes = [1, 2, 3, 4, 7, 16]
-    for variant in sorted(VARIANTS):
+    # Every variant in float32; in bfloat16 one of each gating (softmax + renormalise,
+    # softmax, sigmoid groups).
+    variants = sorted(VARIANTS) if dtype == "float32" else \
+        ["mixtral", "qwen2_moe", "deepseek_v3"]
+    for variant in variants:
         spec = make_spec(variant, dtype)
         _, ref16, _ = make_refs(variant)
         xs = [make_hidden(n, seed=50_000 + n) if dtype == "float32" else
@@ -257,7 +261,7 @@ def test_moe_forward_survives_a_killed_server(tmp_path):
                 k += 1
             return k
         killer = threading.Timer(1.5, lambda: c.kill(c.servers[1].server_id))
-        ender = threading.Timer(4.5, stop.set)
+        ender = threading.Timer(3.5, stop.set)
         killer.start()
         ender.start()
         got = _concurrently([lambda j=j: caller(j, 4) for j in range(8)]
