@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from experts.compute import combine, dispatch, shared_expert
-from experts.gating import check_routing, route as gate
+from experts.gating import route as gate
 from experts.specs import ExpertLayerSpec, ExpertLayerWeights
 from shoal.errors import ShoalError, StaleMap, Unavailable
 from shoal.proto import shoal_pb2 as pb
@@ -77,19 +77,16 @@ class MoeResult:
 async def moe_forward(model: ModelRoute, layer: str, weights: ExpertLayerWeights,
                       hidden: torch.Tensor, expert_ids: torch.Tensor | None,
                       expert_weights: torch.Tensor | None, maps: MapCache,
-                      transport: ShardTransport, timeout: float, stats: Stats,
-                      checked: bool = False) -> MoeResult:
-    """``hidden`` checked ([T, d_model], finite, the layer's dtype); ``weights`` the layer's
-    dense part (gate, correction bias, shared expert); ``checked``: the routing given was
-    checked already."""
+                      transport: ShardTransport, timeout: float, stats: Stats) -> MoeResult:
+    """``hidden`` and the caller's routing, if any, checked (``check_hidden``,
+    ``check_routing``: the router checks each call before it is merged); ``weights`` the
+    layer's dense part (gate, correction bias, shared expert)."""
     spec, _ = model.expert_layer(layer)
     t0 = time.perf_counter()
     T = hidden.shape[0]
     if expert_ids is None:
         expert_ids, expert_weights = gate(spec, weights.gate, hidden, weights.bias)
     else:
-        if not checked:
-            check_routing(spec, expert_ids, expert_weights, T)
         expert_ids = expert_ids.long()
     t1 = time.perf_counter()
     k = expert_ids.shape[1]
@@ -145,7 +142,7 @@ async def moe_batch(items: list[MoeItem], model: ModelRoute, layer: str,
                 at += n
         ids, weights_ = torch.cat(id_parts), torch.cat(w_parts)
     r = await moe_forward(model, layer, weights, hidden, ids, weights_, maps, transport,
-                          timeout, stats, checked=True)
+                          timeout, stats)
     out, at = [], 0
     for it, n in zip(items, sizes):
         ids_n = r.ids[at:at + n]
